@@ -1,0 +1,71 @@
+//! What the engine asks the runtime to do.
+
+/// One cycle's outcome: actions in order (the runtime stops at the first one that fails) and a
+/// one-line summary logged at INFO, worded like Patroni's so operators recognise it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub actions: Vec<Action>,
+    pub message: String,
+}
+
+impl Decision {
+    pub fn new(message: impl Into<String>, actions: Vec<Action>) -> Self {
+        Decision {
+            actions,
+            message: message.into(),
+        }
+    }
+
+    pub fn idle(message: impl Into<String>) -> Self {
+        Decision::new(message, Vec::new())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Race for `initialize`; the winner runs initdb, starts PostgreSQL, creates the roles,
+    /// publishes the sysid and the dynamic config, and takes the lock.
+    Bootstrap,
+    /// Clone the data directory with pg_basebackup from this member, then start as a replica.
+    CreateReplica { source: String },
+    /// Start PostgreSQL.
+    Start(StartAs),
+    /// `pg_ctl promote`, then the post-promotion checkpoint and history update.
+    Promote,
+    /// Stop being a primary.
+    Demote(DemoteMode),
+    /// Point `primary_conninfo` at this member (None: no upstream) and reload.
+    Follow { upstream: Option<String> },
+    /// Stop, pg_rewind from the member, start following it.
+    Rewind { source: String },
+    /// Wipe the data directory and clone again from the member.
+    Reinitialize { source: String },
+    /// Ask every other member for its status, then call `decide` again with the answers.
+    QueryPeers,
+    /// Create-if-absent transaction on the leader key, then run a new cycle at once.
+    AcquireLock,
+    /// Delete the leader key if it is still ours.
+    ReleaseLock,
+    /// Write our sysid into `initialize` (adopting an existing primary, or repairing the key).
+    WriteInitialize,
+    /// Leader housekeeping: `status` (optime), `history` when the timeline moved, member slots.
+    LeaderHousekeeping,
+    /// The configuration or data cannot work; the agent exits with this message.
+    Fatal(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartAs {
+    /// Without recovery settings (a crashed primary restarting in place while holding the lock).
+    Primary,
+    /// In recovery, following the member (None: read-only without upstream).
+    Replica { upstream: Option<String> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoteMode {
+    /// The lock belongs to someone else: stop immediately (no checkpoint), keep nothing.
+    ImmediateNoLock,
+    /// The DCS is unreachable: stop fast, start read-only without upstream.
+    Offline,
+}

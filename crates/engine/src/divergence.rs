@@ -1,0 +1,73 @@
+//! Whether a node can follow the leader as it is, or must be rewound first.
+//!
+//! A node can stream from the leader only if its WAL is a prefix of the leader's history. The
+//! leader publishes its timeline switches in the `history` key (`[parent_tl, switch_lsn, ...]`),
+//! so the check needs no replication connection: find the switch away from our timeline and
+//! compare our position with it (`patroni-compat.md` §5.5).
+
+use pgvigil_api::HistoryEntry;
+
+/// Where the local WAL ends, as far as we can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalEnd {
+    /// A replica (running or stopped in recovery) that has WAL up to this position.
+    Replica { timeline: u64, lsn: u64 },
+    /// A primary that shut down cleanly; its WAL ends with the shutdown checkpoint record that
+    /// starts at `checkpoint_lsn`.
+    CleanPrimary { timeline: u64, checkpoint_lsn: u64 },
+    /// A primary that crashed or was killed: it may have written anything past its last
+    /// checkpoint, so only pg_rewind can tell.
+    CrashedPrimary { timeline: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Divergence {
+    /// Following the leader works without touching the data directory.
+    NoRewind,
+    RewindNeeded,
+    /// Not enough information yet (the leader's timeline or history is not published): wait.
+    Unknown,
+}
+
+/// Decides whether `local` must be rewound to follow a leader on `leader_timeline` whose
+/// published history is `history`.
+pub fn divergence(local: LocalEnd, leader_timeline: u64, history: Option<&[HistoryEntry]>) -> Divergence {
+    let local_timeline = match local {
+        LocalEnd::Replica { timeline, .. }
+        | LocalEnd::CleanPrimary { timeline, .. }
+        | LocalEnd::CrashedPrimary { timeline } => timeline,
+    };
+    if leader_timeline == 0 || local_timeline == 0 {
+        return Divergence::Unknown;
+    }
+    if local_timeline == leader_timeline {
+        // Same timeline: a replica is a prefix of the leader. A former primary on the leader's
+        // timeline cannot happen unless it *is* the history the leader continues.
+        return Divergence::NoRewind;
+    }
+    if local_timeline > leader_timeline {
+        return Divergence::RewindNeeded;
+    }
+    let Some(history) = history else {
+        return Divergence::Unknown;
+    };
+    if crate::race::history_timeline(history) < leader_timeline {
+        // The leader has not published the switch to its current timeline yet.
+        return Divergence::Unknown;
+    }
+    let Some(switch) = history.iter().find(|h| h.parent_timeline == local_timeline) else {
+        return Divergence::RewindNeeded;
+    };
+    let diverged = match local {
+        LocalEnd::Replica { lsn, .. } => lsn > switch.switch_lsn,
+        // The new timeline starts right after our shutdown checkpoint record when the candidate
+        // received it, so the record itself starts strictly before the switch point.
+        LocalEnd::CleanPrimary { checkpoint_lsn, .. } => checkpoint_lsn >= switch.switch_lsn,
+        LocalEnd::CrashedPrimary { .. } => true,
+    };
+    if diverged {
+        Divergence::RewindNeeded
+    } else {
+        Divergence::NoRewind
+    }
+}

@@ -1,0 +1,149 @@
+//! Everything the engine may look at. The runtime builds these from I/O; tests build them by hand.
+
+use std::time::{Duration, Instant};
+
+use pgvigil_api::ClusterView;
+use pgvigil_api::rest::StatusDocument;
+use serde_json::{Map, Value};
+
+/// One decision's worth of facts.
+#[derive(Clone, Debug)]
+pub struct Inputs<'a> {
+    pub now: Instant,
+    pub config: &'a EngineConfig,
+    /// The cluster as last read from the DCS, `None` when the read failed (DCS unreachable).
+    pub cluster: Option<&'a ClusterView>,
+    pub pg: &'a LocalPg,
+    pub memory: &'a Memory,
+    /// The other members' answers to `GET <api_url>`, present only when the engine asked for
+    /// them with [`crate::Action::QueryPeers`] in this cycle.
+    pub peers: Option<&'a [PeerReport]>,
+}
+
+/// The settings the rules depend on: the node's own identity plus the effective dynamic
+/// configuration (after the `loop_wait + 2*retry_timeout <= ttl` adjustment).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub name: String,
+    /// Published tags of this node (`nofailover`, `failover_priority`, `clonefrom`, ...).
+    pub tags: Map<String, Value>,
+    pub ttl: Duration,
+    pub loop_wait: Duration,
+    /// Bytes a replica may be behind `status.optime` and still race for the lock.
+    pub maximum_lag_on_failover: u64,
+    /// How long a crashed primary holding the lock may take to come back before it gives the
+    /// lock up (0 = fail over at once).
+    pub primary_start_timeout: Duration,
+    pub check_timeline: bool,
+    pub use_pg_rewind: bool,
+    /// Whether this node has a `bootstrap` section, i.e. may initialize a new cluster.
+    pub can_bootstrap: bool,
+}
+
+impl EngineConfig {
+    pub fn nofailover(&self) -> bool {
+        pgvigil_api::values::failover_priority(&self.tags) <= 0
+    }
+
+    pub fn failover_priority(&self) -> i64 {
+        pgvigil_api::values::failover_priority(&self.tags)
+    }
+
+    pub fn replicatefrom(&self) -> Option<&str> {
+        self.tags
+            .get("replicatefrom")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+}
+
+/// The local PostgreSQL as the runtime observed it this cycle.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalPg {
+    pub data: DataDir,
+    /// A postmaster is alive for this data directory (from `postmaster.pid`, no SQL).
+    pub postmaster_alive: bool,
+    /// The monitoring query's answer; `None` when PostgreSQL is down, still starting, or did
+    /// not answer in time.
+    pub observed: Option<Observed>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum DataDir {
+    /// Missing or empty: the node must bootstrap or clone.
+    Empty,
+    /// Unusable (no PG_VERSION but files present, unreadable control file, ...).
+    Invalid(String),
+    Initialized(ControlInfo),
+}
+
+/// What `pg_controldata` says; read whenever PostgreSQL is not running.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlInfo {
+    pub sysid: String,
+    pub state: ControlState,
+    pub checkpoint_lsn: u64,
+    pub checkpoint_timeline: u64,
+    /// `Minimum recovery ending location` and its timeline (meaningful after a recovery stop).
+    pub min_recovery_lsn: u64,
+    pub min_recovery_timeline: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlState {
+    /// `in production`: a primary that is running or crashed.
+    InProduction,
+    /// `shut down`: a primary stopped cleanly.
+    ShutDown,
+    /// `shut down in recovery`: a replica stopped cleanly.
+    ShutDownInRecovery,
+    InArchiveRecovery,
+    InCrashRecovery,
+    ShuttingDown,
+    Other,
+}
+
+impl ControlState {
+    /// The data directory was last a primary (not a replica in recovery).
+    pub fn was_primary(self) -> bool {
+        matches!(
+            self,
+            ControlState::InProduction | ControlState::ShutDown | ControlState::ShuttingDown
+        )
+    }
+}
+
+/// The answer of the per-cycle monitoring query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub in_recovery: bool,
+    pub sysid: String,
+    /// Primary: current timeline; replica: the timeline it replays/receives.
+    pub timeline: u64,
+    /// Primary: flush position; replica: max(receive, replay).
+    pub wal_position: u64,
+    /// The WAL receiver is streaming.
+    pub streaming: bool,
+    /// `host:port` of the upstream in the active `primary_conninfo`, if any.
+    pub upstream: Option<(String, u16)>,
+}
+
+/// Facts the runtime remembers across cycles on the engine's behalf.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Memory {
+    /// When the runtime last (re)started PostgreSQL as a primary while holding the lock after a
+    /// crash; bounds the in-place restart by `primary_start_timeout`.
+    pub primary_restart_since: Option<Instant>,
+    /// The last attempt to start PostgreSQL failed.
+    pub start_failed: bool,
+    /// A rewind against the current leader failed; the next step is a re-clone.
+    pub rewind_failed: bool,
+}
+
+/// One peer's answer during the leader race.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerReport {
+    pub name: String,
+    /// `None` when the peer did not answer within the timeout or sent something unreadable.
+    pub status: Option<StatusDocument>,
+}

@@ -1,0 +1,774 @@
+//! One test per rule of the engine. Each builds the facts of a situation by hand and asserts the
+//! exact decision.
+
+use std::time::{Duration, Instant};
+
+use pgvigil_api::cluster::{Leader, Member, Versioned};
+use pgvigil_api::rest::{StatusDocument, XlogInfo};
+use pgvigil_api::{ClusterView, HistoryEntry, MemberData, StatusValue};
+use serde_json::{Map, Value, json};
+
+use crate::*;
+
+const SYSID: &str = "7268616322854375442";
+
+fn config(name: &str) -> EngineConfig {
+    EngineConfig {
+        name: name.into(),
+        tags: Map::new(),
+        ttl: Duration::from_secs(30),
+        loop_wait: Duration::from_secs(10),
+        maximum_lag_on_failover: 1_048_576,
+        primary_start_timeout: Duration::from_secs(300),
+        check_timeline: false,
+        use_pg_rewind: true,
+        can_bootstrap: true,
+    }
+}
+
+fn member(name: &str, role: &str, timeline: u64, lsn: u64) -> Member {
+    Member {
+        name: name.into(),
+        data: MemberData {
+            conn_url: format!("postgres://127.0.0.1:{}/postgres", 5432 + name.len() as u16),
+            api_url: format!("http://127.0.0.1:8008/{name}/patroni"),
+            state: "running".into(),
+            role: role.into(),
+            version: "4.1.5".into(),
+            timeline: Some(timeline),
+            xlog_location: Some(lsn),
+            ..Default::default()
+        },
+        lease: 1,
+    }
+}
+
+/// An initialized cluster of three members `a`, `bb`, `ccc` (distinct ports by name length).
+fn cluster(leader: Option<&str>) -> ClusterView {
+    ClusterView {
+        revision: 10,
+        initialize: Some(SYSID.into()),
+        config: Some(Versioned {
+            value: json!({"ttl": 30}),
+            mod_revision: 2,
+        }),
+        leader: leader.map(|n| Leader {
+            name: n.into(),
+            lease: 1,
+            mod_revision: 3,
+        }),
+        members: vec![
+            member(
+                "a",
+                if leader == Some("a") { "primary" } else { "replica" },
+                1,
+                1000,
+            ),
+            member(
+                "bb",
+                if leader == Some("bb") {
+                    "primary"
+                } else {
+                    "replica"
+                },
+                1,
+                1000,
+            ),
+            member(
+                "ccc",
+                if leader == Some("ccc") {
+                    "primary"
+                } else {
+                    "replica"
+                },
+                1,
+                1000,
+            ),
+        ],
+        history: Some(Versioned {
+            value: vec![],
+            mod_revision: 4,
+        }),
+        status: StatusValue {
+            optime: 1000,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn control(state: ControlState) -> DataDir {
+    DataDir::Initialized(ControlInfo {
+        sysid: SYSID.into(),
+        state,
+        checkpoint_lsn: 900,
+        checkpoint_timeline: 1,
+        min_recovery_lsn: 0,
+        min_recovery_timeline: 0,
+    })
+}
+
+fn running(in_recovery: bool, timeline: u64, lsn: u64, upstream: Option<(&str, u16)>) -> LocalPg {
+    LocalPg {
+        data: control(if in_recovery {
+            ControlState::InArchiveRecovery
+        } else {
+            ControlState::InProduction
+        }),
+        postmaster_alive: true,
+        observed: Some(Observed {
+            in_recovery,
+            sysid: SYSID.into(),
+            timeline,
+            wal_position: lsn,
+            streaming: upstream.is_some(),
+            upstream: upstream.map(|(h, p)| (h.to_string(), p)),
+        }),
+    }
+}
+
+fn stopped(state: ControlState) -> LocalPg {
+    LocalPg {
+        data: control(state),
+        postmaster_alive: false,
+        observed: None,
+    }
+}
+
+fn decide_with(cfg: &EngineConfig, cluster: Option<&ClusterView>, pg: &LocalPg, memory: &Memory) -> Decision {
+    decide(&Inputs {
+        now: Instant::now(),
+        config: cfg,
+        cluster,
+        pg,
+        memory,
+        peers: None,
+    })
+}
+
+fn peer(name: &str, role: &str, lsn: u64, tags: Map<String, Value>) -> PeerReport {
+    let xlog = if role == "primary" {
+        XlogInfo {
+            location: Some(lsn),
+            ..Default::default()
+        }
+    } else {
+        XlogInfo {
+            received_location: Some(lsn),
+            replayed_location: Some(lsn),
+            ..Default::default()
+        }
+    };
+    PeerReport {
+        name: name.into(),
+        status: Some(StatusDocument {
+            state: "running".into(),
+            role: role.into(),
+            xlog: Some(xlog),
+            tags,
+            ..Default::default()
+        }),
+    }
+}
+
+fn race(cfg: &EngineConfig, cluster: &ClusterView, own_lsn: u64, peers: &[PeerReport]) -> Decision {
+    let pg = running(true, 1, own_lsn, None);
+    decide(&Inputs {
+        now: Instant::now(),
+        config: cfg,
+        cluster: Some(cluster),
+        pg: &pg,
+        memory: &Memory::default(),
+        peers: Some(peers),
+    })
+}
+
+// --- bootstrap and cloning -------------------------------------------------------------------
+
+#[test]
+fn empty_node_of_a_new_cluster_bootstraps() {
+    let view = ClusterView::default();
+    let pg = LocalPg {
+        data: DataDir::Empty,
+        postmaster_alive: false,
+        observed: None,
+    };
+    let d = decide_with(&config("a"), Some(&view), &pg, &Memory::default());
+    assert_eq!(d.actions, vec![Action::Bootstrap]);
+}
+
+#[test]
+fn bootstrap_in_progress_elsewhere_means_wait() {
+    let view = ClusterView {
+        initialize: Some(String::new()),
+        ..Default::default()
+    };
+    let pg = LocalPg {
+        data: DataDir::Empty,
+        postmaster_alive: false,
+        observed: None,
+    };
+    let d = decide_with(&config("a"), Some(&view), &pg, &Memory::default());
+    assert!(d.actions.is_empty());
+    assert_eq!(d.message, "waiting for leader to bootstrap");
+}
+
+#[test]
+fn nofailover_or_no_bootstrap_section_never_bootstraps() {
+    let view = ClusterView::default();
+    let pg = LocalPg {
+        data: DataDir::Empty,
+        postmaster_alive: false,
+        observed: None,
+    };
+    let mut cfg = config("a");
+    cfg.tags.insert("nofailover".into(), json!(true));
+    assert!(
+        decide_with(&cfg, Some(&view), &pg, &Memory::default())
+            .actions
+            .is_empty()
+    );
+    let mut cfg = config("a");
+    cfg.can_bootstrap = false;
+    assert!(
+        decide_with(&cfg, Some(&view), &pg, &Memory::default())
+            .actions
+            .is_empty()
+    );
+}
+
+#[test]
+fn empty_node_clones_from_leader_or_clonefrom_replica() {
+    let view = cluster(Some("a"));
+    let pg = LocalPg {
+        data: DataDir::Empty,
+        postmaster_alive: false,
+        observed: None,
+    };
+    let d = decide_with(&config("ccc"), Some(&view), &pg, &Memory::default());
+    assert_eq!(d.actions, vec![Action::CreateReplica { source: "a".into() }]);
+
+    let mut view = cluster(Some("a"));
+    view.members[1].data.tags.insert("clonefrom".into(), json!(true));
+    let d = decide_with(&config("ccc"), Some(&view), &pg, &Memory::default());
+    assert_eq!(d.actions, vec![Action::CreateReplica { source: "bb".into() }]);
+}
+
+// --- sysid -----------------------------------------------------------------------------------
+
+#[test]
+fn foreign_data_directory_is_fatal() {
+    let mut view = cluster(Some("a"));
+    view.initialize = Some("1111111111111111111".into());
+    let d = decide_with(
+        &config("bb"),
+        Some(&view),
+        &running(true, 1, 10, None),
+        &Memory::default(),
+    );
+    assert!(matches!(d.actions.as_slice(), [Action::Fatal(m)] if m.contains("system ID mismatch")));
+}
+
+#[test]
+fn existing_primary_adopts_an_empty_dcs() {
+    let view = ClusterView::default();
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &running(false, 1, 10, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::WriteInitialize, Action::AcquireLock]);
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &running(true, 1, 10, None),
+        &Memory::default(),
+    );
+    assert!(matches!(d.actions.as_slice(), [Action::Fatal(_)]));
+}
+
+// --- leader race -----------------------------------------------------------------------------
+
+#[test]
+fn race_asks_peers_first() {
+    let d = decide_with(
+        &config("a"),
+        Some(&cluster(None)),
+        &running(true, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::QueryPeers]);
+}
+
+#[test]
+fn healthiest_replica_takes_the_lock() {
+    let peers = [
+        peer("bb", "replica", 900, Map::new()),
+        PeerReport {
+            name: "ccc".into(),
+            status: None,
+        },
+    ];
+    assert_eq!(
+        race(&config("a"), &cluster(None), 1000, &peers).actions,
+        vec![Action::AcquireLock]
+    );
+}
+
+#[test]
+fn replica_beyond_lag_limit_does_not_race() {
+    let mut view = cluster(None);
+    view.status.optime = 10_000_000;
+    let d = race(&config("a"), &view, 1000, &[]);
+    assert!(d.actions.is_empty());
+    assert!(
+        d.message.contains("exceeds maximum replication lag"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn peer_ahead_wins() {
+    let peers = [peer("bb", "replica", 2000, Map::new())];
+    let d = race(&config("a"), &cluster(None), 1000, &peers);
+    assert!(d.actions.is_empty());
+    assert!(d.message.contains("bb has more WAL"));
+}
+
+#[test]
+fn nofailover_peer_ahead_does_not_block() {
+    let mut view = cluster(None);
+    view.members[1].data.tags.insert("nofailover".into(), json!(true));
+    let peers = [peer("bb", "replica", 2000, Map::new())];
+    assert_eq!(
+        race(&config("a"), &view, 1000, &peers).actions,
+        vec![Action::AcquireLock]
+    );
+}
+
+#[test]
+fn alive_primary_blocks_the_race() {
+    let peers = [peer("bb", "primary", 500, Map::new())];
+    let d = race(&config("a"), &cluster(None), 1000, &peers);
+    assert!(d.actions.is_empty());
+    assert!(d.message.contains("Primary (bb) is still alive"));
+}
+
+#[test]
+fn failover_priority_breaks_ties() {
+    let mut view = cluster(None);
+    view.members[1]
+        .data
+        .tags
+        .insert("failover_priority".into(), json!(5));
+    let peers = [peer("bb", "replica", 1000, Map::new())];
+    assert!(race(&config("a"), &view, 1000, &peers).actions.is_empty());
+    // Lower priority peer at the same position does not block.
+    view.members[1]
+        .data
+        .tags
+        .insert("failover_priority".into(), json!(1));
+    let mut cfg = config("a");
+    cfg.tags.insert("failover_priority".into(), json!(2));
+    assert_eq!(race(&cfg, &view, 1000, &peers).actions, vec![Action::AcquireLock]);
+}
+
+#[test]
+fn nofailover_node_never_races() {
+    let mut cfg = config("a");
+    cfg.tags.insert("failover_priority".into(), json!(0));
+    let d = race(&cfg, &cluster(None), 5000, &[]);
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn stale_primary_on_old_timeline_demotes_instead_of_racing() {
+    let mut view = cluster(None);
+    view.history = Some(Versioned {
+        value: vec![history(1, 800)],
+        mod_revision: 5,
+    });
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &running(false, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::Demote(DemoteMode::ImmediateNoLock)]);
+}
+
+#[test]
+fn primary_without_leader_retakes_the_lock() {
+    let d = decide_with(
+        &config("a"),
+        Some(&cluster(None)),
+        &running(false, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::AcquireLock]);
+}
+
+// --- holding the lock ------------------------------------------------------------------------
+
+#[test]
+fn lock_holder_in_recovery_promotes() {
+    let d = decide_with(
+        &config("a"),
+        Some(&cluster(Some("a"))),
+        &running(true, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::Promote]);
+}
+
+#[test]
+fn healthy_leader_does_housekeeping() {
+    let d = decide_with(
+        &config("a"),
+        Some(&cluster(Some("a"))),
+        &running(false, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::LeaderHousekeeping]);
+    assert_eq!(d.message, "no action. I am (a), the leader with the lock");
+}
+
+#[test]
+fn crashed_leader_restarts_in_place_then_gives_up_after_timeout() {
+    let cfg = config("a");
+    let view = cluster(Some("a"));
+    let pg = stopped(ControlState::InProduction);
+    let d = decide_with(&cfg, Some(&view), &pg, &Memory::default());
+    assert_eq!(d.actions, vec![Action::Start(StartAs::Primary)]);
+
+    let memory = Memory {
+        primary_restart_since: Some(Instant::now() - Duration::from_secs(301)),
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_with(&cfg, Some(&view), &pg, &memory).actions,
+        vec![Action::ReleaseLock]
+    );
+
+    let memory = Memory {
+        start_failed: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_with(&cfg, Some(&view), &pg, &memory).actions,
+        vec![Action::ReleaseLock]
+    );
+
+    let mut cfg = config("a");
+    cfg.primary_start_timeout = Duration::ZERO;
+    assert_eq!(
+        decide_with(&cfg, Some(&view), &pg, &Memory::default()).actions,
+        vec![Action::ReleaseLock]
+    );
+}
+
+#[test]
+fn lost_dcs_demotes_a_primary_only() {
+    let d = decide_with(
+        &config("a"),
+        None,
+        &running(false, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::Demote(DemoteMode::Offline)]);
+    let d = decide_with(
+        &config("a"),
+        None,
+        &running(true, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+}
+
+// --- following -------------------------------------------------------------------------------
+
+#[test]
+fn primary_that_lost_the_lock_demotes() {
+    let d = decide_with(
+        &config("a"),
+        Some(&cluster(Some("bb"))),
+        &running(false, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::Demote(DemoteMode::ImmediateNoLock)]);
+}
+
+#[test]
+fn replica_repoints_to_a_new_leader() {
+    let view = cluster(Some("bb"));
+    let old = Some(("127.0.0.1", 5433)); // a's port
+    let d = decide_with(
+        &config("ccc"),
+        Some(&view),
+        &running(true, 1, 1000, old),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Follow {
+            upstream: Some("bb".into())
+        }]
+    );
+    let current = Some(("127.0.0.1", 5434)); // bb's port
+    let d = decide_with(
+        &config("ccc"),
+        Some(&view),
+        &running(true, 1, 1000, current),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn replicatefrom_member_is_the_upstream_when_running() {
+    let view = cluster(Some("a"));
+    let mut cfg = config("ccc");
+    cfg.tags.insert("replicatefrom".into(), json!("bb"));
+    let d = decide_with(
+        &cfg,
+        Some(&view),
+        &running(true, 1, 1000, Some(("127.0.0.1", 5433))),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Follow {
+            upstream: Some("bb".into())
+        }]
+    );
+}
+
+fn history(parent: u64, lsn: u64) -> HistoryEntry {
+    HistoryEntry {
+        parent_timeline: parent,
+        switch_lsn: lsn,
+        reason: "x".into(),
+        timestamp: None,
+        new_leader: None,
+    }
+}
+
+/// Leader `bb` promoted at LSN 950: timeline 2, history [[1, 950]].
+fn after_failover() -> ClusterView {
+    let mut view = cluster(Some("bb"));
+    view.members[1].data.timeline = Some(2);
+    view.history = Some(Versioned {
+        value: vec![history(1, 950)],
+        mod_revision: 6,
+    });
+    view
+}
+
+#[test]
+fn former_primary_clean_shutdown_follows_without_rewind() {
+    let view = after_failover();
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &stopped(ControlState::ShutDown),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Start(StartAs::Replica {
+            upstream: Some("bb".into())
+        })]
+    );
+}
+
+#[test]
+fn crashed_former_primary_is_rewound_or_recloned() {
+    let view = after_failover();
+    let pg = stopped(ControlState::InProduction);
+    let d = decide_with(&config("a"), Some(&view), &pg, &Memory::default());
+    assert_eq!(d.actions, vec![Action::Rewind { source: "bb".into() }]);
+    let memory = Memory {
+        rewind_failed: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_with(&config("a"), Some(&view), &pg, &memory).actions,
+        vec![Action::Reinitialize { source: "bb".into() }]
+    );
+    let mut cfg = config("a");
+    cfg.use_pg_rewind = false;
+    assert_eq!(
+        decide_with(&cfg, Some(&view), &pg, &Memory::default()).actions,
+        vec![Action::Reinitialize { source: "bb".into() }]
+    );
+}
+
+#[test]
+fn rewind_waits_for_the_post_promotion_checkpoint() {
+    let mut view = after_failover();
+    view.members[1].data.checkpoint_after_promote = Some(false);
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &stopped(ControlState::InProduction),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+    assert!(d.message.contains("Waiting for checkpoint"));
+}
+
+#[test]
+fn running_replica_past_the_switch_point_is_rewound() {
+    let view = after_failover();
+    let d = decide_with(
+        &config("ccc"),
+        Some(&view),
+        &running(true, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::Rewind { source: "bb".into() }]);
+    // At or before the switch point it simply follows.
+    let d = decide_with(
+        &config("ccc"),
+        Some(&view),
+        &running(true, 1, 950, None),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Follow {
+            upstream: Some("bb".into())
+        }]
+    );
+}
+
+#[test]
+fn unknown_history_means_wait() {
+    let mut view = after_failover();
+    view.history = Some(Versioned {
+        value: vec![],
+        mod_revision: 6,
+    });
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &stopped(ControlState::InProduction),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn stopped_replica_in_unlocked_cluster_starts_read_only() {
+    let d = decide_with(
+        &config("a"),
+        Some(&cluster(None)),
+        &stopped(ControlState::ShutDownInRecovery),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Start(StartAs::Replica { upstream: None })]
+    );
+}
+
+#[test]
+fn pause_leaves_postgres_alone() {
+    let mut view = cluster(None);
+    view.config = Some(Versioned {
+        value: json!({"pause": true}),
+        mod_revision: 2,
+    });
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &stopped(ControlState::ShutDownInRecovery),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &running(true, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+}
+
+// --- divergence, directly --------------------------------------------------------------------
+
+#[test]
+fn divergence_rules() {
+    let h = [history(1, 950)];
+    let some = Some(&h[..]);
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 2, lsn: 5 }, 2, some),
+        Divergence::NoRewind
+    );
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 3, lsn: 5 }, 2, some),
+        Divergence::RewindNeeded
+    );
+    assert_eq!(
+        divergence(
+            LocalEnd::Replica {
+                timeline: 1,
+                lsn: 951
+            },
+            2,
+            some
+        ),
+        Divergence::RewindNeeded
+    );
+    assert_eq!(
+        divergence(
+            LocalEnd::Replica {
+                timeline: 1,
+                lsn: 950
+            },
+            2,
+            some
+        ),
+        Divergence::NoRewind
+    );
+    assert_eq!(
+        divergence(
+            LocalEnd::CleanPrimary {
+                timeline: 1,
+                checkpoint_lsn: 900
+            },
+            2,
+            some
+        ),
+        Divergence::NoRewind
+    );
+    assert_eq!(
+        divergence(
+            LocalEnd::CleanPrimary {
+                timeline: 1,
+                checkpoint_lsn: 950
+            },
+            2,
+            some
+        ),
+        Divergence::RewindNeeded
+    );
+    assert_eq!(
+        divergence(LocalEnd::CrashedPrimary { timeline: 1 }, 2, some),
+        Divergence::RewindNeeded
+    );
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 1, lsn: 5 }, 2, None),
+        Divergence::Unknown
+    );
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 1, lsn: 5 }, 3, some),
+        Divergence::Unknown
+    );
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 1, lsn: 5 }, 0, some),
+        Divergence::Unknown
+    );
+}
