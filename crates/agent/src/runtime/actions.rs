@@ -1,0 +1,536 @@
+//! Performing the engine's actions. Every step is bounded: external commands by their own
+//! timeouts, DCS calls by `retry_timeout`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use pgvigil_api::{ClusterView, PgState, Role};
+use pgvigil_engine::{Action, DemoteMode, StartAs};
+use pgvigil_postgres::StopMode;
+
+use super::{Agent, history, pgconf};
+
+pub enum Failed {
+    /// The agent must exit.
+    Fatal(String),
+    /// This cycle ends; the next one decides again.
+    Recoverable(String),
+}
+
+type Outcome = Result<bool, Failed>;
+
+fn recoverable(what: &str) -> impl FnOnce(pgvigil_postgres::PgError) -> Failed + '_ {
+    move |e| Failed::Recoverable(format!("{what}: {e}"))
+}
+
+impl Agent {
+    fn retry(&self) -> Duration {
+        Duration::from_secs(self.dynamic.retry_timeout)
+    }
+
+    fn pg_ctl_timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout.max(1))
+    }
+
+    /// Performs one action; `Ok(true)` asks for another cycle at once.
+    pub(super) async fn execute(&mut self, action: Action, view: Option<&ClusterView>) -> Outcome {
+        match action {
+            Action::Bootstrap => self.bootstrap().await,
+            Action::CreateReplica { source } => self.create_replica(view, &source).await,
+            Action::Start(StartAs::Primary) => self.start_primary().await,
+            Action::Start(StartAs::Replica { upstream }) => {
+                self.start_replica(view, upstream.as_deref()).await
+            }
+            Action::Promote => self.promote().await,
+            Action::Demote(mode) => self.demote(mode).await,
+            Action::Follow { upstream } => self.follow(view, upstream.as_deref()).await,
+            Action::Rewind { source } => self.rewind(view, &source).await,
+            Action::Reinitialize { source } => self.reinitialize(view, &source).await,
+            // The cycle gathers peers itself before deciding again.
+            Action::QueryPeers => Ok(true),
+            Action::AcquireLock => self.acquire_lock().await,
+            Action::ReleaseLock => self.release_lock().await,
+            Action::WriteInitialize => self.write_initialize().await,
+            Action::LeaderHousekeeping => self.leader_housekeeping(view).await,
+            Action::Fatal(message) => Err(Failed::Fatal(message)),
+        }
+    }
+
+    async fn dcs_call<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, pgvigil_dcs::DcsError>>,
+    ) -> Result<T, Failed> {
+        match tokio::time::timeout(self.retry(), call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Failed::Recoverable(format!("{what}: {e}"))),
+            Err(_) => Err(Failed::Recoverable(format!(
+                "{what}: timed out after {:?}",
+                self.retry()
+            ))),
+        }
+    }
+
+    fn member_addr(view: Option<&ClusterView>, name: &str) -> Result<(String, u16), Failed> {
+        view.and_then(|c| c.member(name))
+            .and_then(|m| m.data.host_port())
+            .ok_or_else(|| Failed::Recoverable(format!("member {name} has no usable conn_url")))
+    }
+
+    fn write_pgpass(&self) -> Result<(), Failed> {
+        self.pg
+            .write_pgpass(&[("*".to_string(), 0)])
+            .map_err(recoverable("writing the pgpass file"))
+    }
+
+    async fn bootstrap(&mut self) -> Outcome {
+        if !self
+            .dcs_call("bootstrap race", self.dcs.initialize_race())
+            .await?
+        {
+            tracing::info!("failed to acquire initialize lock");
+            return Ok(false);
+        }
+        self.state = PgState::InitializingNewCluster;
+        self.publish_member().await;
+        match self.bootstrap_steps().await {
+            Ok(()) => {
+                tracing::info!("initialized a new cluster");
+                Ok(true)
+            }
+            Err(message) => {
+                // Leave nothing half-done: another node may try again.
+                let _ = self.dcs.cancel_initialization().await;
+                let _ = self.pg.stop(StopMode::Immediate, self.pg_ctl_timeout()).await;
+                let data_dir = self.cfg.postgresql.data_dir.clone();
+                let mut failed = data_dir.clone().into_os_string();
+                failed.push(".failed");
+                let failed = PathBuf::from(failed);
+                let _ = std::fs::remove_dir_all(&failed);
+                let moved = match std::fs::rename(&data_dir, &failed) {
+                    Ok(()) => format!("; the data directory was moved to {}", failed.display()),
+                    Err(e) => format!("; could not move the data directory aside: {e}"),
+                };
+                self.state = PgState::InitdbFailed;
+                Err(Failed::Fatal(format!("bootstrap failed: {message}{moved}")))
+            }
+        }
+    }
+
+    async fn bootstrap_steps(&mut self) -> Result<(), String> {
+        let cfg = &self.cfg;
+        self.pg
+            .initdb(&cfg.bootstrap.initdb)
+            .await
+            .map_err(|e| format!("initdb: {e}"))?;
+        if pgconf::pg_hba(cfg, &self.dynamic).is_none() && !cfg.bootstrap.pg_hba.is_empty() {
+            let path = self.pg.data_dir().join("pg_hba.conf");
+            let mut text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            text.push_str("\n# bootstrap.pg_hba\n");
+            for line in &cfg.bootstrap.pg_hba {
+                text.push_str(line);
+                text.push('\n');
+            }
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        self.write_pgpass().map_err(failed_text)?;
+        let files = pgconf::files(&self.pg, cfg, &self.dynamic, None);
+        self.pg
+            .write_config(&files)
+            .map_err(|e| format!("writing the configuration: {e}"))?;
+        self.written_parameters = Some(files.parameters.clone());
+        self.state = PgState::Starting;
+        self.pg
+            .start(self.pg_ctl_timeout())
+            .await
+            .map_err(|e| format!("starting PostgreSQL: {e}"))?;
+        self.state = PgState::Running;
+        self.role = Role::Primary;
+        self.pg
+            .create_roles()
+            .await
+            .map_err(|e| format!("creating roles: {e}"))?;
+        if let Some(script) = self.cfg.bootstrap.post_bootstrap.clone() {
+            self.run_post_bootstrap(&script).await?;
+        }
+        let cd = self
+            .pg
+            .controldata()
+            .await
+            .map_err(|e| format!("pg_controldata: {e}"))?;
+        let dcs = self.dcs.clone();
+        let retry = self.retry();
+        let bounded = |what: &'static str| {
+            move |r: Result<Result<(), pgvigil_dcs::DcsError>, _>| match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("{what}: {e}")),
+                Err(_) => Err(format!("{what}: timed out")),
+            }
+        };
+        bounded("publishing the system identifier")(
+            tokio::time::timeout(retry, dcs.set_initialize(&cd.system_identifier)).await,
+        )?;
+        let config = self.cfg.bootstrap.dcs.clone();
+        let written = tokio::time::timeout(retry, dcs.set_config(&config, None)).await;
+        bounded("writing the dynamic configuration")(written.map(|r| r.map(|_| ())))?;
+        let timing = self.lease_timing();
+        if !super::lease::refresh(dcs.as_ref(), &self.lease, &timing).await {
+            return Err("could not obtain an etcd lease".into());
+        }
+        bounded("taking the leader key")(tokio::time::timeout(retry, dcs.take_leader()).await)?;
+        self.lease.set_holds_lock(true);
+        Ok(())
+    }
+
+    /// `bootstrap.post_bootstrap`: run with a superuser connection string as its argument.
+    async fn run_post_bootstrap(&self, script: &str) -> Result<(), String> {
+        let s = self.pg.settings();
+        let dsn = format!(
+            "host={} port={} user={} dbname={}",
+            s.listen_host, s.port, s.superuser.username, s.database
+        );
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(format!("{script} \"$1\""))
+            .arg("post_bootstrap")
+            .arg(dsn);
+        cmd.env("PGPASSFILE", &s.pgpass)
+            .env("PGOPTIONS", "-c synchronous_commit=local -c statement_timeout=0");
+        let status = tokio::time::timeout(Duration::from_secs(3600), cmd.status())
+            .await
+            .map_err(|_| "post_bootstrap script timed out".to_string())?
+            .map_err(|e| format!("post_bootstrap script: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("post_bootstrap script failed: {status}"))
+        }
+    }
+
+    async fn create_replica(&mut self, view: Option<&ClusterView>, source: &str) -> Outcome {
+        let (host, port) = Self::member_addr(view, source)?;
+        self.state = PgState::CreatingReplica;
+        self.role = Role::Replica;
+        self.publish_member().await;
+        self.write_pgpass()?;
+        let timeout = Duration::from_secs(3600);
+        self.lease
+            .loop_alive_until(Instant::now() + timeout + self.retry());
+        // Without a fast checkpoint pg_basebackup waits for a spread one, minutes on an idle
+        // source; users who configure a checkpoint option keep theirs.
+        let mut args = self.cfg.postgresql.basebackup.clone();
+        if !args
+            .iter()
+            .any(|a| a.starts_with("--checkpoint") || a.starts_with("-c"))
+        {
+            args.push("--checkpoint=fast".into());
+        }
+        if let Err(e) = self.pg.basebackup(&host, port, &args, timeout).await {
+            let _ = self.pg.remove_data_dir();
+            self.state = PgState::Stopped;
+            self.role = Role::Uninitialized;
+            return Err(Failed::Recoverable(format!(
+                "creating a replica from {source} failed: {e}"
+            )));
+        }
+        tracing::info!("replica created from {source}");
+        let leader = view.and_then(ClusterView::leader_name).map(str::to_string);
+        self.start_replica(view, leader.as_deref()).await
+    }
+
+    async fn start_primary(&mut self) -> Outcome {
+        self.memory.primary_restart_since.get_or_insert_with(Instant::now);
+        let files = pgconf::files(&self.pg, &self.cfg, &self.dynamic, None);
+        self.start_with(files).await
+    }
+
+    async fn start_replica(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
+        let recovery = pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, view, upstream);
+        self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
+        self.write_pgpass()?;
+        let files = pgconf::files(&self.pg, &self.cfg, &self.dynamic, Some(recovery));
+        self.start_with(files).await
+    }
+
+    async fn start_with(&mut self, files: pgvigil_postgres::ConfigFiles) -> Outcome {
+        self.pg
+            .write_config(&files)
+            .map_err(recoverable("writing the configuration"))?;
+        self.written_parameters = Some(files.parameters.clone());
+        self.state = PgState::Starting;
+        self.lease
+            .loop_alive_until(Instant::now() + self.pg_ctl_timeout() + self.retry());
+        match self.pg.start(self.pg_ctl_timeout()).await {
+            Ok(()) => {
+                self.state = PgState::Running;
+                self.memory.start_failed = false;
+                Ok(true)
+            }
+            Err(e) => {
+                self.state = PgState::StartFailed;
+                self.memory.start_failed = true;
+                Err(Failed::Recoverable(format!("failed to start postgres: {e}")))
+            }
+        }
+    }
+
+    async fn promote(&mut self) -> Outcome {
+        // The lock must be in hand, with a lease that outlives the promotion's first steps.
+        if !self.lease.is_valid(&self.lease_timing(), Instant::now()) {
+            return Err(Failed::Recoverable(
+                "not promoting: the lease is not provably ours".into(),
+            ));
+        }
+        let timeout = Duration::from_secs(self.dynamic.loop_wait.max(30));
+        self.pg
+            .promote(timeout)
+            .await
+            .map_err(recoverable("promotion failed"))?;
+        self.role = Role::Primary;
+        self.memory = Default::default();
+        // Without a checkpoint pg_control still shows the old timeline and pg_rewind against us
+        // would fail; our member key shows the new timeline only after this returns.
+        if let Err(e) = self.pg.execute("CHECKPOINT", Duration::from_secs(300)).await {
+            tracing::warn!("post-promotion checkpoint failed: {e}");
+        }
+        tracing::info!("promoted to primary");
+        Ok(true)
+    }
+
+    async fn demote(&mut self, mode: DemoteMode) -> Outcome {
+        self.state = PgState::Stopping;
+        let stop = match mode {
+            DemoteMode::ImmediateNoLock => StopMode::Immediate,
+            DemoteMode::Offline => StopMode::Fast,
+        };
+        self.pg
+            .stop(stop, self.pg_ctl_timeout())
+            .await
+            .map_err(recoverable("stopping postgres to demote"))?;
+        self.state = PgState::Stopped;
+        self.role = Role::Demoted;
+        self.configured_upstream = None;
+        if mode == DemoteMode::Offline {
+            // Keep serving reads without an upstream until etcd is back.
+            return self.start_replica(None, None).await;
+        }
+        Ok(true)
+    }
+
+    async fn follow(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
+        let recovery = pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, view, upstream);
+        self.write_pgpass()?;
+        let files = pgconf::files(&self.pg, &self.cfg, &self.dynamic, Some(recovery));
+        self.pg
+            .write_config(&files)
+            .map_err(recoverable("writing the configuration"))?;
+        self.written_parameters = Some(files.parameters.clone());
+        self.pg
+            .reload()
+            .await
+            .map_err(recoverable("reloading postgres"))?;
+        self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
+        Ok(false)
+    }
+
+    async fn rewind(&mut self, view: Option<&ClusterView>, source: &str) -> Outcome {
+        let (host, port) = Self::member_addr(view, source)?;
+        if self.pg.is_running() {
+            self.pg
+                .stop(StopMode::Fast, self.pg_ctl_timeout())
+                .await
+                .map_err(recoverable("stopping for pg_rewind"))?;
+        }
+        self.state = PgState::Stopped;
+        self.write_pgpass()?;
+        let timeout = Duration::from_secs(3600);
+        self.lease
+            .loop_alive_until(Instant::now() + timeout + self.retry());
+        tracing::info!("running pg_rewind from {source}");
+        if let Err(e) = self.pg.rewind(&host, port, timeout).await {
+            self.memory.rewind_failed = true;
+            return Err(Failed::Recoverable(format!(
+                "pg_rewind from {source} failed: {e}"
+            )));
+        }
+        self.memory.rewind_failed = false;
+        let leader = view.and_then(ClusterView::leader_name).map(str::to_string);
+        self.start_replica(view, leader.as_deref().or(Some(source))).await
+    }
+
+    async fn reinitialize(&mut self, view: Option<&ClusterView>, source: &str) -> Outcome {
+        if self.pg.is_running() {
+            self.pg
+                .stop(StopMode::Immediate, self.pg_ctl_timeout())
+                .await
+                .map_err(recoverable("stopping to reinitialize"))?;
+        }
+        self.pg
+            .remove_data_dir()
+            .map_err(recoverable("removing the data directory"))?;
+        self.control = None;
+        self.memory.rewind_failed = false;
+        self.create_replica(view, source).await
+    }
+
+    async fn acquire_lock(&mut self) -> Outcome {
+        let timing = self.lease_timing();
+        if !super::lease::refresh(self.dcs.as_ref(), &self.lease, &timing).await {
+            return Err(Failed::Recoverable(
+                "no etcd lease: not racing for the lock".into(),
+            ));
+        }
+        if self
+            .dcs_call("acquiring the leader lock", self.dcs.attempt_to_acquire_leader())
+            .await?
+        {
+            self.lease.set_holds_lock(true);
+            tracing::info!("acquired the leader lock");
+            Ok(true)
+        } else {
+            tracing::info!("failed to acquire the leader lock: another member holds it");
+            Ok(true)
+        }
+    }
+
+    async fn release_lock(&mut self) -> Outcome {
+        self.lease.set_holds_lock(false);
+        self.dcs_call("releasing the leader lock", self.dcs.delete_leader())
+            .await?;
+        Ok(true)
+    }
+
+    async fn write_initialize(&mut self) -> Outcome {
+        let sysid = match (&self.status, &self.control) {
+            (Some(st), _) if !st.system_identifier.is_empty() => st.system_identifier.clone(),
+            (_, Some(c)) => c.sysid.clone(),
+            _ => return Err(Failed::Recoverable("system identifier unknown".into())),
+        };
+        self.dcs_call("writing the initialize key", self.dcs.set_initialize(&sysid))
+            .await?;
+        Ok(false)
+    }
+
+    /// The leader's per-cycle duties: publish its position, the timeline history, and keep a
+    /// replication slot for every other member.
+    async fn leader_housekeeping(&mut self, view: Option<&ClusterView>) -> Outcome {
+        self.memory.primary_restart_since = None;
+        self.memory.start_failed = false;
+        let Some(st) = self.status.clone() else {
+            return Ok(false);
+        };
+        let Some(view) = view else { return Ok(false) };
+        let status = pgvigil_api::StatusValue {
+            optime: super::observe::wal_position(&st),
+            ..view.status.clone()
+        };
+        if let Err(Failed::Recoverable(e)) = self
+            .dcs_call("publishing status", self.dcs.set_status(&status))
+            .await
+        {
+            tracing::warn!("{e}");
+        }
+        if view.timeline() != st.timeline {
+            self.publish_history(view, st.timeline).await;
+        }
+        if self.dynamic.use_slots {
+            let wanted: Vec<String> = view
+                .members
+                .iter()
+                .filter(|m| m.name != self.cfg.name && !m.data.tag_bool("nostream"))
+                .filter(|m| {
+                    m.data
+                        .tags
+                        .get("replicatefrom")
+                        .and_then(|v| v.as_str())
+                        .is_none_or(|up| view.member(up).is_none())
+                })
+                .map(|m| pgvigil_postgres::Postgres::slot_name_for(&m.name))
+                .collect();
+            if let Err(e) = self.pg.ensure_physical_slots(&wanted).await {
+                tracing::warn!("could not manage replication slots: {e}");
+            }
+        }
+        Ok(false)
+    }
+
+    async fn publish_history(&self, view: &ClusterView, timeline: u64) {
+        let entries = if timeline <= 1 {
+            Vec::new()
+        } else {
+            let path = self
+                .pg
+                .data_dir()
+                .join("pg_wal")
+                .join(format!("{timeline:08X}.history"));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => history::parse_history_file(&text),
+                Err(e) => {
+                    tracing::warn!("could not read {}: {e}", path.display());
+                    return;
+                }
+            }
+        };
+        let now = chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
+        let entries = history::enrich(
+            entries,
+            view.history_entries(),
+            &now,
+            &self.cfg.name,
+            self.dynamic.max_timelines_history as usize,
+        );
+        if let Err(Failed::Recoverable(e)) = self
+            .dcs_call("publishing history", self.dcs.set_history(&entries))
+            .await
+        {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// SIGTERM: stop PostgreSQL (unless paused) and hand the lock over.
+    pub(super) async fn shutdown(mut self) -> super::Exit {
+        let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
+        if paused {
+            tracing::info!("paused: leaving PostgreSQL running and keeping the leader key");
+            return super::Exit::Shutdown;
+        }
+        let was_leader = self.lease.holds_lock();
+        if self.pg.is_running() {
+            self.state = PgState::Stopping;
+            self.publish_member().await;
+            if let Err(e) = self.pg.stop(StopMode::Fast, self.pg_ctl_timeout()).await {
+                tracing::error!("could not stop PostgreSQL, keeping the leader key: {e}");
+                return super::Exit::Shutdown;
+            }
+        }
+        self.state = PgState::Stopped;
+        self.status = None;
+        if was_leader {
+            self.lease.set_holds_lock(false);
+            if let Ok(cd) = self.pg.controldata().await {
+                let status = pgvigil_api::StatusValue {
+                    optime: cd.checkpoint_lsn,
+                    ..Default::default()
+                };
+                let _ = self
+                    .dcs_call("publishing the final position", self.dcs.set_status(&status))
+                    .await;
+            }
+            match self
+                .dcs_call("releasing the leader lock", self.dcs.delete_leader())
+                .await
+            {
+                Ok(_) => tracing::info!("released the leader lock"),
+                Err(Failed::Recoverable(e) | Failed::Fatal(e)) => tracing::error!("{e}"),
+            }
+        }
+        self.publish_member().await;
+        super::Exit::Shutdown
+    }
+}
+
+fn failed_text(f: Failed) -> String {
+    match f {
+        Failed::Fatal(m) | Failed::Recoverable(m) => m,
+    }
+}

@@ -1,0 +1,183 @@
+//! Turning what PostgreSQL says into the engine's inputs and the documents we publish (member
+//! key, REST status document).
+
+use pgvigil_api::rest::{PatroniInfo, StatusDocument, XlogInfo};
+use pgvigil_api::{MemberData, PATRONI_COMPAT_VERSION, PgState, Role};
+use pgvigil_engine::{ControlInfo, ControlState, Observed};
+use pgvigil_postgres::{ClusterState, ControlData, PgStatus};
+use serde_json::{Map, Value};
+
+pub fn control_info(cd: &ControlData) -> ControlInfo {
+    ControlInfo {
+        sysid: cd.system_identifier.clone(),
+        state: match cd.cluster_state {
+            ClusterState::ShutDown => ControlState::ShutDown,
+            ClusterState::ShutDownInRecovery => ControlState::ShutDownInRecovery,
+            ClusterState::ShuttingDown => ControlState::ShuttingDown,
+            ClusterState::InCrashRecovery => ControlState::InCrashRecovery,
+            ClusterState::InArchiveRecovery => ControlState::InArchiveRecovery,
+            ClusterState::InProduction => ControlState::InProduction,
+            _ => ControlState::Other,
+        },
+        checkpoint_lsn: cd.checkpoint_lsn,
+        checkpoint_timeline: cd.checkpoint_timeline,
+        min_recovery_lsn: cd.min_recovery_lsn,
+        min_recovery_timeline: cd.min_recovery_timeline,
+    }
+}
+
+/// The WAL position peers compare: the primary's flush position, else max(receive, replay).
+pub fn wal_position(st: &PgStatus) -> u64 {
+    if st.in_recovery {
+        st.receive_lsn.unwrap_or(0).max(st.replay_lsn.unwrap_or(0))
+    } else {
+        st.wal_flush_lsn.unwrap_or(0)
+    }
+}
+
+/// `host=... port=...` of a libpq conninfo string (the WAL receiver's or ours).
+pub fn conninfo_host_port(conninfo: &str) -> Option<(String, u16)> {
+    let mut host = None;
+    let mut port = 5432;
+    for part in conninfo.split_whitespace() {
+        if let Some(h) = part.strip_prefix("host=") {
+            host = Some(h.trim_matches('\'').to_string());
+        } else if let Some(p) = part.strip_prefix("port=") {
+            port = p.trim_matches('\'').parse().ok()?;
+        }
+    }
+    Some((host?, port))
+}
+
+pub fn observed(st: &PgStatus, configured_upstream: Option<&(String, u16)>) -> Observed {
+    let upstream = st
+        .wal_receiver_conninfo
+        .as_deref()
+        .and_then(conninfo_host_port)
+        .or_else(|| configured_upstream.cloned());
+    Observed {
+        in_recovery: st.in_recovery,
+        sysid: st.system_identifier.clone(),
+        timeline: st.timeline,
+        wal_position: wal_position(st),
+        streaming: st.wal_receiver_streaming,
+        upstream,
+    }
+}
+
+/// Inputs to the published documents that come from the runtime rather than PostgreSQL.
+pub struct Identity<'a> {
+    pub scope: &'a str,
+    pub name: &'a str,
+    pub conn_url: &'a str,
+    pub api_url: &'a str,
+    pub tags: &'a Map<String, Value>,
+}
+
+/// The role we report: from PostgreSQL when it answers, else what the runtime last knew.
+pub fn role(st: Option<&PgStatus>, fallback: Role) -> Role {
+    match st {
+        Some(s) if s.in_recovery => Role::Replica,
+        Some(_) => Role::Primary,
+        None => fallback,
+    }
+}
+
+pub fn member_data(
+    id: &Identity<'_>,
+    state: PgState,
+    role: Role,
+    st: Option<&PgStatus>,
+    paused: bool,
+) -> MemberData {
+    let mut m = MemberData {
+        conn_url: id.conn_url.to_string(),
+        api_url: id.api_url.to_string(),
+        state: state.as_str().to_string(),
+        role: role.as_str().to_string(),
+        version: PATRONI_COMPAT_VERSION.to_string(),
+        tags: id.tags.clone(),
+        pause: paused.then_some(true),
+        ..Default::default()
+    };
+    if let Some(st) = st.filter(|_| state == PgState::Running) {
+        m.xlog_location = Some(wal_position(st));
+        m.timeline = (st.timeline > 0).then_some(st.timeline);
+        if st.in_recovery {
+            m.receive_lsn = st.receive_lsn;
+            m.replay_lsn = st.replay_lsn;
+            if st.wal_receiver_streaming {
+                m.replication_state = Some("streaming".into());
+            }
+        }
+        if st.pending_restart {
+            m.pending_restart = Some(true);
+        }
+    }
+    m
+}
+
+pub fn status_document(
+    id: &Identity<'_>,
+    state: PgState,
+    role: Role,
+    st: Option<&PgStatus>,
+    paused: bool,
+    cluster_unlocked: bool,
+    dcs_last_seen: Option<u64>,
+) -> StatusDocument {
+    let mut doc = StatusDocument {
+        state: state.as_str().to_string(),
+        role: role.as_str().to_string(),
+        tags: id.tags.clone(),
+        pause: paused.then_some(true),
+        cluster_unlocked: cluster_unlocked.then_some(true),
+        dcs_last_seen,
+        patroni: PatroniInfo {
+            version: PATRONI_COMPAT_VERSION.to_string(),
+            scope: id.scope.to_string(),
+            name: id.name.to_string(),
+        },
+        ..Default::default()
+    };
+    let Some(st) = st.filter(|_| state == PgState::Running) else {
+        return doc;
+    };
+    doc.postmaster_start_time = Some(st.postmaster_start_time.clone()).filter(|t| !t.is_empty());
+    doc.server_version = Some(st.server_version);
+    doc.timeline = (st.timeline > 0).then_some(st.timeline);
+    doc.database_system_identifier = Some(st.system_identifier.clone()).filter(|s| !s.is_empty());
+    doc.pending_restart = st.pending_restart.then_some(true);
+    if st.in_recovery {
+        doc.xlog = Some(XlogInfo {
+            location: None,
+            received_location: st.receive_lsn.or(st.replay_lsn),
+            replayed_location: st.replay_lsn,
+            replayed_timestamp: st.replay_timestamp.clone(),
+            paused: Some(st.replay_paused),
+        });
+        if st.wal_receiver_streaming {
+            doc.replication_state = Some("streaming".into());
+        }
+    } else {
+        doc.xlog = Some(XlogInfo {
+            location: st.wal_flush_lsn,
+            ..Default::default()
+        });
+        doc.replication = Some(st.replication.clone());
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conninfo_parsing() {
+        let c = "user=replicator passfile=/x host=127.0.0.1 port=5433 dbname=postgres application_name=a";
+        assert_eq!(conninfo_host_port(c), Some(("127.0.0.1".into(), 5433)));
+        assert_eq!(conninfo_host_port("host='h' port='7'"), Some(("h".into(), 7)));
+        assert_eq!(conninfo_host_port("port=7"), None);
+    }
+}

@@ -1,0 +1,288 @@
+//! `pgvigilctl`: patronictl's commands for pgvigil and Patroni clusters.
+
+mod list;
+mod table;
+mod yaml;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use pgvigil_api::ClusterView;
+use pgvigil_dcs::{Dcs, Etcd3Dcs, EtcdOptions};
+
+use crate::list::Format;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pgvigilctl",
+    version,
+    about = "Operate pgvigil (and Patroni) clusters; patronictl-compatible"
+)]
+struct Cli {
+    /// Configuration file (the agent's own file works; only scope, namespace, etcd3, ctl and
+    /// restapi authentication are read).
+    #[arg(
+        short = 'c',
+        long = "config-file",
+        env = "PATRONICTL_CONFIG_FILE",
+        global = true
+    )]
+    config_file: Option<PathBuf>,
+    /// etcd to use instead of the file's, as etcd3://host:port[/namespace].
+    #[arg(short = 'd', long = "dcs-url", alias = "dcs", env = "DCS_URL", global = true)]
+    dcs_url: Option<String>,
+    /// Accepted for patronictl compatibility (TLS is not supported yet).
+    #[arg(short = 'k', long = "insecure", global = true)]
+    insecure: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List the members of the cluster.
+    List(ListArgs),
+    /// Like list, with replicas indented under their upstream.
+    Topology(ListArgs),
+    /// Show the timeline history.
+    History {
+        cluster: Option<String>,
+        #[arg(short = 'f', long = "format", value_enum, default_value = "pretty")]
+        format: Format,
+    },
+    /// Show the dynamic configuration stored in etcd.
+    ShowConfig { cluster: Option<String> },
+    /// Print pgvigilctl's version.
+    Version,
+}
+
+#[derive(clap::Args, Debug)]
+struct ListArgs {
+    /// Cluster names (default: the configured scope).
+    clusters: Vec<String>,
+    /// Show pending restarts, scheduled restarts and tags even when empty.
+    #[arg(short = 'e', long)]
+    extended: bool,
+    /// Print a timestamp before the table.
+    #[arg(short = 't', long = "timestamp")]
+    timestamp: bool,
+    #[arg(short = 'f', long = "format", value_enum, default_value = "pretty")]
+    format: Format,
+    /// Refresh every 2 seconds (like -w 2).
+    #[arg(short = 'W', conflicts_with = "watch")]
+    watch_default: bool,
+    /// Refresh every N seconds.
+    #[arg(short = 'w', long = "watch")]
+    watch: Option<f64>,
+}
+
+struct Target {
+    namespace: String,
+    scope: Option<String>,
+    endpoints: Vec<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+fn default_config_path() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    let path = PathBuf::from(home).join(".config/patroni/patronictl.yaml");
+    path.exists().then_some(path)
+}
+
+fn target(cli: &Cli) -> anyhow::Result<Target> {
+    let env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("PATRONI_"))
+        .collect();
+    let mut t = Target {
+        namespace: "/service".into(),
+        scope: None,
+        endpoints: Vec::new(),
+        username: None,
+        password: None,
+    };
+    if let Some(path) = cli.config_file.clone().or_else(default_config_path) {
+        let (client, warnings) =
+            pgvigil_config::load_client(&path, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        t.namespace = client.namespace;
+        t.scope = client.scope;
+        t.endpoints = client.etcd3.hosts;
+        t.username = client.etcd3.username;
+        t.password = client.etcd3.password;
+    }
+    if let Some(url) = &cli.dcs_url {
+        let rest = url
+            .strip_prefix("etcd3://")
+            .with_context(|| format!("--dcs-url {url:?}: only etcd3://host:port[/namespace] is supported"))?;
+        let (hosts, namespace) = rest.split_once('/').map_or((rest, None), |(h, n)| (h, Some(n)));
+        if hosts.is_empty() {
+            bail!("--dcs-url {url:?}: no host given");
+        }
+        t.endpoints = hosts.split(',').map(str::to_string).collect();
+        if let Some(ns) = namespace.filter(|n| !n.is_empty()) {
+            t.namespace = format!("/{ns}");
+        }
+    }
+    if t.endpoints.is_empty() {
+        bail!("no etcd to talk to: give -c CONFIG (with an etcd3 section) or -d etcd3://host:port");
+    }
+    Ok(t)
+}
+
+async fn read_cluster(t: &Target, scope: &str) -> anyhow::Result<ClusterView> {
+    let dcs = Etcd3Dcs::connect(EtcdOptions {
+        endpoints: t.endpoints.clone(),
+        namespace: t.namespace.clone(),
+        scope: scope.to_string(),
+        member_name: "pgvigilctl".into(),
+        username: t.username.clone(),
+        password: t.password.clone(),
+        retry_timeout: Duration::from_secs(10),
+    })
+    .await
+    .with_context(|| format!("cannot connect to etcd at {}", t.endpoints.join(",")))?;
+    dcs.get_cluster()
+        .await
+        .with_context(|| format!("cannot read cluster {scope} from etcd"))
+}
+
+fn scopes(t: &Target, given: &[String]) -> anyhow::Result<Vec<String>> {
+    if !given.is_empty() {
+        return Ok(given.to_vec());
+    }
+    match &t.scope {
+        Some(s) => Ok(vec![s.clone()]),
+        None => bail!("no cluster name given and the configuration has no scope"),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Version => {
+            println!("pgvigilctl version {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::List(args) | Command::Topology(args) => {
+            let t = target(&cli)?;
+            let format = if matches!(cli.command, Command::Topology(_)) {
+                Format::Topology
+            } else {
+                args.format
+            };
+            let every = args.watch.or(args.watch_default.then_some(2.0));
+            loop {
+                if args.timestamp {
+                    println!("{}", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
+                }
+                for scope in scopes(&t, &args.clusters)? {
+                    let view = read_cluster(&t, &scope).await?;
+                    println!("{}", list::render(&scope, &view, format, args.extended));
+                }
+                let Some(secs) = every else { return Ok(()) };
+                if !(secs.is_finite() && secs > 0.0) {
+                    bail!("-w must be a positive number of seconds");
+                }
+                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            }
+        }
+        Command::History { cluster, format } => {
+            let t = target(&cli)?;
+            let scope = scopes(&t, cluster.as_slice())?.remove(0);
+            let view = read_cluster(&t, &scope).await?;
+            let rows: Vec<Vec<String>> = view
+                .history_entries()
+                .iter()
+                .map(|h| {
+                    vec![
+                        h.parent_timeline.to_string(),
+                        h.switch_lsn.to_string(),
+                        h.reason.clone(),
+                        h.timestamp.clone().unwrap_or_default(),
+                        h.new_leader.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            let columns = ["TL", "LSN", "Reason", "Timestamp", "New Leader"];
+            match format {
+                Format::Json | Format::Yaml => {
+                    let objects: Vec<serde_json::Value> = rows
+                        .iter()
+                        .map(|r| {
+                            serde_json::Value::Object(
+                                columns
+                                    .iter()
+                                    .map(|c| c.to_string())
+                                    .zip(r.iter().map(|v| serde_json::Value::from(v.as_str())))
+                                    .collect(),
+                            )
+                        })
+                        .collect();
+                    let v = serde_json::Value::Array(objects);
+                    if *format == Format::Json {
+                        println!("{v}")
+                    } else {
+                        print!("{}", yaml::to_yaml(&v))
+                    }
+                }
+                _ => {
+                    let table = table::Table {
+                        columns: columns.iter().map(|c| c.to_string()).collect(),
+                        align: vec![
+                            table::Align::Right,
+                            table::Align::Right,
+                            table::Align::Left,
+                            table::Align::Left,
+                            table::Align::Left,
+                        ],
+                        rows,
+                    };
+                    println!(
+                        "{}",
+                        if *format == Format::Tsv {
+                            table.tsv()
+                        } else {
+                            table.pretty("")
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::ShowConfig { cluster } => {
+            let t = target(&cli)?;
+            let scope = scopes(&t, cluster.as_slice())?.remove(0);
+            let view = read_cluster(&t, &scope).await?;
+            let config = view
+                .config
+                .map(|c| c.value)
+                .unwrap_or_else(|| serde_json::json!({}));
+            print!("{}", yaml::to_yaml(&config));
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgvigilctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
