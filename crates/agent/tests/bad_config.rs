@@ -17,7 +17,7 @@ fn run_with(yaml: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-const GOOD: &str = "scope: s\nname: n\nrestapi:\n  listen: 127.0.0.1:8008\netcd3:\n  hosts: 127.0.0.1:2379\npostgresql:\n  listen: 127.0.0.1:5432\n  connect_address: 127.0.0.1:5432\n  data_dir: /tmp/x\n  authentication:\n    superuser:\n      username: postgres\n    replication:\n      username: rep\n";
+const GOOD: &str = "scope: s\nname: pg1\nrestapi:\n  listen: 127.0.0.1:8008\netcd3:\n  hosts: 127.0.0.1:2379\npostgresql:\n  listen: 127.0.0.1:5432\n  connect_address: 127.0.0.1:5432\n  data_dir: /tmp/x\n  authentication:\n    superuser:\n      username: postgres\n    replication:\n      username: rep\n";
 
 #[test]
 fn wrong_type_names_file_and_key() {

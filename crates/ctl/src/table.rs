@@ -130,6 +130,6 @@ mod tests {
             align: vec![Align::Left],
             rows: vec![],
         };
-        assert_eq!(t.pretty(" Cluster: long "), "+ C+\n| A |\n+---+\n+---+");
+        assert_eq!(t.pretty(" Cluster: long "), "+ Cl+\n| A |\n+---+\n+---+");
     }
 }
