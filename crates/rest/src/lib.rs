@@ -37,11 +37,46 @@ pub trait ClusterSource: Send + Sync + 'static {
     async fn read_cluster(&self) -> Result<ClusterView, String>;
 }
 
-/// Requests the REST API hands to the runtime.
+/// The runtime's answer to a command: an HTTP status and Patroni's text message.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiReply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl ApiReply {
+    pub fn new(status: u16, body: impl Into<String>) -> Self {
+        ApiReply { status, body: body.into() }
+    }
+}
+
+/// A validated `POST /restart` body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestartRequest {
+    pub schedule: Option<chrono::DateTime<chrono::FixedOffset>>,
+    /// Restart only if the member has this role (`primary`, `replica`, `standby_leader`).
+    pub role: Option<String>,
+    /// Restart only if the running version is older than this (`X.Y[.Z]`).
+    pub postgres_version: Option<String>,
+    /// Seconds the restart may take (default `primary_start_timeout`).
+    pub timeout: Option<u64>,
+    /// Restart only if a restart is pending.
+    pub restart_pending: bool,
+}
+
+/// Requests the REST API hands to the runtime.
+#[derive(Debug)]
 pub enum ApiCommand {
     /// `POST /reload`: same as SIGHUP.
     Reload,
+    /// The API changed the DCS on an operator's behalf (config, failover key): run a cycle now.
+    Wake,
+    /// `POST /restart`, body already validated.
+    Restart { request: RestartRequest, reply: tokio::sync::oneshot::Sender<ApiReply> },
+    /// `DELETE /restart`.
+    CancelScheduledRestart { reply: tokio::sync::oneshot::Sender<ApiReply> },
+    /// `POST /reinitialize`.
+    Reinitialize { force: bool, from_leader: bool, reply: tokio::sync::oneshot::Sender<ApiReply> },
 }
 
 /// Everything the server needs.
