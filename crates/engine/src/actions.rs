@@ -46,6 +46,12 @@ pub enum Action {
     AcquireLock,
     /// Delete the leader key if it is still ours.
     ReleaseLock,
+    /// Planned switchover away from this leader: checkpoint, stop cleanly, wait until a
+    /// candidate (the named one, or any eligible member) has received the shutdown checkpoint,
+    /// then release the lock.
+    Switchover { candidate: Option<String> },
+    /// Clear the `failover` key (compare-and-set on its revision).
+    ClearFailover,
     /// Write our sysid into `initialize` (adopting an existing primary, or repairing the key).
     WriteInitialize,
     /// Leader housekeeping: `status` (optime), `history` when the timeline moved, member slots.

@@ -321,6 +321,17 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
             vec![Action::Promote],
         );
     }
+    if let Some(mut decision) = crate::failover::leader_decision(i, cluster, own) {
+        // Housekeeping continues while a request waits or is examined.
+        if !decision
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Switchover { .. } | Action::QueryPeers))
+        {
+            decision.actions.insert(0, Action::LeaderHousekeeping);
+        }
+        return decision;
+    }
     Decision::new(
         format!("no action. I am ({me}), the leader with the lock"),
         vec![Action::LeaderHousekeeping],

@@ -18,6 +18,9 @@ pub struct Inputs<'a> {
     /// The other members' answers to `GET <api_url>`, present only when the engine asked for
     /// them with [`crate::Action::QueryPeers`] in this cycle.
     pub peers: Option<&'a [PeerReport]>,
+    /// Seconds until the pending failover's `scheduled_at` (negative: in the past), as the
+    /// runtime computed it from the wall clock; `None` when nothing is scheduled.
+    pub failover_due_in: Option<f64>,
 }
 
 /// The settings the rules depend on: the node's own identity plus the effective dynamic

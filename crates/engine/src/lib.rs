@@ -21,6 +21,7 @@
 mod actions;
 mod decide;
 mod divergence;
+mod failover;
 mod inputs;
 mod race;
 

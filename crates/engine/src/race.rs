@@ -32,6 +32,16 @@ pub fn race_verdict(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Ra
         return RaceVerdict::NotHealthiest("I am not allowed to promote (nofailover)".into());
     }
     let cluster_timeline = cluster.timeline();
+    match crate::failover::race_override(i, cluster) {
+        Some(crate::failover::RaceOverride::Win) => return RaceVerdict::Healthiest,
+        Some(crate::failover::RaceOverride::StandAside(why)) => {
+            if i.peers.is_none() && cluster.members.iter().any(|m| m.name != cfg.name) {
+                return RaceVerdict::NeedPeers;
+            }
+            return RaceVerdict::NotHealthiest(why);
+        }
+        None => {}
+    }
     if !own.in_recovery {
         // A running primary keeps its role unless it is on an older timeline than the cluster:
         // that is a frozen former leader coming back after someone else was promoted.

@@ -48,10 +48,12 @@ impl Agent {
             Action::Reinitialize { source } => self.reinitialize(view, &source).await,
             // The cycle gathers peers itself before deciding again.
             Action::QueryPeers => Ok(true),
-            Action::AcquireLock => self.acquire_lock().await,
+            Action::AcquireLock => self.acquire_lock(view).await,
             Action::ReleaseLock => self.release_lock().await,
             Action::WriteInitialize => self.write_initialize().await,
             Action::LeaderHousekeeping => self.leader_housekeeping(view).await,
+            Action::Switchover { candidate } => self.switchover(view, candidate).await,
+            Action::ClearFailover => self.clear_failover(view).await,
             Action::Fatal(message) => Err(Failed::Fatal(message)),
         }
     }
@@ -373,7 +375,7 @@ impl Agent {
         self.create_replica(view, source).await
     }
 
-    async fn acquire_lock(&mut self) -> Outcome {
+    async fn acquire_lock(&mut self, view: Option<&ClusterView>) -> Outcome {
         let timing = self.lease_timing();
         if !super::lease::refresh(self.dcs.as_ref(), &self.lease, &timing).await {
             return Err(Failed::Recoverable(
@@ -386,6 +388,17 @@ impl Agent {
         {
             self.lease.set_holds_lock(true);
             tracing::info!("acquired the leader lock");
+            // The request that made us leader is done (a future scheduled one stays).
+            let scheduled_later = super::operator::failover_due_in(view).is_some_and(|d| d > 0.0);
+            if view.and_then(ClusterView::pending_failover).is_some() && !scheduled_later {
+                let empty = pgvigil_api::FailoverValue::default();
+                let cleared = self.dcs.set_failover(&empty, None);
+                if let Err(Failed::Recoverable(e) | Failed::Fatal(e)) =
+                    self.dcs_call("clearing the failover key", cleared).await
+                {
+                    tracing::warn!("{e}");
+                }
+            }
             Ok(true)
         } else {
             tracing::info!("failed to acquire the leader lock: another member holds it");

@@ -15,6 +15,7 @@ mod dynamic;
 pub mod history;
 pub mod lease;
 mod observe;
+mod operator;
 mod pgconf;
 
 use std::path::PathBuf;
@@ -77,6 +78,11 @@ pub struct Agent {
     /// Parameters last written to `postgresql.conf`, to reload only on change.
     written_parameters: Option<std::collections::BTreeMap<String, String>>,
     next_run: Instant,
+    scheduled_restart: Option<operator::ScheduledRestart>,
+    /// An operator asked for a reinitialize (`Some(from_leader)`), done next cycle.
+    pending_reinit: Option<bool>,
+    /// `{guc: {old_value, new_value}}` while a restart is pending.
+    pending_restart_reason: Option<serde_json::Value>,
 }
 
 impl Agent {
@@ -119,6 +125,9 @@ impl Agent {
             configured_upstream: None,
             written_parameters: None,
             next_run: Instant::now(),
+            scheduled_restart: None,
+            pending_reinit: None,
+            pending_restart_reason: None,
         }
     }
 
@@ -168,6 +177,12 @@ impl Agent {
             } else {
                 (self.next_run + loop_wait).max(now)
             };
+            // A scheduled switchover acts at its exact time, not at the next tick.
+            if let Some(due) =
+                operator::failover_due_in(self.cluster.as_ref()).filter(|d| *d > 0.0 && d.is_finite())
+            {
+                self.next_run = self.next_run.min(now + Duration::from_secs_f64(due));
+            }
             self.publish_snapshot();
             if rerun {
                 continue;
@@ -179,10 +194,8 @@ impl Agent {
                 _ = wake.shutdown.cancelled() => {}
                 _ = tokio::time::sleep_until(self.next_run.into()) => {}
                 _ = self.lease.wake_loop.notified() => {}
-                Some(()) = wake.reload.recv() => self.reload_local_config(),
-                Some(cmd) = wake.commands.recv() => match cmd {
-                    ApiCommand::Reload => self.reload_local_config(),
-                },
+                Some(()) = wake.reload.recv() => self.reload_local_config().await,
+                Some(cmd) = wake.commands.recv() => self.handle_command(cmd).await,
                 _ = wake.postmaster_changed.changed() => {}
                 event = wake.dcs_events.recv() => {
                     if !wakes_us(&event, am_leader) {
@@ -238,7 +251,17 @@ impl Agent {
         };
         self.cluster = cluster.clone();
 
-        let pg = self.observe().await;
+        let mut pg = self.observe().await;
+        if self.pending_reinit.is_some() {
+            match self.run_pending_reinit(cluster.as_ref()).await {
+                Ok(_) => pg = self.observe().await,
+                Err(actions::Failed::Fatal(m) | actions::Failed::Recoverable(m)) => tracing::error!("{m}"),
+            }
+        }
+        if self.scheduled_restart.is_some() && !cluster.as_ref().is_some_and(ClusterView::is_paused) {
+            self.run_due_restart().await;
+        }
+        self.refresh_pending_restart_reason().await;
         let engine_cfg = self.engine_config();
         let timing = self.lease_timing();
         // Acting as leader requires a lease that provably outlives this cycle's first steps;
@@ -255,6 +278,7 @@ impl Agent {
                 pg: &pg,
                 memory: &self.memory,
                 peers: peers.as_deref(),
+                failover_due_in: operator::failover_due_in(view),
             });
             if decision.actions.first() == Some(&Action::QueryPeers) && peers.is_none() {
                 peers = Some(self.query_peers(view).await);
@@ -413,7 +437,9 @@ impl Agent {
             tags: &tags,
         };
         let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
-        let data = observe::member_data(&id, self.state, self.current_role(), self.status.as_ref(), paused);
+        let mut data =
+            observe::member_data(&id, self.state, self.current_role(), self.status.as_ref(), paused);
+        (data.scheduled_restart, data.pending_restart_reason) = self.operator_fields();
         let retry = Duration::from_secs(self.dynamic.retry_timeout);
         match tokio::time::timeout(retry, self.dcs.touch_member(&data)).await {
             Ok(Ok(())) => {}
@@ -442,6 +468,14 @@ impl Agent {
             unlocked,
             self.dcs_last_seen,
         );
+        let (scheduled, reason) = self.operator_fields();
+        if let Some(mut scheduled) = scheduled {
+            if let Some(m) = scheduled.as_object_mut() {
+                m.remove("postmaster_start_time");
+            }
+            status.scheduled_restart = Some(scheduled);
+        }
+        status.pending_restart_reason = reason;
         if let Some(sync) = self.cluster.as_ref().and_then(|c| c.sync.as_ref())
             && sync.value.contains(&self.cfg.name)
         {
@@ -467,8 +501,8 @@ impl Agent {
         self.snapshot.send_replace(Arc::new(snap));
     }
 
-    /// SIGHUP / `POST /reload`: re-read the local configuration file.
-    fn reload_local_config(&mut self) {
+    /// SIGHUP / `POST /reload`: re-read the local configuration file and apply it.
+    async fn reload_local_config(&mut self) {
         let env: std::collections::BTreeMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with("PATRONI_"))
             .collect();
@@ -484,6 +518,7 @@ impl Agent {
                 self.cfg = loaded.config;
                 self.written_parameters = None;
                 tracing::info!("reloaded the local configuration");
+                self.reload_parameters_if_changed().await;
             }
             Err(e) => tracing::error!("reload failed, keeping the previous configuration: {e}"),
         }

@@ -1,0 +1,147 @@
+//! Planned switchover, driven through the `failover` key exactly as the REST API and
+//! patronictl write it: the leader hands over cleanly, the old leader follows without a rewind,
+//! and no acknowledged write is lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgvigil_dcs::{Dcs, Etcd3Dcs, EtcdOptions};
+use pgvigil_testkit::cluster::{ClusterOptions, TestCluster, psql_at};
+use pgvigil_testkit::wait_until;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_pgvigil");
+
+fn request_switchover(cluster: &TestCluster, leader: &str, candidate: Option<&str>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dcs = Etcd3Dcs::connect(EtcdOptions {
+            endpoints: cluster.etcd.endpoints(),
+            namespace: "/service".into(),
+            scope: cluster.scope.clone(),
+            member_name: "test-operator".into(),
+            retry_timeout: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let value = pgvigil_api::FailoverValue {
+            leader: Some(leader.to_string()),
+            member: candidate.map(str::to_string),
+            scheduled_at: None,
+        };
+        dcs.set_failover(&value, None).await.unwrap();
+    });
+}
+
+/// Inserts increasing ids into whichever node accepts writes, every 20 ms, recording each id
+/// whose COMMIT was acknowledged.
+fn write_load(
+    ports: Vec<u16>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<i64>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut id = 0i64;
+        let mut target = 0usize;
+        while !stop.load(Ordering::SeqCst) {
+            id += 1;
+            let sql = format!("INSERT INTO acked VALUES ({id})");
+            match psql_at(ports[target], &sql) {
+                Ok(_) => acked.lock().unwrap().push(id),
+                Err(_) => target = (target + 1) % ports.len(),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+#[test]
+fn switchover_hands_over_without_rewind_or_lost_writes() {
+    let cluster = TestCluster::start(AGENT.as_ref(), ClusterOptions::default()).unwrap();
+    let old = cluster.wait_healthy(Duration::from_secs(180)).unwrap();
+    cluster
+        .psql(old, "CREATE TABLE acked(id bigint primary key)")
+        .unwrap();
+    let candidate = (0..3).find(|&i| i != old).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.pg_port).collect();
+    let writer = write_load(ports, stop.clone(), acked.clone());
+    wait_until("writes flowing", Duration::from_secs(30), || {
+        (acked.lock().unwrap().len() > 20).then_some(())
+    })
+    .unwrap();
+
+    let asked_at = Instant::now();
+    request_switchover(
+        &cluster,
+        &cluster.nodes[old].name,
+        Some(&cluster.nodes[candidate].name),
+    );
+    let r = wait_until("the candidate to lead", Duration::from_secs(60), || {
+        (cluster.leader() == Some(candidate)
+            && cluster.psql(candidate, "SELECT pg_is_in_recovery()").ok()? == "f")
+            .then_some(())
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    eprintln!("switchover took {:?}", asked_at.elapsed());
+    let before = acked.lock().unwrap().len();
+    wait_until(
+        "writes to resume on the new leader",
+        Duration::from_secs(30),
+        || (acked.lock().unwrap().len() > before + 20).then_some(()),
+    )
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+
+    // Every acknowledged write is on the new leader.
+    let ids: Vec<i64> = acked.lock().unwrap().clone();
+    let present = cluster
+        .psql(candidate, "SELECT string_agg(id::text, ',') FROM acked")
+        .unwrap();
+    let present: std::collections::HashSet<i64> = present.split(',').filter_map(|s| s.parse().ok()).collect();
+    let lost: Vec<i64> = ids.iter().copied().filter(|id| !present.contains(id)).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+
+    // The old leader follows the new one on its timeline, without pg_rewind.
+    let healthy = cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+    assert_eq!(healthy, candidate);
+    assert_eq!(cluster.psql(old, "SELECT pg_is_in_recovery()").unwrap(), "t");
+    let log = std::fs::read_to_string(&cluster.nodes[old].log).unwrap();
+    assert!(
+        !log.contains("running pg_rewind"),
+        "the old leader was rewound:\n{}",
+        cluster.diagnostics()
+    );
+    // The request was consumed.
+    let doc = cluster.cluster_doc().unwrap();
+    assert!(doc.get("scheduled_switchover").is_none());
+}
+
+#[test]
+fn switchover_to_any_member_and_request_for_wrong_leader_is_ignored() {
+    let cluster = TestCluster::start(AGENT.as_ref(), ClusterOptions::default()).unwrap();
+    let old = cluster.wait_healthy(Duration::from_secs(180)).unwrap();
+    // Naming a non-leader as the leader to demote: cleared, nothing happens.
+    let other = (0..3).find(|&i| i != old).unwrap();
+    request_switchover(&cluster, &cluster.nodes[other].name, None);
+    let cleared = wait_until("the bogus request to be cleared", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(&cluster.nodes[old].log).ok()?;
+        log.contains("clearing the request").then_some(())
+    });
+    cleared.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    assert_eq!(cluster.leader(), Some(old));
+    // Without a candidate, some healthy replica takes over.
+    request_switchover(&cluster, &cluster.nodes[old].name, None);
+    let r = wait_until("another member to lead", Duration::from_secs(60), || {
+        cluster.leader().filter(|&l| l != old)
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    cluster.wait_healthy(Duration::from_secs(120)).unwrap();
+}
