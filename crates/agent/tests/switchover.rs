@@ -2,12 +2,11 @@
 //! patronictl write it: the leader hands over cleanly, the old leader follows without a rewind,
 //! and no acknowledged write is lost.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgvigil_dcs::{Dcs, Etcd3Dcs, EtcdOptions};
-use pgvigil_testkit::cluster::{ClusterOptions, TestCluster, psql_at};
+use pgvigil_testkit::cluster::{ClusterOptions, TestCluster};
+use pgvigil_testkit::load::WriteLoad;
 use pgvigil_testkit::wait_until;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pgvigil");
@@ -37,28 +36,6 @@ fn request_switchover(cluster: &TestCluster, leader: &str, candidate: Option<&st
     });
 }
 
-/// Inserts increasing ids into whichever node accepts writes, every 20 ms, recording each id
-/// whose COMMIT was acknowledged.
-fn write_load(
-    ports: Vec<u16>,
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<i64>>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut id = 0i64;
-        let mut target = 0usize;
-        while !stop.load(Ordering::SeqCst) {
-            id += 1;
-            let sql = format!("INSERT INTO acked VALUES ({id})");
-            match psql_at(ports[target], &sql) {
-                Ok(_) => acked.lock().unwrap().push(id),
-                Err(_) => target = (target + 1) % ports.len(),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-}
-
 #[test]
 fn switchover_hands_over_without_rewind_or_lost_writes() {
     let cluster = TestCluster::start(AGENT.as_ref(), ClusterOptions::default()).unwrap();
@@ -68,12 +45,10 @@ fn switchover_hands_over_without_rewind_or_lost_writes() {
         .unwrap();
     let candidate = (0..3).find(|&i| i != old).unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::new()));
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.pg_port).collect();
-    let writer = write_load(ports, stop.clone(), acked.clone());
+    let load = WriteLoad::start(ports, "acked", Duration::from_millis(20));
     wait_until("writes flowing", Duration::from_secs(30), || {
-        (acked.lock().unwrap().len() > 20).then_some(())
+        (load.acked_count() > 20).then_some(())
     })
     .unwrap();
 
@@ -90,23 +65,17 @@ fn switchover_hands_over_without_rewind_or_lost_writes() {
     });
     r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
     eprintln!("switchover took {:?}", asked_at.elapsed());
-    let before = acked.lock().unwrap().len();
+    let before = load.acked_count();
     wait_until(
         "writes to resume on the new leader",
         Duration::from_secs(30),
-        || (acked.lock().unwrap().len() > before + 20).then_some(()),
+        || (load.acked_count() > before + 20).then_some(()),
     )
     .unwrap();
-    stop.store(true, Ordering::SeqCst);
-    writer.join().unwrap();
 
     // Every acknowledged write is on the new leader.
-    let ids: Vec<i64> = acked.lock().unwrap().clone();
-    let present = cluster
-        .psql(candidate, "SELECT string_agg(id::text, ',') FROM acked")
-        .unwrap();
-    let present: std::collections::HashSet<i64> = present.split(',').filter_map(|s| s.parse().ok()).collect();
-    let lost: Vec<i64> = ids.iter().copied().filter(|id| !present.contains(id)).collect();
+    let acked = load.finish();
+    let lost = WriteLoad::lost_on(&acked, cluster.nodes[candidate].pg_port, "acked").unwrap();
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
 
     // The old leader follows the new one on its timeline, without pg_rewind.

@@ -64,7 +64,13 @@ pub fn leader_decision(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) ->
             vec![Action::QueryPeers],
         ));
     };
+    // Classic synchronous mode: only a standby PostgreSQL waited for may take over.
+    let sync_only = i.config.synchronous_mode == crate::sync::SyncMode::On;
+    let sync = cluster.sync.as_ref().map(|s| &s.value);
     let eligible = candidates(i, cluster, f).into_iter().any(|name| {
+        if sync_only && !sync.is_some_and(|s| s.contains(&name)) {
+            return false;
+        }
         let Some(status) = peers
             .iter()
             .find(|p| p.name == name)

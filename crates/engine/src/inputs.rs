@@ -41,6 +41,7 @@ pub struct EngineConfig {
     pub use_pg_rewind: bool,
     /// Whether this node has a `bootstrap` section, i.e. may initialize a new cluster.
     pub can_bootstrap: bool,
+    pub synchronous_mode: crate::sync::SyncMode,
 }
 
 impl EngineConfig {

@@ -24,6 +24,7 @@ mod divergence;
 mod failover;
 mod inputs;
 mod race;
+pub mod sync;
 
 pub use actions::{Action, Decision, DemoteMode, StartAs};
 pub use decide::decide;
@@ -33,5 +34,7 @@ pub use inputs::{
 };
 pub use race::{RaceVerdict, race_verdict};
 
+#[cfg(test)]
+mod sync_tests;
 #[cfg(test)]
 mod tests;

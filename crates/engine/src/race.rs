@@ -1,9 +1,10 @@
 //! The leader race: may this node take the lock now that nobody holds it (§4.3)?
 
 use pgvigil_api::values::failover_priority;
-use pgvigil_api::{ClusterView, HistoryEntry};
+use pgvigil_api::{ClusterView, HistoryEntry, SyncValue};
 
-use crate::inputs::{Inputs, Observed};
+use crate::inputs::{Inputs, Observed, PeerReport};
+use crate::sync::SyncMode;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum RaceVerdict {
@@ -66,12 +67,32 @@ pub fn race_verdict(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Ra
             own.timeline
         ));
     }
+    // Synchronous modes: in classic mode only a member PostgreSQL waited for may take over.
+    let sync = cluster
+        .sync
+        .as_ref()
+        .map(|s| &s.value)
+        .filter(|s| s.leader.as_deref().is_some_and(|l| !l.is_empty()));
+    if cfg.synchronous_mode == SyncMode::On
+        && let Some(sync) = sync
+        && !sync.contains(&cfg.name)
+        && sync.leader.as_deref() != Some(cfg.name.as_str())
+    {
+        return RaceVerdict::NotHealthiest("I am not a synchronous standby".into());
+    }
     let others: Vec<_> = cluster
         .members
         .iter()
         .filter(|m| m.name != cfg.name && !m.data.api_url.is_empty())
         .collect();
     if others.is_empty() {
+        // Alone: in quorum mode we still need the voters' proof (there is nobody to ask, so only
+        // a quorum of 0 or having been the sync leader qualifies).
+        if cfg.synchronous_mode == SyncMode::Quorum
+            && let Some(sync) = sync
+        {
+            return quorum_verdict(i, sync, own, &[]);
+        }
         return RaceVerdict::Healthiest;
     }
     let Some(peers) = i.peers else {
@@ -82,6 +103,15 @@ pub fn race_verdict(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Ra
         let Some(status) = &peer.status else { continue };
         if status.is_primary() {
             return RaceVerdict::NotHealthiest(format!("Primary ({}) is still alive", peer.name));
+        }
+        // Classic synchronous mode: only the standbys PostgreSQL waited for can have commits
+        // we lack; an asynchronous one ahead of us is no reason to stand aside.
+        if cfg.synchronous_mode == SyncMode::On
+            && let Some(sync) = sync
+            && !sync.contains(&peer.name)
+            && sync.leader.as_deref() != Some(peer.name.as_str())
+        {
+            continue;
         }
         let tags = cluster
             .member(&peer.name)
@@ -104,5 +134,45 @@ pub fn race_verdict(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Ra
             ));
         }
     }
+    if cfg.synchronous_mode == SyncMode::Quorum
+        && let Some(sync) = sync
+    {
+        return quorum_verdict(i, sync, own, peers);
+    }
     RaceVerdict::Healthiest
+}
+
+/// Quorum mode: commits were acknowledged by `numsync` of the voters, and `numsync + quorum`
+/// is the number of voters, so a candidate that sees `quorum` other voters not ahead of it
+/// shares at least one voter with every acknowledging set: it has every acknowledged commit.
+fn quorum_verdict(i: &Inputs<'_>, sync: &SyncValue, own: &Observed, peers: &[PeerReport]) -> RaceVerdict {
+    let me = i.config.name.as_str();
+    let mut voters = sync.members();
+    if let Some(leader) = &sync.leader {
+        voters.push(leader.clone());
+    }
+    let mut votes = 0;
+    let mut someone_ahead = false;
+    for peer in peers
+        .iter()
+        .filter(|p| p.name != me && voters.iter().any(|v| v.eq_ignore_ascii_case(&p.name)))
+    {
+        let Some(status) = &peer.status else { continue };
+        let theirs = status.wal_position();
+        if theirs > own.wal_position {
+            someone_ahead = true;
+        } else if theirs > 0 {
+            votes += 1;
+        }
+    }
+    if votes >= sync.quorum as usize && (sync.contains(me) || sync.leader.as_deref() == Some(me)) {
+        return RaceVerdict::Healthiest;
+    }
+    if !someone_ahead && sync.leader.as_deref() == Some(me) {
+        return RaceVerdict::Healthiest;
+    }
+    RaceVerdict::NotHealthiest(format!(
+        "only {votes} of the {} quorum voters I need confirm my position",
+        sync.quorum
+    ))
 }

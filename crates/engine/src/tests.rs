@@ -12,7 +12,7 @@ use crate::*;
 
 const SYSID: &str = "7268616322854375442";
 
-fn config(name: &str) -> EngineConfig {
+pub(crate) fn config(name: &str) -> EngineConfig {
     EngineConfig {
         name: name.into(),
         tags: Map::new(),
@@ -23,6 +23,7 @@ fn config(name: &str) -> EngineConfig {
         check_timeline: false,
         use_pg_rewind: true,
         can_bootstrap: true,
+        synchronous_mode: crate::sync::SyncMode::Off,
     }
 }
 
@@ -44,7 +45,7 @@ fn member(name: &str, role: &str, timeline: u64, lsn: u64) -> Member {
 }
 
 /// An initialized cluster of three members `a`, `bb`, `ccc` (distinct ports by name length).
-fn cluster(leader: Option<&str>) -> ClusterView {
+pub(crate) fn cluster(leader: Option<&str>) -> ClusterView {
     ClusterView {
         revision: 10,
         initialize: Some(SYSID.into()),
@@ -108,7 +109,7 @@ fn control(state: ControlState) -> DataDir {
     })
 }
 
-fn running(in_recovery: bool, timeline: u64, lsn: u64, upstream: Option<(&str, u16)>) -> LocalPg {
+pub(crate) fn running(in_recovery: bool, timeline: u64, lsn: u64, upstream: Option<(&str, u16)>) -> LocalPg {
     LocalPg {
         data: control(if in_recovery {
             ControlState::InArchiveRecovery
@@ -147,7 +148,7 @@ fn decide_with(cfg: &EngineConfig, cluster: Option<&ClusterView>, pg: &LocalPg, 
     })
 }
 
-fn peer(name: &str, role: &str, lsn: u64, tags: Map<String, Value>) -> PeerReport {
+pub(crate) fn peer(name: &str, role: &str, lsn: u64, tags: Map<String, Value>) -> PeerReport {
     let xlog = if role == "primary" {
         XlogInfo {
             location: Some(lsn),

@@ -15,6 +15,7 @@
 pub mod cluster;
 mod etcd;
 pub mod http;
+pub mod load;
 mod process;
 
 use std::collections::HashSet;

@@ -136,7 +136,7 @@ impl Agent {
             std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         }
         self.write_pgpass().map_err(failed_text)?;
-        let files = pgconf::files(&self.pg, cfg, &self.dynamic, None);
+        let files = pgconf::files(cfg, &self.dynamic, self.sync_guc.as_deref(), None);
         self.pg
             .write_config(&files)
             .map_err(|e| format!("writing the configuration: {e}"))?;
@@ -242,7 +242,7 @@ impl Agent {
 
     async fn start_primary(&mut self) -> Outcome {
         self.memory.primary_restart_since.get_or_insert_with(Instant::now);
-        let files = pgconf::files(&self.pg, &self.cfg, &self.dynamic, None);
+        let files = pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), None);
         self.start_with(files).await
     }
 
@@ -250,7 +250,7 @@ impl Agent {
         let recovery = pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, view, upstream);
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         self.write_pgpass()?;
-        let files = pgconf::files(&self.pg, &self.cfg, &self.dynamic, Some(recovery));
+        let files = pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), Some(recovery));
         self.start_with(files).await
     }
 
@@ -283,6 +283,17 @@ impl Agent {
                 "not promoting: the lease is not provably ours".into(),
             ));
         }
+        // The first commits of the new primary must already wait for the standbys the old one
+        // trusted (strict and quorum modes), so the GUC changes before the promotion.
+        let mode = super::sync::engine_mode(self.dynamic.synchronous_mode);
+        if let Some(view) = self.cluster.clone() {
+            let strict = self.dynamic.synchronous_mode_strict;
+            let guc = pgvigil_engine::sync::before_promotion(&self.cfg.name, mode, strict, &view);
+            if guc.is_some() {
+                self.sync_guc = guc;
+                self.reload_parameters_if_changed().await;
+            }
+        }
         let timeout = Duration::from_secs(self.dynamic.loop_wait.max(30));
         self.pg
             .promote(timeout)
@@ -312,6 +323,7 @@ impl Agent {
         self.state = PgState::Stopped;
         self.role = Role::Demoted;
         self.configured_upstream = None;
+        self.sync_guc = None;
         if mode == DemoteMode::Offline {
             // Keep serving reads without an upstream until etcd is back.
             return self.start_replica(None, None).await;
@@ -322,7 +334,7 @@ impl Agent {
     async fn follow(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
         let recovery = pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, view, upstream);
         self.write_pgpass()?;
-        let files = pgconf::files(&self.pg, &self.cfg, &self.dynamic, Some(recovery));
+        let files = pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), Some(recovery));
         self.pg
             .write_config(&files)
             .map_err(recoverable("writing the configuration"))?;
@@ -446,6 +458,7 @@ impl Agent {
         if view.timeline() != st.timeline {
             self.publish_history(view, st.timeline).await;
         }
+        self.manage_sync(view).await;
         if self.dynamic.use_slots {
             let wanted: Vec<String> = view
                 .members

@@ -93,7 +93,7 @@ impl Agent {
         if !self.pg.is_running() {
             return;
         }
-        let (parameters, _) = super::pgconf::parameters(&self.cfg, &self.dynamic);
+        let (parameters, _) = super::pgconf::parameters(&self.cfg, &self.dynamic, self.sync_guc.as_deref());
         if self.written_parameters.as_ref() == Some(&parameters) {
             return;
         }
@@ -107,7 +107,7 @@ impl Agent {
                 upstream.as_deref(),
             )
         });
-        let files = super::pgconf::files(&self.pg, &self.cfg, &self.dynamic, recovery);
+        let files = super::pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), recovery);
         if let Err(e) = self.pg.write_config(&files) {
             tracing::error!("could not rewrite the PostgreSQL configuration: {e}");
             return;

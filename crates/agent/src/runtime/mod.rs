@@ -17,6 +17,7 @@ pub mod lease;
 mod observe;
 mod operator;
 mod pgconf;
+mod sync;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -83,6 +84,10 @@ pub struct Agent {
     pending_reinit: Option<bool>,
     /// `{guc: {old_value, new_value}}` while a restart is pending.
     pending_restart_reason: Option<serde_json::Value>,
+    /// `synchronous_standby_names` chosen by the sync manager; `None` leaves the user's value.
+    sync_guc: Option<String>,
+    /// Our flush position when `sync_guc` last changed.
+    sync_guc_changed_at: u64,
 }
 
 impl Agent {
@@ -128,6 +133,8 @@ impl Agent {
             scheduled_restart: None,
             pending_reinit: None,
             pending_restart_reason: None,
+            sync_guc: None,
+            sync_guc_changed_at: 0,
         }
     }
 
@@ -154,6 +161,7 @@ impl Agent {
                 .use_pg_rewind
                 .unwrap_or(self.dynamic.use_pg_rewind),
             can_bootstrap: true,
+            synchronous_mode: sync::engine_mode(self.dynamic.synchronous_mode),
         }
     }
 
@@ -479,7 +487,11 @@ impl Agent {
         if let Some(sync) = self.cluster.as_ref().and_then(|c| c.sync.as_ref())
             && sync.value.contains(&self.cfg.name)
         {
-            status.sync_standby = Some(true);
+            if self.dynamic.synchronous_mode == pgvigil_config::SyncMode::Quorum {
+                status.quorum_standby = Some(true);
+            } else {
+                status.sync_standby = Some(true);
+            }
         }
         let timing = self.lease_timing();
         let leader_until = if self.lease.holds_lock() {

@@ -170,9 +170,9 @@ impl Agent {
                 cluster.as_ref(),
                 upstream.as_deref(),
             );
-            super::pgconf::files(&self.pg, &self.cfg, &self.dynamic, Some(recovery))
+            super::pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), Some(recovery))
         } else {
-            super::pgconf::files(&self.pg, &self.cfg, &self.dynamic, None)
+            super::pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), None)
         };
         self.pg
             .write_config(&files)
@@ -301,6 +301,7 @@ impl Agent {
         self.state = PgState::Stopped;
         self.role = Role::Demoted;
         self.status = None;
+        self.sync_guc = None;
         let shutdown_lsn = match self.pg.controldata().await {
             Ok(cd) => cd.checkpoint_lsn,
             Err(e) => return Err(Failed::Recoverable(format!("switchover: pg_controldata: {e}"))),

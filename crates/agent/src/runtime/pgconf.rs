@@ -10,9 +10,19 @@ use pgvigil_postgres::{ConfigFiles, Postgres, RecoveryConf};
 /// The major version pgvigil manages (Debian 12's PostgreSQL).
 pub const PG_MAJOR: u32 = 15;
 
-/// Parameters for `postgresql.conf`, with warnings about values that were replaced.
-pub fn parameters(cfg: &Config, dynamic: &DynamicConfig) -> (BTreeMap<String, String>, Vec<String>) {
-    pgvigil_config::effective_parameters(cfg, dynamic, PG_MAJOR)
+/// Parameters for `postgresql.conf`, with warnings about values that were replaced. While
+/// synchronous replication is managed, `sync_guc` is the `synchronous_standby_names` the leader
+/// chose; otherwise the user's own value stands.
+pub fn parameters(
+    cfg: &Config,
+    dynamic: &DynamicConfig,
+    sync_guc: Option<&str>,
+) -> (BTreeMap<String, String>, Vec<String>) {
+    let (mut parameters, warnings) = pgvigil_config::effective_parameters(cfg, dynamic, PG_MAJOR);
+    if let Some(guc) = sync_guc {
+        parameters.insert("synchronous_standby_names".into(), guc.to_string());
+    }
+    (parameters, warnings)
 }
 
 /// The lines of `pg_hba.conf` when pgvigil manages it: local `postgresql.pg_hba` wins over the
@@ -57,16 +67,15 @@ pub fn recovery(
 
 /// Everything to write before starting or reloading PostgreSQL.
 pub fn files(
-    pg: &Postgres,
     cfg: &Config,
     dynamic: &DynamicConfig,
+    sync_guc: Option<&str>,
     recovery_conf: Option<RecoveryConf>,
 ) -> ConfigFiles {
-    let (parameters, warnings) = parameters(cfg, dynamic);
+    let (parameters, warnings) = parameters(cfg, dynamic, sync_guc);
     for w in warnings {
         tracing::warn!("{w}");
     }
-    let _ = pg;
     ConfigFiles {
         parameters,
         recovery: recovery_conf,
