@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use pgvigil_dcs::{Dcs, Etcd3Dcs, EtcdOptions};
+use pgvigil_dcs::Dcs;
 use pgvigil_testkit::cluster::{ClusterOptions, TestCluster};
 use pgvigil_testkit::load::WriteLoad;
 use pgvigil_testkit::{http, wait_until};
@@ -13,23 +13,6 @@ use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pgvigil");
 const HEALTHY: Duration = Duration::from_secs(180);
-
-fn kill_node(cluster: &mut TestCluster, i: usize) {
-    cluster.signal_agent(i, Signal::SIGKILL).unwrap();
-    cluster.kill_postgres(i).unwrap();
-}
-
-fn wait_new_leader(cluster: &TestCluster, old: usize) -> usize {
-    let r = wait_until("a new writable leader", Duration::from_secs(120), || {
-        let l = cluster.leader().filter(|&l| l != old)?;
-        cluster
-            .psql(l, "SELECT pg_is_in_recovery()")
-            .ok()
-            .filter(|v| v == "f")
-            .map(|_| l)
-    });
-    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()))
-}
 
 /// Waits until every replica replayed exactly what the leader wrote, so positions are equal.
 fn wait_caught_up(cluster: &TestCluster, leader: usize) {
@@ -65,8 +48,8 @@ fn failover_priority_breaks_ties_and_nofailover_never_promotes() {
 
     // Two replicas at the same position: the higher failover_priority wins.
     let expected = (0..3).filter(|&i| i != first).max().unwrap(); // priority = index + 1
-    kill_node(&mut cluster, first);
-    let second = wait_new_leader(&cluster, first);
+    cluster.kill_node(first);
+    let second = cluster.wait_new_leader(first);
     assert_eq!(
         second,
         expected,
@@ -99,12 +82,12 @@ fn failover_priority_breaks_ties_and_nofailover_never_promotes() {
     wait_caught_up(&cluster, second);
 
     // Kill the leader: the nofailover member stands aside, the returned node takes over.
-    kill_node(&mut cluster, second);
-    let third = wait_new_leader(&cluster, second);
+    cluster.kill_node(second);
+    let third = cluster.wait_new_leader(second);
     assert_eq!(third, first, "{}", cluster.diagnostics());
 
     // Only the nofailover member is left: nobody promotes.
-    kill_node(&mut cluster, third);
+    cluster.kill_node(third);
     let deadline = Instant::now() + Duration::from_secs(cluster.options.ttl + 15);
     while Instant::now() < deadline {
         assert_eq!(
@@ -134,8 +117,8 @@ fn asynchronous_failover_reports_lost_rows_within_the_lag_limit() {
         (load.acked_count() > 200).then_some(())
     })
     .unwrap();
-    kill_node(&mut cluster, leader);
-    let new = wait_new_leader(&cluster, leader);
+    cluster.kill_node(leader);
+    let new = cluster.wait_new_leader(leader);
     let before = load.acked_count();
     wait_until("writes resume", Duration::from_secs(60), || {
         (load.acked_count() > before + 20).then_some(())
@@ -154,35 +137,20 @@ fn asynchronous_failover_reports_lost_rows_within_the_lag_limit() {
     assert!(lost.len() < 20_000, "{} rows lost", lost.len());
 }
 
-async fn patch_config(cluster: &TestCluster, patch: Value) {
-    let dcs = Etcd3Dcs::connect(EtcdOptions {
-        endpoints: cluster.etcd.endpoints(),
-        namespace: "/service".into(),
-        scope: cluster.scope.clone(),
-        member_name: "test-operator".into(),
-        retry_timeout: Duration::from_secs(5),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let view = dcs.get_cluster().await.unwrap();
-    let current = view.config.unwrap();
-    let mut value = current.value.clone();
-    for (k, v) in patch.as_object().unwrap() {
-        value[k] = v.clone();
-    }
-    assert!(dcs.set_config(&value, Some(current.mod_revision)).await.unwrap());
-}
-
 #[test]
 fn synchronous_mode_changes_apply_without_restart() {
     let cluster = TestCluster::start(AGENT.as_ref(), ClusterOptions::default()).unwrap();
     let leader = cluster.wait_healthy(HEALTHY).unwrap();
     let pid = cluster.nodes[leader].postmaster_pid().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // Like `patronictl edit-config`: compare-and-set on the config key's revision.
+    let set_mode = |mode: &str| {
+        cluster.with_operator_dcs(async |dcs| {
+            let current = dcs.get_cluster().await.unwrap().config.unwrap();
+            let mut value = current.value.clone();
+            value["synchronous_mode"] = Value::from(mode);
+            assert!(dcs.set_config(&value, Some(current.mod_revision)).await.unwrap());
+        })
+    };
     let roles = |want: &str, n: usize| {
         let r = wait_until(
             &format!("{n} members with role {want}"),
@@ -201,22 +169,13 @@ fn synchronous_mode_changes_apply_without_restart() {
     };
     let ssn = || cluster.psql(leader, "SHOW synchronous_standby_names").unwrap();
 
-    rt.block_on(patch_config(
-        &cluster,
-        serde_json::json!({"synchronous_mode": "on"}),
-    ));
+    set_mode("on");
     roles("sync_standby", 1);
     assert!(!ssn().is_empty());
-    rt.block_on(patch_config(
-        &cluster,
-        serde_json::json!({"synchronous_mode": "quorum"}),
-    ));
+    set_mode("quorum");
     roles("quorum_standby", 2);
     assert!(ssn().starts_with("ANY 1 ("), "{}", ssn());
-    rt.block_on(patch_config(
-        &cluster,
-        serde_json::json!({"synchronous_mode": "off"}),
-    ));
+    set_mode("off");
     roles("replica", 2);
     wait_until(
         "synchronous_standby_names cleared",

@@ -4,37 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use pgvigil_dcs::{Dcs, Etcd3Dcs, EtcdOptions};
 use pgvigil_testkit::cluster::{ClusterOptions, TestCluster};
 use pgvigil_testkit::load::WriteLoad;
 use pgvigil_testkit::wait_until;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pgvigil");
-
-fn request_switchover(cluster: &TestCluster, leader: &str, candidate: Option<&str>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let dcs = Etcd3Dcs::connect(EtcdOptions {
-            endpoints: cluster.etcd.endpoints(),
-            namespace: "/service".into(),
-            scope: cluster.scope.clone(),
-            member_name: "test-operator".into(),
-            retry_timeout: Duration::from_secs(5),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let value = pgvigil_api::FailoverValue {
-            leader: Some(leader.to_string()),
-            member: candidate.map(str::to_string),
-            scheduled_at: None,
-        };
-        dcs.set_failover(&value, None).await.unwrap();
-    });
-}
 
 #[test]
 fn switchover_hands_over_without_rewind_or_lost_writes() {
@@ -53,11 +27,7 @@ fn switchover_hands_over_without_rewind_or_lost_writes() {
     .unwrap();
 
     let asked_at = Instant::now();
-    request_switchover(
-        &cluster,
-        &cluster.nodes[old].name,
-        Some(&cluster.nodes[candidate].name),
-    );
+    cluster.request_switchover(&cluster.nodes[old].name, Some(&cluster.nodes[candidate].name));
     let r = wait_until("the candidate to lead", Duration::from_secs(60), || {
         (cluster.leader() == Some(candidate)
             && cluster.psql(candidate, "SELECT pg_is_in_recovery()").ok()? == "f")
@@ -99,7 +69,7 @@ fn switchover_to_any_member_and_request_for_wrong_leader_is_ignored() {
     let old = cluster.wait_healthy(Duration::from_secs(180)).unwrap();
     // Naming a non-leader as the leader to demote: cleared, nothing happens.
     let other = (0..3).find(|&i| i != old).unwrap();
-    request_switchover(&cluster, &cluster.nodes[other].name, None);
+    cluster.request_switchover(&cluster.nodes[other].name, None);
     let cleared = wait_until("the bogus request to be cleared", Duration::from_secs(30), || {
         let log = std::fs::read_to_string(&cluster.nodes[old].log).ok()?;
         log.contains("clearing the request").then_some(())
@@ -107,7 +77,7 @@ fn switchover_to_any_member_and_request_for_wrong_leader_is_ignored() {
     cleared.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
     assert_eq!(cluster.leader(), Some(old));
     // Without a candidate, some healthy replica takes over.
-    request_switchover(&cluster, &cluster.nodes[old].name, None);
+    cluster.request_switchover(&cluster.nodes[old].name, None);
     let r = wait_until("another member to lead", Duration::from_secs(60), || {
         cluster.leader().filter(|&l| l != old)
     });

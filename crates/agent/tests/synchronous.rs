@@ -43,23 +43,6 @@ fn wait_sync_standbys(cluster: &TestCluster, n: usize) {
     r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
 }
 
-fn wait_new_leader(cluster: &TestCluster, old: usize) -> usize {
-    let r = wait_until("a new writable leader", Duration::from_secs(120), || {
-        let l = cluster.leader().filter(|&l| l != old)?;
-        cluster
-            .psql(l, "SELECT pg_is_in_recovery()")
-            .ok()
-            .filter(|v| v == "f")
-            .map(|_| l)
-    });
-    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()))
-}
-
-fn kill_node(cluster: &mut TestCluster, i: usize) {
-    cluster.signal_agent(i, Signal::SIGKILL).unwrap();
-    cluster.kill_postgres(i).unwrap();
-}
-
 /// Kills the leader three times under a write load, the second time right after the first
 /// failover (before the killed node is back), and counts acknowledged writes missing on the
 /// new leader each time: there must be none.
@@ -74,9 +57,9 @@ fn no_acknowledged_write_lost(mode: &str, sync_count: usize) {
     .unwrap();
 
     // First kill, then a second one during the aftermath (one node still down).
-    kill_node(&mut cluster, leader);
+    cluster.kill_node(leader);
     let first_dead = leader;
-    leader = wait_new_leader(&cluster, first_dead);
+    leader = cluster.wait_new_leader(first_dead);
     let acked_now = load.acked_count();
     wait_until("writes resume", Duration::from_secs(60), || {
         (load.acked_count() > acked_now + 20).then_some(())
@@ -87,8 +70,8 @@ fn no_acknowledged_write_lost(mode: &str, sync_count: usize) {
     // only on the leader, and the rules keep the cluster unavailable rather than lose them).
     wait_sync_standbys(&cluster, 1);
     let second_dead = leader;
-    kill_node(&mut cluster, second_dead);
-    leader = wait_new_leader(&cluster, second_dead);
+    cluster.kill_node(second_dead);
+    leader = cluster.wait_new_leader(second_dead);
     let acked_now = load.acked_count();
     wait_until("writes resume", Duration::from_secs(60), || {
         (load.acked_count() > acked_now + 20).then_some(())
@@ -115,8 +98,8 @@ fn no_acknowledged_write_lost(mode: &str, sync_count: usize) {
         (load.acked_count() > 50).then_some(())
     })
     .unwrap();
-    kill_node(&mut cluster, leader);
-    let new = wait_new_leader(&cluster, leader);
+    cluster.kill_node(leader);
+    let new = cluster.wait_new_leader(leader);
     let acked_now = load.acked_count();
     wait_until("writes resume", Duration::from_secs(60), || {
         (load.acked_count() > acked_now + 20).then_some(())

@@ -16,6 +16,7 @@ pub mod cluster;
 mod etcd;
 pub mod http;
 pub mod load;
+pub mod scenario;
 mod process;
 
 use std::collections::HashSet;
