@@ -35,6 +35,10 @@ pub use inputs::{
 pub use race::{RaceVerdict, race_verdict};
 
 #[cfg(test)]
+mod failover_tests;
+#[cfg(test)]
+mod following_tests;
+#[cfg(test)]
 mod sync_tests;
 #[cfg(test)]
 mod tests;

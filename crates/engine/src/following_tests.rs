@@ -1,0 +1,283 @@
+//! Following the leader: re-pointing replicas, rejoining a former primary with or without
+//! pg_rewind, waiting for the published history, pause, and the divergence rules themselves.
+
+use pgvigil_api::ClusterView;
+use pgvigil_api::cluster::Versioned;
+use serde_json::json;
+
+use crate::tests::{cluster, config, decide_with, history, running, stopped};
+use crate::*;
+
+#[test]
+fn primary_that_lost_the_lock_demotes() {
+    let d = decide_with(
+        &config("a"),
+        Some(&cluster(Some("bb"))),
+        &running(false, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::Demote(DemoteMode::ImmediateNoLock)]);
+}
+
+#[test]
+fn replica_repoints_to_a_new_leader() {
+    let view = cluster(Some("bb"));
+    let old = Some(("127.0.0.1", 5433)); // a's port
+    let d = decide_with(
+        &config("ccc"),
+        Some(&view),
+        &running(true, 1, 1000, old),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Follow {
+            upstream: Some("bb".into())
+        }]
+    );
+    let current = Some(("127.0.0.1", 5434)); // bb's port
+    let d = decide_with(
+        &config("ccc"),
+        Some(&view),
+        &running(true, 1, 1000, current),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn replicatefrom_member_is_the_upstream_when_running() {
+    let view = cluster(Some("a"));
+    let mut cfg = config("ccc");
+    cfg.tags.insert("replicatefrom".into(), json!("bb"));
+    let d = decide_with(
+        &cfg,
+        Some(&view),
+        &running(true, 1, 1000, Some(("127.0.0.1", 5433))),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Follow {
+            upstream: Some("bb".into())
+        }]
+    );
+}
+
+/// Leader `bb` promoted at LSN 950: timeline 2, history [[1, 950]].
+fn after_failover() -> ClusterView {
+    let mut view = cluster(Some("bb"));
+    view.members[1].data.timeline = Some(2);
+    view.history = Some(Versioned {
+        value: vec![history(1, 950)],
+        mod_revision: 6,
+    });
+    view
+}
+
+#[test]
+fn former_primary_clean_shutdown_follows_without_rewind() {
+    let view = after_failover();
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &stopped(ControlState::ShutDown),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Start(StartAs::Replica {
+            upstream: Some("bb".into())
+        })]
+    );
+}
+
+#[test]
+fn crashed_former_primary_is_rewound_or_recloned() {
+    let view = after_failover();
+    let pg = stopped(ControlState::InProduction);
+    let d = decide_with(&config("a"), Some(&view), &pg, &Memory::default());
+    assert_eq!(d.actions, vec![Action::Rewind { source: "bb".into() }]);
+    let memory = Memory {
+        rewind_failed: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_with(&config("a"), Some(&view), &pg, &memory).actions,
+        vec![Action::Reinitialize { source: "bb".into() }]
+    );
+    let mut cfg = config("a");
+    cfg.use_pg_rewind = false;
+    assert_eq!(
+        decide_with(&cfg, Some(&view), &pg, &Memory::default()).actions,
+        vec![Action::Reinitialize { source: "bb".into() }]
+    );
+}
+
+#[test]
+fn rewind_waits_for_the_post_promotion_checkpoint() {
+    let mut view = after_failover();
+    view.members[1].data.checkpoint_after_promote = Some(false);
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &stopped(ControlState::InProduction),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+    assert!(d.message.contains("Waiting for checkpoint"));
+}
+
+#[test]
+fn running_replica_past_the_switch_point_is_rewound() {
+    let view = after_failover();
+    let d = decide_with(
+        &config("ccc"),
+        Some(&view),
+        &running(true, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert_eq!(d.actions, vec![Action::Rewind { source: "bb".into() }]);
+    // At or before the switch point it simply follows.
+    let d = decide_with(
+        &config("ccc"),
+        Some(&view),
+        &running(true, 1, 950, None),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Follow {
+            upstream: Some("bb".into())
+        }]
+    );
+}
+
+#[test]
+fn unknown_history_means_wait() {
+    let mut view = after_failover();
+    view.history = Some(Versioned {
+        value: vec![],
+        mod_revision: 6,
+    });
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &stopped(ControlState::InProduction),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn stopped_replica_in_unlocked_cluster_starts_read_only() {
+    let d = decide_with(
+        &config("a"),
+        Some(&cluster(None)),
+        &stopped(ControlState::ShutDownInRecovery),
+        &Memory::default(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::Start(StartAs::Replica { upstream: None })]
+    );
+}
+
+#[test]
+fn pause_leaves_postgres_alone() {
+    let mut view = cluster(None);
+    view.config = Some(Versioned {
+        value: json!({"pause": true}),
+        mod_revision: 2,
+    });
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &stopped(ControlState::ShutDownInRecovery),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+    let d = decide_with(
+        &config("a"),
+        Some(&view),
+        &running(true, 1, 1000, None),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty());
+}
+
+// --- divergence, directly --------------------------------------------------------------------
+
+#[test]
+fn divergence_rules() {
+    let h = [history(1, 950)];
+    let some = Some(&h[..]);
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 2, lsn: 5 }, 2, some),
+        Divergence::NoRewind
+    );
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 3, lsn: 5 }, 2, some),
+        Divergence::RewindNeeded
+    );
+    assert_eq!(
+        divergence(
+            LocalEnd::Replica {
+                timeline: 1,
+                lsn: 951
+            },
+            2,
+            some
+        ),
+        Divergence::RewindNeeded
+    );
+    assert_eq!(
+        divergence(
+            LocalEnd::Replica {
+                timeline: 1,
+                lsn: 950
+            },
+            2,
+            some
+        ),
+        Divergence::NoRewind
+    );
+    assert_eq!(
+        divergence(
+            LocalEnd::CleanPrimary {
+                timeline: 1,
+                checkpoint_lsn: 900
+            },
+            2,
+            some
+        ),
+        Divergence::NoRewind
+    );
+    assert_eq!(
+        divergence(
+            LocalEnd::CleanPrimary {
+                timeline: 1,
+                checkpoint_lsn: 950
+            },
+            2,
+            some
+        ),
+        Divergence::RewindNeeded
+    );
+    assert_eq!(
+        divergence(LocalEnd::CrashedPrimary { timeline: 1 }, 2, some),
+        Divergence::RewindNeeded
+    );
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 1, lsn: 5 }, 2, None),
+        Divergence::Unknown
+    );
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 1, lsn: 5 }, 3, some),
+        Divergence::Unknown
+    );
+    assert_eq!(
+        divergence(LocalEnd::Replica { timeline: 1, lsn: 5 }, 0, some),
+        Divergence::Unknown
+    );
+}
