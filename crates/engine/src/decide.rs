@@ -78,6 +78,10 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
 }
 
 fn dcs_unreachable(i: &Inputs<'_>) -> Decision {
+    if i.config.paused {
+        // Maintenance mode: the operator, not the agent, decides what PostgreSQL does.
+        return Decision::idle("DCS is not accessible; paused, leaving PostgreSQL alone");
+    }
     match &i.pg.observed {
         // The lease guardian fences a primary before its lease can expire in any case; demoting
         // as soon as the DCS is unreadable only makes that happen earlier.
@@ -363,6 +367,15 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             timeline: own.timeline,
             lsn: own.wal_position,
         };
+        if let Some(decision) = check_divergence(i, cluster, leader, local)
+            && cluster.is_paused()
+            && !decision.actions.is_empty()
+        {
+            return Decision::idle(format!(
+                "paused: not touching PostgreSQL although {}",
+                decision.message
+            ));
+        }
         if let Some(decision) = check_divergence(i, cluster, leader, local) {
             // A replica that is not streaming may simply be between connections; only act when
             // the published history proves it diverged.

@@ -42,6 +42,8 @@ pub struct EngineConfig {
     /// Whether this node has a `bootstrap` section, i.e. may initialize a new cluster.
     pub can_bootstrap: bool,
     pub synchronous_mode: crate::sync::SyncMode,
+    /// Maintenance mode as last read from the DCS; it still holds while the DCS is unreachable.
+    pub paused: bool,
 }
 
 impl EngineConfig {

@@ -39,6 +39,8 @@ mod failover_tests;
 #[cfg(test)]
 mod following_tests;
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod sync_tests;
 #[cfg(test)]
 mod tests;

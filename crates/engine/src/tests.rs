@@ -24,6 +24,7 @@ pub(crate) fn config(name: &str) -> EngineConfig {
         use_pg_rewind: true,
         can_bootstrap: true,
         synchronous_mode: crate::sync::SyncMode::Off,
+        paused: false,
     }
 }
 

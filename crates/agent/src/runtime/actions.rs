@@ -247,6 +247,9 @@ impl Agent {
     }
 
     async fn start_replica(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
+        // From now on we are a replica, even if the start fails: peers racing for the lock
+        // must not see a "primary still alive" in a node that gave the lock up.
+        self.role = Role::Replica;
         let recovery = pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, view, upstream);
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         self.write_pgpass()?;

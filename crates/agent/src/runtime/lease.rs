@@ -73,6 +73,9 @@ pub struct LeaseShared {
     loop_alive_until: Mutex<Instant>,
     /// Set when the guardian fenced PostgreSQL; the loop reads and clears it.
     fenced: AtomicBool,
+    /// Maintenance mode: like Patroni, a paused primary keeps running even without the lock;
+    /// no replica races while paused, so there is nobody to split the brain with.
+    paused: AtomicBool,
     /// Wakes the HA loop after fencing.
     pub wake_loop: Notify,
 }
@@ -84,6 +87,7 @@ impl LeaseShared {
             holds_lock: AtomicBool::new(false),
             loop_alive_until: Mutex::new(now + Duration::from_secs(60)),
             fenced: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             wake_loop: Notify::new(),
         })
     }
@@ -119,6 +123,10 @@ impl LeaseShared {
     /// before `until`.
     pub fn loop_alive_until(&self, until: Instant) {
         self.loop_alive_until.set(until);
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
     }
 
     pub fn take_fenced(&self) -> bool {
@@ -177,7 +185,7 @@ pub async fn guardian(
                 };
         }
         let now = Instant::now();
-        if shared.holds_lock() && !shared.is_valid(&t, now) {
+        if shared.holds_lock() && !shared.paused.load(Ordering::SeqCst) && !shared.is_valid(&t, now) {
             fence(&postgres, &shared);
         }
         let mut wake_at = next_renewal;

@@ -162,6 +162,7 @@ impl Agent {
                 .unwrap_or(self.dynamic.use_pg_rewind),
             can_bootstrap: true,
             synchronous_mode: sync::engine_mode(self.dynamic.synchronous_mode),
+            paused: self.dynamic.pause,
         }
     }
 
@@ -252,6 +253,7 @@ impl Agent {
                 .ok()
                 .map(|d| d.as_secs());
             self.apply_dynamic_config(c).await;
+            self.lease.set_paused(c.is_paused());
         }
         let cluster = match cluster {
             Some(c) => Some(self.confirm_leadership(c).await),
