@@ -46,7 +46,10 @@ pub struct ApiReply {
 
 impl ApiReply {
     pub fn new(status: u16, body: impl Into<String>) -> Self {
-        ApiReply { status, body: body.into() }
+        ApiReply {
+            status,
+            body: body.into(),
+        }
     }
 }
 
@@ -72,11 +75,20 @@ pub enum ApiCommand {
     /// The API changed the DCS on an operator's behalf (config, failover key): run a cycle now.
     Wake,
     /// `POST /restart`, body already validated.
-    Restart { request: RestartRequest, reply: tokio::sync::oneshot::Sender<ApiReply> },
+    Restart {
+        request: RestartRequest,
+        reply: tokio::sync::oneshot::Sender<ApiReply>,
+    },
     /// `DELETE /restart`.
-    CancelScheduledRestart { reply: tokio::sync::oneshot::Sender<ApiReply> },
+    CancelScheduledRestart {
+        reply: tokio::sync::oneshot::Sender<ApiReply>,
+    },
     /// `POST /reinitialize`.
-    Reinitialize { force: bool, from_leader: bool, reply: tokio::sync::oneshot::Sender<ApiReply> },
+    Reinitialize {
+        force: bool,
+        from_leader: bool,
+        reply: tokio::sync::oneshot::Sender<ApiReply>,
+    },
 }
 
 /// Everything the server needs.

@@ -16,8 +16,8 @@ pub mod cluster;
 mod etcd;
 pub mod http;
 pub mod load;
-pub mod scenario;
 mod process;
+pub mod scenario;
 
 use std::collections::HashSet;
 use std::future::Future;
