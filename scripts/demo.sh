@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# A three-node pgvigil cluster on this machine, with etcd and HAProxy, all on 127.0.0.1.
+# A three-node pgvigil cluster on this machine, with etcd and a client router, all on 127.0.0.1.
 #
-#   scripts/demo.sh up       install dependencies, build, start everything, wait until healthy
-#   scripts/demo.sh status   show what is running
-#   scripts/demo.sh down     stop everything that `up` started and remove .demo/
+#   scripts/demo.sh up             install dependencies, build, start everything, wait until healthy
+#   scripts/demo.sh up --haproxy   the same, with HAProxy instead of `pgvigil router` on 5000/5001/7000
+#   scripts/demo.sh status         show what is running
+#   scripts/demo.sh down           stop everything that `up` started and remove .demo/
 #
 # Everything lives in .demo/ at the repository root (git-ignored): the three Patroni-format
 # configurations node1.yml..node3.yml, data directories, logs and PID files. Processes are
 # stopped by the PIDs recorded there, never by name. Runs as root (it installs packages and
 # starts the agents as the postgres user); as another user it re-executes itself with sudo.
 #
+# The router in front of the cluster is `pgvigil router .demo/node1.yml` (node1's own file, with
+# a `router:` section; see crates/router/README.md), run as root; with --haproxy it is HAProxy
+# with the agents' REST health checks (.demo/haproxy.cfg), as for Patroni. Either way:
+#
 # Ports: etcd clients 2379/22379/32379 and peers 2380/22380/32380; REST API 8008-8010;
-# PostgreSQL 5432-5434; HAProxy 5000 (primary), 5001 (replicas), 7000 (stats page).
+# PostgreSQL 5432-5434; router 5000 (primary), 5001 (replicas), 7000 (stats page).
 #
 # Environment: PGVIGIL_DEMO_TIMEOUT (seconds to wait for a healthy cluster, default 120),
 # CARGO_TARGET_DIR (where the release binaries are built, default target/).
@@ -30,11 +35,16 @@ rest_port() { echo $((8007 + $1)); }
 pg_port() { echo $((5431 + $1)); }
 etcd_client_port() { case $1 in 1) echo 2379 ;; 2) echo 22379 ;; 3) echo 32379 ;; esac; }
 etcd_peer_port() { case $1 in 1) echo 2380 ;; 2) echo 22380 ;; 3) echo 32380 ;; esac; }
-HAPROXY_PRIMARY=5000
-HAPROXY_REPLICAS=5001
-HAPROXY_STATS=7000
+# The client router's ports, for `pgvigil router` and HAProxy alike.
+PRIMARY_PORT=5000
+REPLICAS_PORT=5001
+STATS_PORT=7000
+# Which router `up` starts: router (`pgvigil router`, the default) or haproxy (`up --haproxy`).
+PROXY=router
 
 say() { printf 'demo: %s\n' "$*"; }
+proxy_label() { if [[ $PROXY == haproxy ]]; then echo HAProxy; else echo "pgvigil router"; fi; }
+proxy_label_the() { if [[ $PROXY == haproxy ]]; then echo HAProxy; else echo "the pgvigil router"; fi; }
 warn() { printf 'demo: %s\n' "$*" >&2; }
 die() { printf 'demo: ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -162,6 +172,30 @@ print(", ".join("%s %s/%s" % (m.get("name"), m.get("role"), m.get("state")) for 
 sys.exit(0 if len(leaders) == 1 and len(replicas) >= 2 else 1)
 '
 
+# The router's /stats.json: where each port goes, and etcd's status.
+PY_ROUTER_SUMMARY='
+import json, sys
+d = json.load(sys.stdin)
+listen = d.get("listen", {})
+ports = d.get("ports", {})
+def conns(port):
+    p = ports.get(port, {})
+    return "%s active, %s accepted" % (p.get("active", 0), p.get("accepted", 0))
+if d.get("primary"):
+    where = "%s (%s)" % (d["primary"], d.get("primary_address") or "?")
+else:
+    where = "refused: %s" % (d.get("no_primary_reason") or "no primary")
+print("  %-9s %-16s -> %s; %s" % ("primary", listen.get("primary", "?"), where, conns("primary")))
+targets = d.get("read_targets") or []
+if targets:
+    where = ", ".join(targets) + (" (the primary: no replica qualifies)" if d.get("reads_on_primary") else "")
+else:
+    where = "refused: %s" % (d.get("no_replica_reason") or "no replica")
+print("  %-9s %-16s -> %s; %s" % ("replicas", listen.get("replicas", "?"), where, conns("replicas")))
+etcd = d.get("etcd", {})
+print("  etcd: %s%s" % (etcd.get("status", "?"), (" (" + etcd["message"] + ")") if etcd.get("message") else ""))
+'
+
 # cluster_json: /cluster from the first node that answers.
 cluster_json() {
     local n out
@@ -194,7 +228,7 @@ show_logs() {
         echo "---- ${f#"$d"/} (last 5 lines) ----"
         tail -n 5 "$f"
     done
-    for f in "$d"/haproxy.log "$d"/node*/pgvigil.log; do
+    for f in "$d"/router.log "$d"/haproxy.log "$d"/node*/pgvigil.log; do
         [[ -f $f ]] || continue
         echo "---- ${f#"$d"/} (last 40 lines) ----"
         tail -n 40 "$f"
@@ -211,7 +245,7 @@ check_ports() {
         specs+=("$(etcd_client_port "$n"):etcd$n client" "$(etcd_peer_port "$n"):etcd$n peer"
             "$(rest_port "$n"):node$n REST API" "$(pg_port "$n"):node$n PostgreSQL")
     done
-    specs+=("$HAPROXY_PRIMARY:HAProxy primary" "$HAPROXY_REPLICAS:HAProxy replicas" "$HAPROXY_STATS:HAProxy stats")
+    specs+=("$PRIMARY_PORT:$(proxy_label) primary" "$REPLICAS_PORT:$(proxy_label) replicas" "$STATS_PORT:$(proxy_label) stats")
     for spec in "${specs[@]}"; do
         port=${spec%%:*}
         what=${spec#*:}
@@ -310,6 +344,18 @@ postgresql:
   - host all all 127.0.0.1/32 md5
   - host replication replicator 127.0.0.1/32 md5
 EOF
+    if [[ $PROXY == router && $n == 1 ]]; then
+        cat >>"$f" <<EOF
+
+# For \`pgvigil router node1.yml\` (the agent and Patroni ignore this section). The router also
+# reads scope, namespace and etcd3 above, and follows the leader through etcd; see
+# crates/router/README.md in the pgvigil repository.
+router:
+  primary_listen: 127.0.0.1:$PRIMARY_PORT    # read-write: the running primary holding the leader key
+  replicas_listen: 127.0.0.1:$REPLICAS_PORT   # read-only: streaming replicas, round-robin
+  stats_listen: 127.0.0.1:$STATS_PORT      # HTML page /, JSON /stats.json, Prometheus /metrics
+EOF
+    fi
     chown postgres:postgres "$f"
     chmod 0640 "$f"
 }
@@ -333,13 +379,13 @@ defaults
 
 listen stats
     mode http
-    bind 127.0.0.1:$HAPROXY_STATS
+    bind 127.0.0.1:$STATS_PORT
     stats enable
     stats uri /
     stats refresh 5s
 
 listen primary
-    bind 127.0.0.1:$HAPROXY_PRIMARY
+    bind 127.0.0.1:$PRIMARY_PORT
     option httpchk OPTIONS /primary
     http-check expect status 200
     default-server inter 1s fall 2 rise 1 on-marked-down shutdown-sessions
@@ -350,7 +396,7 @@ EOF
         cat <<EOF
 
 listen replicas
-    bind 127.0.0.1:$HAPROXY_REPLICAS
+    bind 127.0.0.1:$REPLICAS_PORT
     balance roundrobin
     option httpchk OPTIONS /replica
     http-check expect status 200
@@ -414,7 +460,29 @@ start_haproxy() {
     spawn "$d/haproxy.pid" "$d/haproxy.log" haproxy -db -f "$d/haproxy.cfg"
     sleep 0.5
     pid_if_ours "$d/haproxy.pid" "$d/haproxy.cfg" >/dev/null || fail "haproxy exited right after starting"
-    say "started haproxy (PID $(read_pid "$d/haproxy.pid")): primary 127.0.0.1:$HAPROXY_PRIMARY, replicas 127.0.0.1:$HAPROXY_REPLICAS, stats http://127.0.0.1:$HAPROXY_STATS/"
+    say "started haproxy (PID $(read_pid "$d/haproxy.pid")): primary 127.0.0.1:$PRIMARY_PORT, replicas 127.0.0.1:$REPLICAS_PORT, stats http://127.0.0.1:$STATS_PORT/"
+}
+
+# proxy_pid DIR router|haproxy: the PID of that router, if it runs.
+proxy_pid() {
+    case $2 in
+        router) pid_if_ours "$1/router.pid" "router $1/node1.yml" ;;
+        haproxy) pid_if_ours "$1/haproxy.pid" "$1/haproxy.cfg" ;;
+        *) return 1 ;;
+    esac
+}
+
+# `pgvigil router node1.yml` as root, with a clean environment (it reads PATRONI_* variables).
+start_router() {
+    local d=$1 deadline
+    spawn "$d/router.pid" "$d/router.log" env -i LANG=C.UTF-8 "$d/bin/pgvigil" router "$d/node1.yml"
+    deadline=$((SECONDS + 15))
+    until curl -fsS --max-time 2 -o /dev/null "http://127.0.0.1:$STATS_PORT/stats.json" 2>/dev/null; do
+        pid_if_ours "$d/router.pid" "router $d/node1.yml" >/dev/null || fail "pgvigil router exited right after starting (see $d/router.log)"
+        ((SECONDS < deadline)) || fail "pgvigil router: no stats page on 127.0.0.1:$STATS_PORT within 15 s (see $d/router.log)"
+        sleep 0.2
+    done
+    say "started pgvigil router (PID $(read_pid "$d/router.pid"), log $d/router.log): primary 127.0.0.1:$PRIMARY_PORT, replicas 127.0.0.1:$REPLICAS_PORT, stats http://127.0.0.1:$STATS_PORT/"
 }
 
 wait_for_cluster() {
@@ -441,17 +509,18 @@ wait_for_cluster() {
     done
 }
 
-# psql through HAProxy: the primary port must reach a primary, the replica port a replica.
-check_haproxy_routes() {
-    local pw=$1 deadline=$((SECONDS + 20)) p r
+# psql through the router: the primary port must reach a primary, the replica port a replica.
+check_routes() {
+    local d=$1 pw=$2 deadline=$((SECONDS + 20)) p r
     while :; do
-        p=$(PGPASSWORD=$pw psql "host=127.0.0.1 port=$HAPROXY_PRIMARY user=postgres dbname=postgres connect_timeout=3" -XAtqc 'select pg_is_in_recovery()' 2>/dev/null || true)
-        r=$(PGPASSWORD=$pw psql "host=127.0.0.1 port=$HAPROXY_REPLICAS user=postgres dbname=postgres connect_timeout=3" -XAtqc 'select pg_is_in_recovery()' 2>/dev/null || true)
+        proxy_pid "$d" "$PROXY" >/dev/null || fail "$(proxy_label) is no longer running (see $d/$PROXY.log)"
+        p=$(PGPASSWORD=$pw psql "host=127.0.0.1 port=$PRIMARY_PORT user=postgres dbname=postgres connect_timeout=3" -XAtqc 'select pg_is_in_recovery()' 2>/dev/null || true)
+        r=$(PGPASSWORD=$pw psql "host=127.0.0.1 port=$REPLICAS_PORT user=postgres dbname=postgres connect_timeout=3" -XAtqc 'select pg_is_in_recovery()' 2>/dev/null || true)
         if [[ $p == f && $r == t ]]; then
-            say "HAProxy routes: $HAPROXY_PRIMARY -> primary, $HAPROXY_REPLICAS -> replica"
+            say "$(proxy_label) routes: $PRIMARY_PORT -> primary, $REPLICAS_PORT -> replica"
             return 0
         fi
-        ((SECONDS < deadline)) || fail "HAProxy does not route as expected within 20 s (port $HAPROXY_PRIMARY in recovery: '${p:-no answer}', port $HAPROXY_REPLICAS in recovery: '${r:-no answer}')"
+        ((SECONDS < deadline)) || fail "$(proxy_label) does not route as expected within 20 s (port $PRIMARY_PORT in recovery: '${p:-no answer}', port $REPLICAS_PORT in recovery: '${r:-no answer}')"
         sleep 1
     done
 }
@@ -501,41 +570,58 @@ cmd_up() {
     umask 077
     printf 'export PGPASSWORD=%s\n# replication user: replicator / %s\n' "$su_pw" "$repl_pw" >"$d/credentials.env"
     umask 022
+    printf '%s\n' "$PROXY" >"$d/proxy" # which router runs, for status
+    local out
     for n in "${NODES[@]}"; do
         write_node_config "$n" "$d" "$bindir" "$su_pw" "$repl_pw"
-        local out
         out=$("${AS_POSTGRES[@]}" "$d/bin/pgvigil" --validate-config "$d/node$n.yml" 2>&1) \
             || { printf '%s\n' "$out" >&2; fail "pgvigil rejects $d/node$n.yml"; }
     done
-    say "wrote $d/node1.yml, node2.yml, node3.yml (Patroni format)"
+    if [[ $PROXY == router ]]; then
+        out=$(env -i LANG=C.UTF-8 "$d/bin/pgvigil" router --validate-config "$d/node1.yml" 2>&1) \
+            || { printf '%s\n' "$out" >&2; fail "pgvigil router rejects $d/node1.yml"; }
+        say "wrote $d/node1.yml (with the router: section), node2.yml, node3.yml (Patroni format)"
+    else
+        say "wrote $d/node1.yml, node2.yml, node3.yml (Patroni format)"
+    fi
 
     start_etcd "$d"
     start_agents "$d"
-    start_haproxy "$d"
+    if [[ $PROXY == router ]]; then start_router "$d"; else start_haproxy "$d"; fi
     wait_for_cluster "$d"
-    check_haproxy_routes "$su_pw"
+    check_routes "$d" "$su_pw"
     trap - INT TERM
     UP_STARTED=0
 
-    local rel_demo=.demo rel_bin
+    local rel_demo=.demo rel_bin via stats
     rel_bin=${RELEASE_DIR#"$ROOT"/}
+    if [[ $PROXY == router ]]; then
+        via="Ports $PRIMARY_PORT and $REPLICAS_PORT go through the pgvigil router ($rel_demo/bin/pgvigil router $rel_demo/node1.yml,
+which follows the leader through etcd; the other way is 'scripts/demo.sh up --haproxy')."
+        stats="Router stats: http://127.0.0.1:$STATS_PORT/  (JSON: /stats.json, Prometheus: /metrics)"
+    else
+        via="Ports $PRIMARY_PORT and $REPLICAS_PORT go through HAProxy ($rel_demo/haproxy.cfg, health checks on the REST API)."
+        stats="HAProxy stats: http://127.0.0.1:$STATS_PORT/"
+    fi
     cat <<EOF
 
 pgvigil demo cluster 'demo' is up:
 $(print_cluster)
 
+$via
+
 Connect (from the repository root; the password is in $rel_demo/credentials.env):
   export PGPASSWORD=$su_pw
-  psql "host=127.0.0.1 port=$HAPROXY_PRIMARY user=postgres"     # read-write, the primary via HAProxy
-  psql "host=127.0.0.1 port=$HAPROXY_REPLICAS user=postgres"     # read-only, replicas round-robin
+  psql "host=127.0.0.1 port=$PRIMARY_PORT user=postgres"     # read-write, the primary via $(proxy_label_the)
+  psql "host=127.0.0.1 port=$REPLICAS_PORT user=postgres"     # read-only, replicas round-robin
   psql "host=127.0.0.1 port=5432 user=postgres"     # node1 directly (node2: 5433, node3: 5434)
 
 Inspect:
   $rel_bin/pgvigilctl -c $rel_demo/node1.yml list
   patronictl -c $rel_demo/node1.yml list
   curl -s 127.0.0.1:8008/cluster       # REST API: node1 8008, node2 8009, node3 8010
-  HAProxy stats: http://127.0.0.1:$HAPROXY_STATS/
-  Logs: $rel_demo/node1/pgvigil.log .. node3, $rel_demo/etcd/etcd1.log .., $rel_demo/haproxy.log
+  $stats
+  Logs: $rel_demo/node1/pgvigil.log .. node3, $rel_demo/etcd/etcd1.log .., $rel_demo/$PROXY.log
   scripts/demo.sh status
 
 Stop and remove everything: scripts/demo.sh down
@@ -550,8 +636,14 @@ cmd_down() {
     local d n pid pids rc=0
     d=$(demo_dir)
 
+    # The router first (either one; both PID files are checked). On SIGTERM `pgvigil router`
+    # closes its listeners and gives open connections router.shutdown_timeout (10 s) to finish.
     pids=()
-    if pid=$(pid_if_ours "$d/haproxy.pid" "$d/haproxy.cfg"); then pids+=("$pid"); fi
+    if pid=$(proxy_pid "$d" router); then pids+=("$pid"); fi
+    stop_pids TERM 20 "pgvigil router" "${pids[@]}" || rc=1
+
+    pids=()
+    if pid=$(proxy_pid "$d" haproxy); then pids+=("$pid"); fi
     stop_pids TERM 10 haproxy "${pids[@]}" || rc=1
 
     pids=()
@@ -616,28 +708,52 @@ cmd_status() {
             printf '  %-22s stopped\n' "postgres node$n"
         fi
     done
-    show haproxy "$d/haproxy.pid" "$d/haproxy.cfg"
+    local proxy
+    proxy=$(cat "$d/proxy" 2>/dev/null || true)
+    if [[ $proxy != router && $proxy != haproxy ]]; then # a .demo from before the router
+        if [[ -e $d/router.pid ]]; then proxy=router; else proxy=haproxy; fi
+    fi
+    if [[ $proxy == router ]]; then
+        show "pgvigil router" "$d/router.pid" "router $d/node1.yml"
+    else
+        show haproxy "$d/haproxy.pid" "$d/haproxy.cfg"
+    fi
     echo
     echo "Cluster (GET /cluster):"
     print_cluster
-    local csv
-    if csv=$(curl -fsS --max-time 2 "http://127.0.0.1:$HAPROXY_STATS/;csv" 2>/dev/null); then
+    local out
+    if [[ $proxy == router ]]; then
         echo
-        echo "HAProxy servers:"
-        awk -F, '($1 == "primary" || $1 == "replicas") && $2 ~ /^node/ { printf "  %-9s %-6s %s\n", $1, $2, $18 }' <<<"$csv"
+        echo "pgvigil router (http://127.0.0.1:$STATS_PORT/, JSON /stats.json):"
+        if out=$(curl -fsS --max-time 2 "http://127.0.0.1:$STATS_PORT/stats.json" 2>/dev/null); then
+            python3 -c "$PY_ROUTER_SUMMARY" <<<"$out" || printf '%s\n' "$out"
+        else
+            echo "  (no answer on 127.0.0.1:$STATS_PORT)"
+        fi
+    elif out=$(curl -fsS --max-time 2 "http://127.0.0.1:$STATS_PORT/;csv" 2>/dev/null); then
+        echo
+        echo "HAProxy servers (http://127.0.0.1:$STATS_PORT/):"
+        awk -F, '($1 == "primary" || $1 == "replicas") && $2 ~ /^node/ { printf "  %-9s %-6s %s\n", $1, $2, $18 }' <<<"$out"
     fi
     return "$down"
 }
 
 usage() {
-    echo "usage: scripts/demo.sh up|down|status" >&2
+    echo "usage: scripts/demo.sh up [--haproxy] | down | status" >&2
     exit 2
 }
 
 main() {
-    (($# == 1)) || usage
+    (($# >= 1)) || usage
     case $1 in
-        up | down | status) ;;
+        up)
+            (($# <= 2)) || usage
+            if (($# == 2)); then
+                [[ $2 == --haproxy ]] || usage
+                PROXY=haproxy
+            fi
+            ;;
+        down | status) (($# == 1)) || usage ;;
         *) usage ;;
     esac
     if [[ $1 != status && $(id -u) -ne 0 ]]; then

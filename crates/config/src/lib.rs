@@ -23,6 +23,7 @@ mod options;
 mod parse;
 mod parse_pg;
 mod postgresql;
+mod router;
 mod tags;
 mod walk;
 mod yaml;
@@ -37,6 +38,7 @@ pub use model::{
     RestApiConfig, STRICT_SYNC_PLACEHOLDER, VerifyClient, WatchdogConfig, WatchdogMode,
 };
 pub use postgresql::{PgAuthentication, PgCredentials, PostgresqlConfig, RoleOverrides, split_host_port};
+pub use router::{RouterConfig, parse_size};
 pub use tags::Tags;
 
 /// A documented sample configuration (YAML) that loads without warnings.

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 use crate::postgresql::PostgresqlConfig;
+use crate::router::RouterConfig;
 use crate::tags::Tags;
 
 /// The member name Patroni reserves for "no synchronous standby available" in strict mode.
@@ -40,6 +41,8 @@ pub struct Config {
     pub watchdog: WatchdogConfig,
     /// `thread_pool_size` (default 5, at least 5): parallelism for REST calls to other members.
     pub thread_pool_size: u64,
+    /// `router`: settings of `pgvigil router` (ignored by the agent), see [`RouterConfig`].
+    pub router: RouterConfig,
     /// The merged local configuration (file + environment) as JSON, e.g. to detect changes on
     /// reload. Contains passwords: never log it.
     pub raw: Value,
@@ -60,6 +63,7 @@ impl Default for Config {
             log: LogConfig::default(),
             watchdog: WatchdogConfig::default(),
             thread_pool_size: 5,
+            router: RouterConfig::default(),
             raw: Value::Object(Map::new()),
         }
     }

@@ -13,6 +13,7 @@ use crate::model::{
 use crate::options::{INITDB_FORBIDDEN, parse_endpoint, render_options};
 use crate::parse_pg::{parse_method, parse_postgresql};
 use crate::postgresql::split_host_port;
+use crate::router::parse_router;
 use crate::tags::Tags;
 use crate::walk::{Ctx, Obj, as_i64, as_string, describe};
 
@@ -46,6 +47,7 @@ pub(crate) fn parse_config(
     let tags = parse_tags(top.section(ctx, "tags")?, ctx)?;
     let log = parse_log(top.section(ctx, "log")?, ctx)?;
     let watchdog = parse_watchdog(top.section(ctx, "watchdog")?, ctx)?;
+    let router = parse_router(top.section(ctx, "router")?, ctx)?;
     if top.raw("citus").is_some() {
         ctx.warn("citus", "Citus clusters are not supported by pgvigil; ignored");
     }
@@ -71,6 +73,7 @@ pub(crate) fn parse_config(
         log,
         watchdog,
         thread_pool_size,
+        router,
         raw: Value::Object(root.clone()),
     })
 }

@@ -1,0 +1,65 @@
+//! Benchmarks of pgvigil on a real cluster on this machine. See `bench/README.md`; the
+//! binaries are in `src/bin/`.
+
+/// Median and spread of a sample.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub p95: f64,
+    pub n: usize,
+}
+
+/// Summarizes `values` (nearest-rank percentiles); `None` when empty.
+pub fn summarize(values: &[f64]) -> Option<Summary> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if !n.is_multiple_of(2) {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    let rank = ((0.95 * n as f64).ceil() as usize).clamp(1, n);
+    Some(Summary {
+        median,
+        min: v[0],
+        max: v[n - 1],
+        p95: v[rank - 1],
+        n,
+    })
+}
+
+/// `tps = 1234.5 (without initial connection time)` from pgbench's output.
+pub fn parse_pgbench_tps(output: &str) -> Option<f64> {
+    output
+        .lines()
+        .find(|l| l.starts_with("tps = ") && l.contains("without initial connection time"))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries() {
+        let s = summarize(&[5.0, 1.0, 3.0, 2.0, 4.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.p95, s.n), (3.0, 1.0, 5.0, 5.0, 5));
+        let s = summarize(&(1..=200).map(f64::from).collect::<Vec<_>>()).unwrap();
+        assert_eq!((s.median, s.p95), (100.5, 190.0));
+        assert_eq!(summarize(&[]), None);
+    }
+
+    #[test]
+    fn pgbench_output() {
+        let out = "latency average = 0.2 ms\ninitial connection time = 3.1 ms\ntps = 18123.456789 (without initial connection time)\n";
+        assert_eq!(parse_pgbench_tps(out), Some(18123.456789));
+        assert_eq!(parse_pgbench_tps("nothing"), None);
+    }
+}
