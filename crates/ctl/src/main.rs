@@ -1,5 +1,7 @@
 //! `pgvigilctl`: patronictl's commands for pgvigil and Patroni clusters.
 
+mod commands;
+mod haproxy;
 mod list;
 mod table;
 mod yaml;
@@ -56,8 +58,34 @@ enum Command {
     },
     /// Show the dynamic configuration stored in etcd.
     ShowConfig { cluster: Option<String> },
-    /// Print pgvigilctl's version.
-    Version,
+    /// Print pgvigilctl's version, and the members' Patroni/PostgreSQL versions of CLUSTER.
+    Version(commands::misc::VersionArgs),
+    /// Switchover to a replica.
+    Switchover(commands::switchover::SwitchoverArgs),
+    /// Failover to a replica.
+    Failover(commands::switchover::FailoverArgs),
+    /// Restart cluster members.
+    Restart(commands::members::RestartArgs),
+    /// Reload cluster members' configuration.
+    Reload(commands::members::ReloadArgs),
+    /// Reinitialize cluster members (replicas).
+    Reinit(commands::members::ReinitArgs),
+    /// Disable automatic failover (maintenance mode).
+    Pause(commands::pause::PauseArgs),
+    /// Resume automatic failover.
+    Resume(commands::pause::PauseArgs),
+    /// Edit the cluster configuration.
+    EditConfig(commands::edit_config::EditConfigArgs),
+    /// Discard scheduled events: flush CLUSTER [MEMBER...] restart|switchover.
+    Flush(commands::members::FlushArgs),
+    /// Print a connection string for a member (default: the leader).
+    Dsn(commands::misc::DsnArgs),
+    /// Remove the cluster from the DCS.
+    Remove(commands::misc::RemoveArgs),
+    /// Restart every member, replicas first, then switch over and restart the former leader.
+    RollingRestart(commands::rolling::RollingRestartArgs),
+    /// Print a haproxy.cfg for the cluster: 5000 to the primary, 5001 to the replicas.
+    HaproxyConfig(haproxy::HaproxyArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,10 +193,29 @@ fn scopes(t: &Target, given: &[String]) -> anyhow::Result<Vec<String>> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Version => {
-            println!("pgvigilctl version {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+        Command::Version(args) => {
+            let ctx = match args.cluster {
+                Some(_) => Some(commands::Ctx::load(&cli)?),
+                None => None,
+            };
+            commands::misc::version(ctx.as_ref(), args).await
         }
+        Command::Switchover(_)
+        | Command::Failover(_)
+        | Command::Restart(_)
+        | Command::Reload(_)
+        | Command::Reinit(_)
+        | Command::Pause(_)
+        | Command::Resume(_)
+        | Command::EditConfig(_)
+        | Command::Flush(_)
+        | Command::Dsn(_)
+        | Command::Remove(_)
+        | Command::RollingRestart(_) => {
+            let ctx = commands::Ctx::load(&cli)?;
+            commands::run(&ctx, &cli.command).await
+        }
+        Command::HaproxyConfig(args) => haproxy::run(&cli, args).await,
         Command::List(args) | Command::Topology(args) => {
             let t = target(&cli)?;
             let format = if matches!(cli.command, Command::Topology(_)) {

@@ -4,25 +4,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use pgvigil_api::cluster::RawKv;
 use pgvigil_api::rest::{StatusDocument, XlogInfo};
 use pgvigil_api::{ClusterView, Keys};
 use pgvigil_rest::access::base64;
-use pgvigil_rest::{AccessControl, ApiCommand, ClusterSource, NodeSnapshot, PeerClient, RestContext, serve};
+use pgvigil_rest::{AccessControl, ApiCommand, NodeSnapshot, PeerClient, RestContext, serve};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-
-struct FakeSource(Result<ClusterView, String>);
-
-#[async_trait::async_trait]
-impl ClusterSource for FakeSource {
-    async fn read_cluster(&self) -> Result<ClusterView, String> {
-        self.0.clone()
-    }
-}
 
 fn cluster_view() -> ClusterView {
     let keys = Keys::new("/service", "batman");
@@ -87,7 +80,11 @@ async fn start(source: Result<ClusterView, String>, allowlist: Vec<String>) -> S
     let (commands_tx, commands) = mpsc::channel(4);
     let ctx = RestContext {
         snapshot: snapshot_rx,
-        cluster: Arc::new(FakeSource(source)),
+        dcs: Arc::new(match source {
+            Ok(view) => support::FakeDcs::new(view),
+            Err(e) => support::FakeDcs::failing(&e),
+        }),
+        peers: PeerClient::new(None),
         commands: commands_tx,
         access: AccessControl {
             authentication: Some(("admin".into(), "secret".into())),
@@ -95,6 +92,8 @@ async fn start(source: Result<ClusterView, String>, allowlist: Vec<String>) -> S
             allowlist_include_members: false,
         },
         extra_headers: vec![("X-Frame-Options".into(), "SAMEORIGIN".into())],
+        failsafe: Default::default(),
+        status_probe: None,
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(listener, ctx, shutdown.clone()));
@@ -254,7 +253,8 @@ async fn read_endpoints() {
     assert!(body.contains("patroni_xlog_location{scope=\"batman\",name=\"pg1\"} 100\n"));
 
     assert_eq!(call(Method::GET, &format!("{b}/failsafe")).await.0, 502);
-    assert_eq!(call(Method::PUT, &format!("{b}/config")).await.0, 501);
+    assert_eq!(call(Method::PUT, &format!("{b}/nonsense")).await.0, 501);
+    assert_eq!(call(Method::PUT, &format!("{b}/config")).await.0, 401);
     server.stop().await;
 }
 

@@ -33,6 +33,9 @@ pub struct ClusterOptions {
     pub extra_dcs: String,
     /// Extra YAML per node appended at the top level (e.g. `tags:` blocks), by node index.
     pub extra_node_yaml: Vec<String>,
+    /// `restapi.authentication` (username, password) on every node. `pgvigilctl -c` and
+    /// `patronictl -c` given a node's configuration use it too.
+    pub restapi_auth: Option<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -44,6 +47,7 @@ impl Default for ClusterOptions {
             retry_timeout: 5,
             extra_dcs: String::new(),
             extra_node_yaml: Vec::new(),
+            restapi_auth: None,
         }
     }
 }
@@ -168,6 +172,12 @@ impl TestCluster {
         let o = &self.options;
         let hosts = self.etcd.endpoints().join(",");
         let extra = o.extra_node_yaml.get(i).cloned().unwrap_or_default();
+        let auth = match &o.restapi_auth {
+            Some((user, password)) => {
+                format!("  authentication:\n    username: '{user}'\n    password: '{password}'\n")
+            }
+            None => String::new(),
+        };
         format!(
             r#"scope: {scope}
 namespace: /service
@@ -175,7 +185,7 @@ name: {name}
 restapi:
   listen: 127.0.0.1:{api}
   connect_address: 127.0.0.1:{api}
-etcd3:
+{auth}etcd3:
   hosts: {hosts}
 bootstrap:
   dcs:

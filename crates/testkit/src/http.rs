@@ -26,12 +26,22 @@ pub fn request(
     body: Option<&str>,
     auth: Option<(&str, &str)>,
 ) -> anyhow::Result<Response> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    request_to(SocketAddr::from(([127, 0, 0, 1], port)), method, path, body, auth)
+}
+
+/// [`request`] to any address (e.g. a host of a [`crate::netns::NetLab`]).
+pub fn request_to(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    auth: Option<(&str, &str)>,
+) -> anyhow::Result<Response> {
     let timeout = Duration::from_secs(5);
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n");
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
     if let Some((user, password)) = auth {
         head.push_str(&format!(
             "Authorization: Basic {}\r\n",
@@ -66,6 +76,11 @@ pub fn request(
 
 pub fn get(port: u16, path: &str) -> anyhow::Result<Response> {
     request(port, "GET", path, None, None)
+}
+
+/// `GET path` from `addr`.
+pub fn get_from(addr: SocketAddr, path: &str) -> anyhow::Result<Response> {
+    request_to(addr, "GET", path, None, None)
 }
 
 fn base64(input: &str) -> String {
