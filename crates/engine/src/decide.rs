@@ -83,6 +83,9 @@ fn dcs_unreachable(i: &Inputs<'_>) -> Decision {
         return Decision::idle("DCS is not accessible; paused, leaving PostgreSQL alone");
     }
     match &i.pg.observed {
+        Some(own) if !own.in_recovery && i.memory.failsafe_confirmed => Decision::idle(
+            "continue to run as a leader because failsafe mode is enabled and all members are accessible",
+        ),
         // The lease guardian fences a primary before its lease can expire in any case; demoting
         // as soon as the DCS is unreadable only makes that happen earlier.
         Some(own) if !own.in_recovery => Decision::new(

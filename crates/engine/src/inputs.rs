@@ -44,6 +44,8 @@ pub struct EngineConfig {
     pub synchronous_mode: crate::sync::SyncMode,
     /// Maintenance mode as last read from the DCS; it still holds while the DCS is unreachable.
     pub paused: bool,
+    /// `failsafe_mode` (§4.10): only members of a non-empty `failsafe` key may race.
+    pub failsafe_mode: bool,
 }
 
 impl EngineConfig {
@@ -144,6 +146,9 @@ pub struct Memory {
     pub start_failed: bool,
     /// A rewind against the current leader failed; the next step is a re-clone.
     pub rewind_failed: bool,
+    /// Failsafe mode (§4.10): the DCS is unreachable, and every member of the last `failsafe`
+    /// key accepted this primary's `POST /failsafe` in this cycle, so it may go on.
+    pub failsafe_confirmed: bool,
 }
 
 /// One peer's answer during the leader race.

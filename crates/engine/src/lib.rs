@@ -37,6 +37,8 @@ pub use race::{RaceVerdict, race_verdict};
 #[cfg(test)]
 mod failover_tests;
 #[cfg(test)]
+mod failsafe_tests;
+#[cfg(test)]
 mod following_tests;
 #[cfg(test)]
 mod properties;

@@ -108,6 +108,7 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
         can_bootstrap: true,
         synchronous_mode: [SyncMode::Off, SyncMode::On, SyncMode::Quorum][s.mode as usize],
         paused: s.paused,
+        failsafe_mode: false,
     };
     let members = NAMES
         .iter()

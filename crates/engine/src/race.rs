@@ -67,6 +67,13 @@ pub fn race_verdict(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Ra
             own.timeline
         ));
     }
+    // Failsafe mode: a member the last leader did not list never knew to answer its posts.
+    if cfg.failsafe_mode
+        && let Some(failsafe) = cluster.failsafe.as_ref().filter(|m| !m.is_empty())
+        && !failsafe.contains_key(&cfg.name)
+    {
+        return RaceVerdict::NotHealthiest("I am not a member of the failsafe key".into());
+    }
     // Synchronous modes: in classic mode only a member PostgreSQL waited for may take over.
     let sync = cluster
         .sync

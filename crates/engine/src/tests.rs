@@ -25,6 +25,7 @@ pub(crate) fn config(name: &str) -> EngineConfig {
         can_bootstrap: true,
         synchronous_mode: crate::sync::SyncMode::Off,
         paused: false,
+        failsafe_mode: false,
     }
 }
 

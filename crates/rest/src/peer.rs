@@ -53,6 +53,35 @@ impl PeerClient {
         parse_status(&body)
     }
 
+    /// `POST <base of api_url>/failsafe` with `body`, no retry: `Some((status, lsn header))` for
+    /// any HTTP answer, `None` when nothing answered within `timeout`.
+    pub async fn post_failsafe(
+        &self,
+        api_url: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Option<(u16, Option<u64>)> {
+        let url = format!("{}/failsafe", base_url(api_url));
+        let mut request = self.http.post(&url).timeout(timeout).json(body);
+        if let Some((user, password)) = &self.auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        match request.send().await {
+            Ok(response) => {
+                let lsn = response
+                    .headers()
+                    .get("lsn")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse().ok());
+                Some((response.status().as_u16(), lsn))
+            }
+            Err(e) => {
+                tracing::debug!("request to {url} failed: {e}");
+                None
+            }
+        }
+    }
+
     /// `GET <base of api_url>/liveness`: `Some(code)` for any HTTP answer (even 503), `None` when
     /// nothing answers.
     pub async fn liveness(&self, api_url: &str, timeout: Duration) -> Option<u16> {

@@ -12,10 +12,14 @@
 //! `#[test]` functions as well as from `#[tokio::test]` ones (call the blocking helpers such as
 //! [`EtcdCluster::start`] from a multi-threaded runtime, or before entering the runtime).
 
+pub mod checker;
 pub mod cluster;
 mod etcd;
 pub mod http;
 pub mod load;
+pub mod netcluster;
+pub mod netns;
+pub mod watchdog;
 mod process;
 pub mod scenario;
 

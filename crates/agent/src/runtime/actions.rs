@@ -286,6 +286,13 @@ impl Agent {
                 "not promoting: the lease is not provably ours".into(),
             ));
         }
+        if !self.arm_watchdog() {
+            let _ = self.release_lock().await;
+            return Err(Failed::Recoverable(
+                "not promoting self because watchdog could not be activated".into(),
+            ));
+        }
+        self.failsafe.clear();
         // The first commits of the new primary must already wait for the standbys the old one
         // trusted (strict and quorum modes), so the GUC changes before the promotion.
         let mode = super::sync::engine_mode(self.dynamic.synchronous_mode);
@@ -392,6 +399,12 @@ impl Agent {
 
     async fn acquire_lock(&mut self, view: Option<&ClusterView>) -> Outcome {
         let timing = self.lease_timing();
+        // Failsafe mode: no race while a leader that posted to us within ttl may still run.
+        let failsafe = self.failsafe.clone();
+        let Some(_race) = failsafe.begin_race(timing.ttl, Instant::now()) else {
+            tracing::info!("not racing: a leader confirmed itself over failsafe within ttl");
+            return Ok(false);
+        };
         if !super::lease::refresh(self.dcs.as_ref(), &self.lease, &timing).await {
             return Err(Failed::Recoverable(
                 "no etcd lease: not racing for the lock".into(),
@@ -442,6 +455,9 @@ impl Agent {
     /// The leader's per-cycle duties: publish its position, the timeline history, and keep a
     /// replication slot for every other member.
     async fn leader_housekeeping(&mut self, view: Option<&ClusterView>) -> Outcome {
+        if !view.is_some_and(ClusterView::is_paused) && !self.arm_watchdog() {
+            return self.demote_without_watchdog().await;
+        }
         self.memory.primary_restart_since = None;
         self.memory.start_failed = false;
         let Some(st) = self.status.clone() else {
@@ -521,6 +537,7 @@ impl Agent {
         let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
         if paused {
             tracing::info!("paused: leaving PostgreSQL running and keeping the leader key");
+            self.watchdog.disable();
             return super::Exit::Shutdown;
         }
         let was_leader = self.lease.holds_lock();
@@ -553,6 +570,8 @@ impl Agent {
                 Err(Failed::Recoverable(e) | Failed::Fatal(e)) => tracing::error!("{e}"),
             }
         }
+        // PostgreSQL is stopped: nothing left for a machine reset to protect.
+        self.watchdog.disable();
         self.publish_member().await;
         super::Exit::Shutdown
     }

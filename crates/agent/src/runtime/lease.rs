@@ -15,10 +15,17 @@
 //! until the next renewal or the fencing deadline, whichever comes first. It renews only while the
 //! HA loop reports progress ([`LeaseShared::loop_alive_until`]), so a stuck loop cannot keep a
 //! leader in place forever: the lease runs out and the same deadline fences it. A frozen process
-//! (SIGSTOP) cannot fence itself; that is what a hardware watchdog is for.
+//! (SIGSTOP) cannot fence itself; that is what a hardware watchdog is for: the guardian feeds it
+//! after every successful renewal ([`super::watchdog`]).
+//!
+//! In failsafe mode (§4.10) a round of `POST /failsafe` that every member accepted, sent at `t`,
+//! counts like a renewal sent at `t`: those members promised not to race for `T` seconds from
+//! receipt, and no other member may race ([`super::failsafe`]). The guardian runs such a round
+//! itself when a renewal fails, so the deadline moves on even while the HA loop is still
+//! waiting for etcd.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use pgvigil_dcs::Dcs;
@@ -76,6 +83,13 @@ pub struct LeaseShared {
     /// Maintenance mode: like Patroni, a paused primary keeps running even without the lock;
     /// no replica races while paused, so there is nobody to split the brain with.
     paused: AtomicBool,
+    /// Send time of the last failsafe round every member accepted.
+    failsafe_confirmed: Mutex<Option<Instant>>,
+    /// The most recent failsafe round failed (the deadline above still stands: the members'
+    /// promises outlive it, but the HA loop should demote now).
+    failsafe_failed: AtomicBool,
+    watchdog: OnceLock<Arc<super::watchdog::Watchdog>>,
+    failsafe: OnceLock<Arc<super::failsafe::FailsafeProber>>,
     /// Wakes the HA loop after fencing.
     pub wake_loop: Notify,
 }
@@ -88,6 +102,10 @@ impl LeaseShared {
             loop_alive_until: Mutex::new(now + Duration::from_secs(60)),
             fenced: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            failsafe_confirmed: Mutex::new(None),
+            failsafe_failed: AtomicBool::new(false),
+            watchdog: OnceLock::new(),
+            failsafe: OnceLock::new(),
             wake_loop: Notify::new(),
         })
     }
@@ -99,11 +117,46 @@ impl LeaseShared {
         }
     }
 
-    /// The moment after which this node must not act as primary: `s + T - M`.
+    /// The moment after which this node must not act as primary: `s + T - M`, where `s` is the
+    /// send time of the last renewal or of the last accepted failsafe round.
     pub fn valid_until(&self, timing: &LeaseTiming) -> Option<Instant> {
-        self.last_renewal
-            .get()
-            .map(|s| s + timing.ttl.saturating_sub(timing.margin()))
+        let s = match (self.last_renewal.get(), self.failsafe_confirmed.get()) {
+            (Some(r), Some(f)) => Some(r.max(f)),
+            (r, f) => r.or(f),
+        };
+        s.map(|s| s + timing.ttl.saturating_sub(timing.margin()))
+    }
+
+    /// The outcome of a failsafe round sent at `sent_at`: `accepted` when every member said
+    /// 200.
+    pub fn record_failsafe(&self, sent_at: Instant, accepted: bool) {
+        self.failsafe_failed.store(!accepted, Ordering::SeqCst);
+        if accepted && self.failsafe_confirmed.get().is_none_or(|old| sent_at > old) {
+            self.failsafe_confirmed.set(Some(sent_at));
+        }
+    }
+
+    /// Whether the latest failsafe round succeeded and still keeps this node leader at `now`.
+    pub fn failsafe_confirmed(&self, timing: &LeaseTiming, now: Instant) -> bool {
+        !self.failsafe_failed.load(Ordering::SeqCst)
+            && self
+                .failsafe_confirmed
+                .get()
+                .is_some_and(|f| now < f + timing.ttl.saturating_sub(timing.margin()))
+    }
+
+    pub fn set_watchdog(&self, watchdog: Arc<super::watchdog::Watchdog>) {
+        let _ = self.watchdog.set(watchdog);
+    }
+
+    pub fn set_failsafe_prober(&self, prober: Arc<super::failsafe::FailsafeProber>) {
+        let _ = self.failsafe.set(prober);
+    }
+
+    fn feed_watchdog(&self) {
+        if let Some(w) = self.watchdog.get() {
+            w.keepalive();
+        }
     }
 
     /// The lease is known to outlive `now` by the fencing margin.
@@ -176,6 +229,15 @@ pub async fn guardian(
                 tracing::error!("the HA loop has not reported in time; not renewing the lease");
                 false
             };
+            if ok {
+                shared.failsafe_confirmed.set(None);
+                shared.failsafe_failed.store(false, Ordering::SeqCst);
+                if shared.holds_lock() {
+                    shared.feed_watchdog();
+                }
+            } else if loop_alive && shared.holds_lock() {
+                failsafe_round(&shared, &t).await;
+            }
             // After a failure retry every second until the deadline.
             next_renewal = Instant::now()
                 + if ok {
@@ -202,10 +264,34 @@ pub async fn guardian(
     }
 }
 
+/// After a failed renewal, in failsafe mode: confirm over REST, at most once per renewal period.
+async fn failsafe_round(shared: &LeaseShared, t: &LeaseTiming) {
+    let Some(prober) = shared.failsafe.get().filter(|p| p.enabled()) else {
+        return;
+    };
+    let now = Instant::now();
+    if shared
+        .failsafe_confirmed
+        .get()
+        .is_some_and(|f| now.saturating_duration_since(f) < t.renew_every())
+    {
+        return;
+    }
+    let accepted = prober.confirm().await;
+    shared.record_failsafe(now, accepted);
+    if accepted {
+        shared.feed_watchdog();
+    }
+}
+
 fn fence(postgres: &Postgres, shared: &LeaseShared) {
     shared.set_holds_lock(false);
     match postgres.kill_immediately() {
         Ok(true) => {
+            // PostgreSQL is gone: nothing left for a machine reset to stop.
+            if let Some(w) = shared.watchdog.get() {
+                w.disable();
+            }
             tracing::error!("lease about to expire: stopped PostgreSQL immediately to stop accepting writes")
         }
         Ok(false) => tracing::warn!("lease about to expire; PostgreSQL was not running"),
@@ -240,6 +326,25 @@ mod tests {
         // An older send time arriving late never moves the deadline back.
         shared.record_renewal(now - Duration::from_secs(5));
         assert_eq!(shared.valid_until(&t), Some(now + Duration::from_secs(27)));
+    }
+
+    #[test]
+    fn failsafe_round_counts_like_a_renewal_and_a_failed_one_stops_the_loop() {
+        let now = Instant::now();
+        let shared = LeaseShared::new(now);
+        let t = timing(30);
+        shared.record_renewal(now);
+        assert!(!shared.failsafe_confirmed(&t, now));
+        let later = now + Duration::from_secs(20);
+        shared.record_failsafe(later, true);
+        assert_eq!(shared.valid_until(&t), Some(later + Duration::from_secs(27)));
+        assert!(shared.failsafe_confirmed(&t, later + Duration::from_secs(26)));
+        assert!(!shared.failsafe_confirmed(&t, later + Duration::from_secs(27)));
+        // A failed round: the promises already given still hold the deadline, but the HA loop
+        // must not count on failsafe any more.
+        shared.record_failsafe(later + Duration::from_secs(5), false);
+        assert_eq!(shared.valid_until(&t), Some(later + Duration::from_secs(27)));
+        assert!(!shared.failsafe_confirmed(&t, later + Duration::from_secs(6)));
     }
 
     #[test]

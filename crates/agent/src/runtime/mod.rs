@@ -12,12 +12,14 @@
 
 mod actions;
 mod dynamic;
+pub mod failsafe;
 pub mod history;
 pub mod lease;
 mod observe;
 mod operator;
 mod pgconf;
 mod sync;
+pub mod watchdog;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use pgvigil_config::{Config, DynamicConfig};
 use pgvigil_dcs::{Dcs, DcsEvent};
 use pgvigil_engine::{Action, DataDir, Decision, EngineConfig, Inputs, LocalPg, Memory, PeerReport};
 use pgvigil_postgres::{DataDirState, PgStatus, Postgres};
-use pgvigil_rest::{ApiCommand, NodeSnapshot, PeerClient};
+use pgvigil_rest::{ApiCommand, FailsafePost, FailsafeState, NodeSnapshot, PeerClient};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -88,6 +90,11 @@ pub struct Agent {
     sync_guc: Option<String>,
     /// Our flush position when `sync_guc` last changed.
     sync_guc_changed_at: u64,
+    /// Leaders' `POST /failsafe` calls, shared with the REST API.
+    failsafe: Arc<FailsafeState>,
+    /// Confirms our leadership over REST when etcd is unreachable (also used by the guardian).
+    failsafe_prober: Arc<failsafe::FailsafeProber>,
+    watchdog: Arc<watchdog::Watchdog>,
 }
 
 impl Agent {
@@ -109,7 +116,23 @@ impl Agent {
                 .or_else(|| cfg.restapi.authentication.clone())
                 .map(|c| (c.username, c.password)),
         );
+        let watchdog = Arc::new(watchdog::Watchdog::new(cfg.watchdog.clone()));
+        lease.set_watchdog(watchdog.clone());
+        let me = FailsafePost {
+            name: cfg.name.clone(),
+            conn_url: format!(
+                "postgres://{}/{}",
+                cfg.postgresql.connect_address, cfg.postgresql.database
+            ),
+            api_url: format!("http://{}/patroni", cfg.restapi.connect_address),
+            slots: Default::default(),
+        };
+        let failsafe_prober = Arc::new(failsafe::FailsafeProber::new(peers.clone(), me));
+        lease.set_failsafe_prober(failsafe_prober.clone());
         Agent {
+            failsafe: Arc::default(),
+            failsafe_prober,
+            watchdog,
             cfg,
             config_path,
             dynamic,
@@ -138,6 +161,12 @@ impl Agent {
         }
     }
 
+    /// Shares `POST /failsafe` calls with the REST API (see [`failsafe`]).
+    pub fn with_failsafe(mut self, state: Arc<FailsafeState>) -> Self {
+        self.failsafe = state;
+        self
+    }
+
     fn lease_timing(&self) -> LeaseTiming {
         LeaseTiming {
             ttl: Duration::from_secs(self.dynamic.ttl),
@@ -163,6 +192,7 @@ impl Agent {
             can_bootstrap: true,
             synchronous_mode: sync::engine_mode(self.dynamic.synchronous_mode),
             paused: self.dynamic.pause,
+            failsafe_mode: self.dynamic.failsafe_mode,
         }
     }
 
@@ -199,19 +229,27 @@ impl Agent {
             self.lease
                 .loop_alive_until(self.next_run + self.stall_allowance());
             let am_leader = self.lease.holds_lock();
-            tokio::select! {
-                _ = wake.shutdown.cancelled() => {}
-                _ = tokio::time::sleep_until(self.next_run.into()) => {}
-                _ = self.lease.wake_loop.notified() => {}
-                Some(()) = wake.reload.recv() => self.reload_local_config().await,
-                Some(cmd) = wake.commands.recv() => self.handle_command(cmd).await,
-                _ = wake.postmaster_changed.changed() => {}
-                event = wake.dcs_events.recv() => {
-                    if !wakes_us(&event, am_leader) {
-                        // Uninteresting change: finish the nap.
-                        tokio::time::sleep_until(self.next_run.into()).await;
+            loop {
+                tokio::select! {
+                    _ = wake.shutdown.cancelled() => {}
+                    _ = tokio::time::sleep_until(self.next_run.into()) => {}
+                    _ = self.lease.wake_loop.notified() => {}
+                    Some(()) = wake.reload.recv() => self.reload_local_config().await,
+                    Some(cmd) = wake.commands.recv() => self.handle_command(cmd).await,
+                    _ = wake.postmaster_changed.changed() => {}
+                    event = wake.dcs_events.recv() => {
+                        // An uninteresting change (member keys move with every WAL position)
+                        // does not end the nap, but must not hide the next interesting one
+                        // (a released leader key, a switchover request) either.
+                        if !wakes_us(&event, am_leader) {
+                            if !matches!(event, Err(broadcast::error::RecvError::Closed)) {
+                                continue;
+                            }
+                            tokio::time::sleep_until(self.next_run.into()).await;
+                        }
                     }
                 }
+                break;
             }
             self.next_run = self.next_run.min(Instant::now());
         }
@@ -272,6 +310,7 @@ impl Agent {
             self.run_due_restart().await;
         }
         self.refresh_pending_restart_reason().await;
+        let cluster = self.failsafe_step(cluster).await;
         let engine_cfg = self.engine_config();
         let timing = self.lease_timing();
         // Acting as leader requires a lease that provably outlives this cycle's first steps;
@@ -309,6 +348,7 @@ impl Agent {
                 }
             }
         }
+        self.watchdog_after_cycle();
         self.publish_member().await;
         Ok(rerun)
     }
@@ -512,6 +552,9 @@ impl Agent {
         snap.paused = paused;
         snap.tags = tags;
         snap.failsafe_mode_enabled = self.dynamic.failsafe_mode;
+        (snap.failsafe_active, snap.failsafe_members) = self.failsafe_snapshot();
+        snap.status.failsafe_mode_is_active = snap.failsafe_active.then_some(true);
+        snap.status.watchdog_failed = self.watchdog.failed().then_some(true);
         self.snapshot.send_replace(Arc::new(snap));
     }
 

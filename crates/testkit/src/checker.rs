@@ -1,0 +1,700 @@
+//! The checker that runs through every fault scenario: ground truth for "no acknowledged write
+//! was lost", "never two writable nodes", and the client's write gap.
+//!
+//! * The **writer** inserts unique, increasing ids through one address (the router's primary
+//!   port), one autocommit `INSERT` at a time, and records each id whose `INSERT` returned
+//!   success, with the send and acknowledgement instants. A write that timed out or whose
+//!   connection broke is *indeterminate* (it may or may not have committed); a write the
+//!   server refused is *failed*. Only acknowledged ids are checked for loss.
+//! * The **sampler** asks every node directly, several times a second (all nodes at once, each
+//!   query bounded), `SELECT pg_is_in_recovery()`, and on a node that says it is not in
+//!   recovery commits a probe row (`INSERT` into [`PROBE_TABLE`], the cluster's own
+//!   `synchronous_commit`). Each tick records per node whether it was a primary and whether it
+//!   acknowledged the probe write. Two primaries in one tick is a split brain as PostgreSQL sees
+//!   it; two acknowledged probe writes in one tick is one a client would have seen.
+//! * [`Checker::mark`] records labelled instants (fault injected, healed); the [`Report`] gives
+//!   the write gap around each: from the last acknowledgement before the mark to the first one
+//!   after it.
+//!
+//! Both loops run on their own threads (each with a small tokio runtime) and use
+//! `tokio-postgres` directly: no process per query, so sampling several times a second costs
+//! little on a two-core machine.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+/// Where the writer's ids go.
+pub const WRITES_TABLE: &str = "pgvigil_checker_writes";
+/// Where the sampler's probe rows go.
+pub const PROBE_TABLE: &str = "pgvigil_checker_probe";
+
+/// SQL that creates both tables (run once on the primary before starting the checker).
+pub fn setup_sql() -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {WRITES_TABLE}(id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now()); \
+         CREATE TABLE IF NOT EXISTS {PROBE_TABLE}(node text NOT NULL, at timestamptz NOT NULL DEFAULT now())"
+    )
+}
+
+#[derive(Clone, Debug)]
+pub struct CheckerConfig {
+    /// Where the writer connects (the router's primary port).
+    pub write_to: SocketAddr,
+    /// Every node's PostgreSQL, by member name, for the sampler.
+    pub nodes: Vec<(String, SocketAddr)>,
+    pub user: String,
+    pub password: String,
+    pub dbname: String,
+    /// Pause after each acknowledged write.
+    pub write_every: Duration,
+    /// Pause after a failed write or connection attempt.
+    pub retry_every: Duration,
+    /// A write not answered within this is indeterminate (and cancelled).
+    pub write_timeout: Duration,
+    pub sample_every: Duration,
+    /// Bound on each sampler query (connect, recovery check, probe commit).
+    pub probe_timeout: Duration,
+    /// The writer's first id (then +1 per write). The default, the current time in
+    /// microseconds, keeps ids unique across checkers writing to the same table.
+    pub first_id: i64,
+}
+
+impl CheckerConfig {
+    pub fn new(write_to: SocketAddr, nodes: Vec<(String, SocketAddr)>, user: &str, password: &str) -> Self {
+        CheckerConfig {
+            write_to,
+            nodes,
+            user: user.into(),
+            password: password.into(),
+            dbname: "postgres".into(),
+            write_every: Duration::from_millis(20),
+            retry_every: Duration::from_millis(50),
+            write_timeout: Duration::from_secs(5),
+            sample_every: Duration::from_millis(200),
+            probe_timeout: Duration::from_secs(1),
+            first_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as i64),
+        }
+    }
+
+    fn pg_config(&self, addr: SocketAddr, timeout: Duration) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(addr.ip().to_string())
+            .port(addr.port())
+            .user(&self.user)
+            .password(&self.password)
+            .dbname(&self.dbname)
+            .application_name("pgvigil-checker")
+            .connect_timeout(timeout);
+        c
+    }
+}
+
+/// One acknowledged write.
+#[derive(Clone, Copy, Debug)]
+pub struct Ack {
+    pub id: i64,
+    pub sent: Instant,
+    pub acked: Instant,
+}
+
+/// One node's answer in one sampler tick.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSample {
+    /// `Some(true)`: answered and not in recovery; `None`: did not answer in time.
+    pub primary: Option<bool>,
+    /// Committed a probe row within the bound.
+    pub write_acked: bool,
+    /// Why the node did not answer, or why the probe write failed.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tick {
+    pub at: Instant,
+    pub nodes: Vec<NodeSample>,
+}
+
+impl Tick {
+    fn count(&self, f: impl Fn(&NodeSample) -> bool) -> usize {
+        self.nodes.iter().filter(|n| f(n)).count()
+    }
+}
+
+#[derive(Default)]
+struct WriterLog {
+    acks: Vec<Ack>,
+    failed: usize,
+    indeterminate: Vec<i64>,
+    last_error: Option<String>,
+}
+
+/// A running writer and sampler; [`Checker::finish`] stops them and returns the [`Report`].
+pub struct Checker {
+    started: Instant,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicUsize>,
+    marks: Arc<Mutex<Vec<(String, Instant)>>>,
+    writer: Option<JoinHandle<WriterLog>>,
+    sampler: Option<JoinHandle<Vec<Tick>>>,
+    names: Vec<String>,
+}
+
+impl Checker {
+    /// Starts both loops. The tables of [`setup_sql`] must exist.
+    pub fn start(cfg: CheckerConfig) -> Checker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let writer = {
+            let (cfg, stop, acked) = (cfg.clone(), stop.clone(), acked.clone());
+            std::thread::Builder::new()
+                .name("checker-writer".into())
+                .spawn(move || runtime().block_on(write_loop(cfg, stop, acked)))
+                .expect("spawning the writer thread")
+        };
+        let sampler = {
+            let (cfg, stop) = (cfg.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("checker-sampler".into())
+                .spawn(move || runtime().block_on(sample_loop(cfg, stop)))
+                .expect("spawning the sampler thread")
+        };
+        Checker {
+            started: Instant::now(),
+            stop,
+            acked,
+            marks: Arc::default(),
+            writer: Some(writer),
+            sampler: Some(sampler),
+            names: cfg.nodes.iter().map(|(n, _)| n.clone()).collect(),
+        }
+    }
+
+    /// Records a labelled instant (e.g. "leader killed").
+    pub fn mark(&self, what: &str) {
+        self.marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((what.to_string(), Instant::now()));
+    }
+
+    /// How many writes were acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// Waits (bounded) until `more` writes beyond the current count are acknowledged.
+    pub fn wait_for_acks(&self, more: usize, timeout: Duration) -> anyhow::Result<()> {
+        let target = self.acked() + more;
+        crate::wait_until(&format!("{more} more acknowledged writes"), timeout, || {
+            (self.acked() >= target).then_some(())
+        })
+        .map(|_| ())
+    }
+
+    /// Stops both loops and returns what they saw.
+    pub fn finish(mut self) -> Report {
+        self.stop.store(true, Ordering::SeqCst);
+        let log = self.writer.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let ticks = self
+            .sampler
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        Report {
+            started: self.started,
+            ended: Instant::now(),
+            acks: log.acks,
+            failed: log.failed,
+            indeterminate: log.indeterminate,
+            last_error: log.last_error,
+            ticks,
+            marks: self.marks.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            names: std::mem::take(&mut self.names),
+        }
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.sampler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building a tokio runtime")
+}
+
+async fn connect(cfg: &CheckerConfig, addr: SocketAddr, timeout: Duration) -> Result<Client, String> {
+    let pg = cfg.pg_config(addr, timeout);
+    match tokio::time::timeout(timeout, pg.connect(NoTls)).await {
+        Ok(Ok((client, conn))) => {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(client)
+        }
+        Ok(Err(e)) => Err(describe(&e)),
+        Err(_) => Err(format!("connecting to {addr} timed out")),
+    }
+}
+
+/// The server's message (with its SQLSTATE) when there is one; `tokio_postgres` only says
+/// "db error" otherwise.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// Runs `sql` bounded by `timeout`; on timeout the query is cancelled (a commit waiting for a
+/// synchronous standby then completes locally, unacknowledged) and `Err(None)` returned.
+/// `Err(Some(refused))`: the server answered with an error (`refused` = true) or the
+/// connection broke (`refused` = false).
+async fn bounded(
+    client: &Client,
+    sql: &str,
+    timeout: Duration,
+) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, Option<(bool, String)>> {
+    match tokio::time::timeout(timeout, client.simple_query(sql)).await {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(e)) => Err(Some((e.as_db_error().is_some(), describe(&e)))),
+        Err(_) => {
+            let token = client.cancel_token();
+            let _ = tokio::time::timeout(Duration::from_secs(2), token.cancel_query(NoTls)).await;
+            Err(None)
+        }
+    }
+}
+
+async fn write_loop(cfg: CheckerConfig, stop: Arc<AtomicBool>, acked: Arc<AtomicUsize>) -> WriterLog {
+    let mut log = WriterLog::default();
+    let mut client: Option<Client> = None;
+    let mut id = cfg.first_id - 1;
+    while !stop.load(Ordering::SeqCst) {
+        let c = match &client {
+            Some(c) if !c.is_closed() => c,
+            _ => match connect(&cfg, cfg.write_to, Duration::from_secs(2)).await {
+                Ok(c) => client.insert(c),
+                Err(e) => {
+                    log.last_error = Some(e);
+                    client = None;
+                    tokio::time::sleep(cfg.retry_every).await;
+                    continue;
+                }
+            },
+        };
+        id += 1;
+        let sent = Instant::now();
+        let sql = format!("INSERT INTO {WRITES_TABLE}(id) VALUES ({id})");
+        match bounded(c, &sql, cfg.write_timeout).await {
+            Ok(_) => {
+                log.acks.push(Ack {
+                    id,
+                    sent,
+                    acked: Instant::now(),
+                });
+                acked.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(cfg.write_every).await;
+            }
+            Err(why) => {
+                match why {
+                    Some((true, e)) => {
+                        log.failed += 1;
+                        log.last_error = Some(e);
+                    }
+                    Some((false, e)) => {
+                        log.indeterminate.push(id);
+                        log.last_error = Some(e);
+                    }
+                    None => {
+                        log.indeterminate.push(id);
+                        log.last_error = Some("write timed out".into());
+                    }
+                }
+                // A fresh connection: the router may route it to a new primary.
+                client = None;
+                tokio::time::sleep(cfg.retry_every).await;
+            }
+        }
+    }
+    log
+}
+
+async fn sample_loop(cfg: CheckerConfig, stop: Arc<AtomicBool>) -> Vec<Tick> {
+    let mut clients: Vec<Option<Client>> = cfg.nodes.iter().map(|_| None).collect();
+    let mut ticks = Vec::new();
+    let mut next = tokio::time::Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let at = Instant::now();
+        let probes = clients
+            .iter_mut()
+            .zip(&cfg.nodes)
+            .map(|(slot, (name, addr))| sample_node(&cfg, slot, name, *addr));
+        let nodes = futures::future::join_all(probes).await;
+        ticks.push(Tick { at, nodes });
+        next += cfg.sample_every;
+        let now = tokio::time::Instant::now();
+        if next < now {
+            next = now;
+        }
+        tokio::time::sleep_until(next).await;
+    }
+    ticks
+}
+
+async fn sample_node(
+    cfg: &CheckerConfig,
+    slot: &mut Option<Client>,
+    name: &str,
+    addr: SocketAddr,
+) -> NodeSample {
+    let mut sample = NodeSample::default();
+    if slot.as_ref().is_none_or(Client::is_closed) {
+        match connect(cfg, addr, cfg.probe_timeout).await {
+            Ok(c) => *slot = Some(c),
+            Err(e) => {
+                sample.error = Some(e);
+                return sample;
+            }
+        }
+    }
+    let Some(client) = slot.as_ref() else {
+        return sample;
+    };
+    let recovery = match bounded(client, "SELECT pg_is_in_recovery()", cfg.probe_timeout).await {
+        Ok(rows) => first_value(&rows),
+        Err(e) => {
+            sample.error = Some(e.map_or("recovery check timed out".into(), |(_, e)| e));
+            *slot = None;
+            return sample;
+        }
+    };
+    let primary = match recovery.as_deref() {
+        Some("f") => true,
+        Some("t") => false,
+        _ => return sample,
+    };
+    sample.primary = Some(primary);
+    if primary {
+        let sql = format!(
+            "INSERT INTO {PROBE_TABLE}(node) VALUES ('{}')",
+            name.replace('\'', "''")
+        );
+        match bounded(client, &sql, cfg.probe_timeout).await {
+            Ok(_) => sample.write_acked = true,
+            Err(None) => {
+                sample.error = Some("probe write timed out".into());
+                *slot = None;
+            }
+            Err(Some((false, e))) => {
+                sample.error = Some(e);
+                *slot = None;
+            }
+            Err(Some((true, e))) => sample.error = Some(e),
+        }
+    }
+    sample
+}
+
+fn shorten(e: &str) -> String {
+    let one_line = e.lines().next().unwrap_or("");
+    one_line.chars().take(60).collect()
+}
+
+fn first_value(rows: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
+    rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    })
+}
+
+/// What the checker saw, and the assertions of the fault scenarios.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub started: Instant,
+    pub ended: Instant,
+    pub acks: Vec<Ack>,
+    /// Writes the server refused (read-only node, no primary behind the router, ...).
+    pub failed: usize,
+    /// Writes whose outcome is unknown (timeout, broken connection).
+    pub indeterminate: Vec<i64>,
+    pub last_error: Option<String>,
+    pub ticks: Vec<Tick>,
+    pub marks: Vec<(String, Instant)>,
+    /// Node names, in the order of [`Tick::nodes`].
+    pub names: Vec<String>,
+}
+
+impl Report {
+    pub fn acked_ids(&self) -> Vec<i64> {
+        self.acks.iter().map(|a| a.id).collect()
+    }
+
+    /// Acknowledged ids missing from `present`.
+    pub fn lost(&self, present: &HashSet<i64>) -> Vec<i64> {
+        self.acks
+            .iter()
+            .map(|a| a.id)
+            .filter(|id| !present.contains(id))
+            .collect()
+    }
+
+    /// The longest time between two consecutive acknowledgements.
+    pub fn max_write_gap(&self) -> Duration {
+        self.acks
+            .windows(2)
+            .map(|w| w[1].acked - w[0].acked)
+            .max()
+            .unwrap_or_default()
+    }
+
+    pub fn mark(&self, what: &str) -> Option<Instant> {
+        self.marks.iter().find(|(m, _)| m == what).map(|(_, at)| *at)
+    }
+
+    /// The client's write gap around the instant `at`: from the last acknowledgement before it
+    /// to the first after it. `None` if no write was acknowledged after `at`.
+    pub fn gap_around(&self, at: Instant) -> Option<Duration> {
+        let before = self
+            .acks
+            .iter()
+            .rev()
+            .find(|a| a.acked <= at)
+            .map_or(self.started, |a| a.acked);
+        let after = self.acks.iter().find(|a| a.acked > at)?;
+        Some(after.acked - before)
+    }
+
+    /// The write gap a fault caused: the longest time between consecutive acknowledgements
+    /// from the last one before the mark `what` up to the next mark, counting a gap still open
+    /// at that next mark (without a next mark: up to the last acknowledgement). `None` if there
+    /// is no such mark.
+    pub fn gap_after_mark(&self, what: &str) -> Option<Duration> {
+        let at = self.mark(what)?;
+        let next = self.marks.iter().map(|(_, t)| *t).filter(|t| *t > at).min();
+        let mut last = self
+            .acks
+            .iter()
+            .rev()
+            .find(|a| a.acked <= at)
+            .map_or(self.started, |a| a.acked);
+        let mut worst = Duration::ZERO;
+        for a in self
+            .acks
+            .iter()
+            .filter(|a| a.acked > at && next.is_none_or(|n| a.acked <= n))
+        {
+            worst = worst.max(a.acked - last);
+            last = a.acked;
+        }
+        if let Some(next) = next {
+            worst = worst.max(next.saturating_duration_since(last));
+        }
+        Some(worst)
+    }
+
+    /// Ticks in which two or more nodes said they were not in recovery.
+    pub fn ticks_with_two_primaries(&self) -> Vec<&Tick> {
+        self.ticks
+            .iter()
+            .filter(|t| t.count(|n| n.primary == Some(true)) >= 2)
+            .collect()
+    }
+
+    /// Ticks in which two or more nodes acknowledged a probe write.
+    pub fn ticks_with_two_writable(&self) -> Vec<&Tick> {
+        self.ticks
+            .iter()
+            .filter(|t| t.count(|n| n.write_acked) >= 2)
+            .collect()
+    }
+
+    fn describe_tick(&self, t: &Tick) -> String {
+        let nodes: Vec<String> = t
+            .nodes
+            .iter()
+            .zip(&self.names)
+            .map(|(n, name)| {
+                let role = match n.primary {
+                    Some(true) if n.write_acked => "primary+write",
+                    Some(true) => "primary",
+                    Some(false) => "replica",
+                    None => "-",
+                };
+                match &n.error {
+                    Some(e) if !n.write_acked => format!("{name}={role}({})", shorten(e)),
+                    _ => format!("{name}={role}"),
+                }
+            })
+            .collect();
+        format!(
+            "t+{:.1}s {}",
+            (t.at - self.started).as_secs_f64(),
+            nodes.join(" ")
+        )
+    }
+
+    /// A human-readable summary (printed by every scenario).
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "checker: {:.1}s, {} writes acknowledged, {} refused, {} indeterminate, {} sampler ticks",
+            (self.ended - self.started).as_secs_f64(),
+            self.acks.len(),
+            self.failed,
+            self.indeterminate.len(),
+            self.ticks.len()
+        );
+        let _ = writeln!(
+            s,
+            "  longest write gap: {:.2}s",
+            self.max_write_gap().as_secs_f64()
+        );
+        for (what, at) in &self.marks {
+            let gap = match self.acks.iter().any(|a| a.acked > *at) {
+                true => format!(
+                    "{:.2}s",
+                    self.gap_after_mark(what).unwrap_or_default().as_secs_f64()
+                ),
+                false => "no write acknowledged after it".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "  t+{:.1}s {what}: write gap {gap}",
+                (*at - self.started).as_secs_f64()
+            );
+        }
+        let two_p = self.ticks_with_two_primaries();
+        let two_w = self.ticks_with_two_writable();
+        let _ = writeln!(
+            s,
+            "  ticks with two primaries: {}, with two nodes acknowledging writes: {}",
+            two_p.len(),
+            two_w.len()
+        );
+        for t in two_p.iter().chain(two_w.iter()).take(10) {
+            let _ = writeln!(s, "    {}", self.describe_tick(t));
+        }
+        if let Some(e) = &self.last_error {
+            let _ = writeln!(s, "  last writer error: {e}");
+        }
+        s
+    }
+
+    /// A compact timeline of the sampler ticks where what a node answered changed (at most
+    /// 60 lines).
+    pub fn role_changes(&self) -> String {
+        let mut out = String::new();
+        let mut last: Option<Vec<(Option<bool>, bool)>> = None;
+        let mut lines = 0;
+        for t in &self.ticks {
+            let roles: Vec<(Option<bool>, bool)> =
+                t.nodes.iter().map(|n| (n.primary, n.write_acked)).collect();
+            if last.as_ref() != Some(&roles) {
+                lines += 1;
+                if lines > 60 {
+                    let _ = writeln!(out, "  ...");
+                    break;
+                }
+                let _ = writeln!(out, "  {}", self.describe_tick(t));
+                last = Some(roles);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(start: Instant, id: i64, ms: u64) -> Ack {
+        let at = start + Duration::from_millis(ms);
+        Ack {
+            id,
+            sent: at,
+            acked: at,
+        }
+    }
+
+    #[test]
+    fn gaps_loss_and_double_primaries() {
+        let t0 = Instant::now();
+        let node = |primary: Option<bool>, write_acked: bool| NodeSample {
+            primary,
+            write_acked,
+            error: None,
+        };
+        let report = Report {
+            started: t0,
+            ended: t0 + Duration::from_secs(10),
+            acks: vec![
+                ack(t0, 1, 100),
+                ack(t0, 2, 200),
+                ack(t0, 3, 3200),
+                ack(t0, 4, 3300),
+            ],
+            failed: 5,
+            indeterminate: vec![],
+            last_error: None,
+            ticks: vec![
+                Tick {
+                    at: t0,
+                    nodes: vec![node(Some(true), true), node(Some(false), false)],
+                },
+                Tick {
+                    at: t0,
+                    nodes: vec![node(Some(true), false), node(Some(true), true)],
+                },
+                Tick {
+                    at: t0,
+                    nodes: vec![node(Some(true), true), node(Some(true), true)],
+                },
+                Tick {
+                    at: t0,
+                    nodes: vec![node(None, false), node(Some(true), true)],
+                },
+            ],
+            marks: vec![
+                ("kill".into(), t0 + Duration::from_millis(250)),
+                ("heal".into(), t0 + Duration::from_millis(3250)),
+                ("late".into(), t0 + Duration::from_millis(9000)),
+            ],
+            names: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(report.max_write_gap(), Duration::from_millis(3000));
+        assert_eq!(report.gap_after_mark("kill"), Some(Duration::from_millis(3000)));
+        // From the last ack (3.3 s) to the next mark (9 s), still open.
+        assert_eq!(report.gap_after_mark("heal"), Some(Duration::from_millis(5700)));
+        assert_eq!(report.gap_after_mark("late"), Some(Duration::ZERO));
+        assert_eq!(report.gap_after_mark("none"), None);
+        assert_eq!(report.gap_around(t0 + Duration::from_secs(5)), None);
+        let present: HashSet<i64> = [1, 2, 4].into();
+        assert_eq!(report.lost(&present), vec![3]);
+        assert_eq!(report.ticks_with_two_primaries().len(), 2);
+        assert_eq!(report.ticks_with_two_writable().len(), 1);
+        let summary = report.summary();
+        assert!(summary.contains("4 writes acknowledged"), "{summary}");
+        assert!(summary.contains("kill: write gap 3.00s"), "{summary}");
+    }
+}

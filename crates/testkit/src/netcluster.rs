@@ -1,0 +1,894 @@
+//! A three-host cluster in a [`NetLab`]: per host an etcd member, PostgreSQL and the HA agent
+//! (pgvigil, or Patroni for the benchmark: same configuration file), each bound to the host's
+//! own address; optionally `pgvigil router` in the root namespace. Everything is torn down by PID
+//! on drop, then the lab removes the namespaces.
+//!
+//! Ports are the standard ones on every host (PostgreSQL 5432, REST 8008, etcd 2379/2380): each
+//! host has its own address, so nothing clashes. The router listens on free loopback ports of
+//! the root namespace.
+
+use std::collections::HashSet;
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Gid, Pid, Uid, User, chown};
+use serde_json::Value;
+
+use crate::checker::{self, CheckerConfig, Report};
+use crate::cluster::{REPLICATION_PASSWORD, REPLICATION_USER, SUPERUSER, SUPERUSER_PASSWORD};
+use crate::netns::{Impairment, NetLab, kill_namespace_processes};
+use crate::watchdog::{WatchdogHardware, WatchdogState};
+use crate::{free_port, http, spawn_owned, test_tmp_root, wait_until};
+
+pub const PG_PORT: u16 = 5432;
+pub const API_PORT: u16 = 8008;
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+pub const ETCD_PEER_PORT: u16 = 2380;
+
+/// Which HA agent runs on the hosts.
+#[derive(Clone, Debug)]
+pub enum AgentKind {
+    /// `pgvigil CONFIG`.
+    Pgvigil(PathBuf),
+    /// `patroni CONFIG` (the program must be readable and executable by the postgres user).
+    Patroni(PathBuf),
+}
+
+impl AgentKind {
+    fn program(&self) -> &Path {
+        match self {
+            AgentKind::Pgvigil(p) | AgentKind::Patroni(p) => p,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentKind::Pgvigil(_) => "pgvigil",
+            AgentKind::Patroni(_) => "patroni",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    pub hosts: usize,
+    pub ttl: u64,
+    pub loop_wait: u64,
+    pub retry_timeout: u64,
+    /// Extra YAML lines under `bootstrap.dcs`, indented by 4 spaces (e.g.
+    /// `"    synchronous_mode: on\n"`).
+    pub extra_dcs: String,
+    /// Extra top-level YAML for every host (e.g. a `watchdog:` section).
+    pub extra_yaml: String,
+    /// Extra top-level YAML per host, by index.
+    pub extra_node_yaml: Vec<String>,
+    /// Start `pgvigil router` (this `pgvigil` binary) in the root namespace.
+    pub router: Option<PathBuf>,
+    /// `PGVIGIL_LOG` for pgvigil agents.
+    pub log_level: String,
+    /// Give every host a watchdog in `required` mode: Patroni's `testing` driver on a FIFO,
+    /// played by a [`WatchdogHardware`] that kills every process of the host when it fires.
+    pub watchdog: bool,
+    /// `postgresql.pg_ctl_timeout` (seconds; default: not set, i.e. 60).
+    pub pg_ctl_timeout: Option<u64>,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            hosts: 3,
+            ttl: 20,
+            loop_wait: 2,
+            retry_timeout: 5,
+            extra_dcs: String::new(),
+            extra_yaml: String::new(),
+            extra_node_yaml: Vec::new(),
+            router: None,
+            log_level: "info".into(),
+            watchdog: false,
+            pg_ctl_timeout: None,
+        }
+    }
+}
+
+pub struct NetNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub etcd_log: PathBuf,
+    etcd_dir: PathBuf,
+    agent: Option<Child>,
+    etcd: Option<Child>,
+}
+
+impl NetNode {
+    pub fn pg_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, PG_PORT))
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, API_PORT))
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    pub fn etcd_pid(&self) -> Option<u32> {
+        self.etcd.as_ref().map(Child::id)
+    }
+
+    /// The postmaster's PID from `postmaster.pid`, if that process is alive.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        kill(Pid::from_raw(pid), None).ok().map(|()| pid)
+    }
+}
+
+pub struct NetCluster {
+    pub nodes: Vec<NetNode>,
+    pub scope: String,
+    pub options: NetOptions,
+    pub agent: AgentKind,
+    router: Option<Child>,
+    /// The router's primary (read-write) and replicas ports on 127.0.0.1.
+    pub router_ports: Option<(u16, u16)>,
+    pub router_log: PathBuf,
+    owner: (Uid, Gid),
+    watchdogs: Vec<WatchdogHardware>,
+    root: tempfile::TempDir,
+    /// Dropped last: the namespaces go once every process is gone.
+    pub lab: NetLab,
+}
+
+/// The newest PostgreSQL `bin` directory under `/usr/lib/postgresql`.
+pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .context("reading /usr/lib/postgresql")?
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_ctl").exists().then_some((v, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .map(|(_, p)| p)
+        .context("no PostgreSQL under /usr/lib/postgresql")
+}
+
+impl NetCluster {
+    /// Creates the lab, writes the configurations, starts etcd on every host (waiting until it
+    /// is healthy), every agent and the router. Does not wait for PostgreSQL: see
+    /// [`NetCluster::wait_healthy`].
+    pub fn start(agent: AgentKind, options: NetOptions) -> anyhow::Result<NetCluster> {
+        let user = User::from_name("postgres")?.context("there is no postgres user")?;
+        let lab = NetLab::create(options.hosts)?;
+        let root = tempfile::Builder::new()
+            .prefix("pgvigil-netcluster-")
+            .tempdir_in(test_tmp_root())?;
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755))?;
+        let nodes = (0..options.hosts)
+            .map(|i| {
+                let name = format!("node{}", i + 1);
+                let dir = root.path().join(&name);
+                NetNode {
+                    ip: lab.host_ip(i),
+                    data_dir: dir.join("data"),
+                    config: dir.join("node.yml"),
+                    log: dir.join("agent.log"),
+                    etcd_log: root.path().join(format!("etcd{}.log", i + 1)),
+                    etcd_dir: root.path().join(format!("etcd{}", i + 1)),
+                    dir,
+                    name,
+                    agent: None,
+                    etcd: None,
+                }
+            })
+            .collect();
+        let mut cluster = NetCluster {
+            nodes,
+            scope: format!("lab{}", lab.slot()),
+            options,
+            agent,
+            router: None,
+            router_ports: None,
+            router_log: root.path().join("router.log"),
+            owner: (user.uid, user.gid),
+            watchdogs: Vec::new(),
+            root,
+            lab,
+        };
+        let bin_dir = pg_bin_dir()?;
+        for i in 0..cluster.nodes.len() {
+            let node = &cluster.nodes[i];
+            fs::create_dir_all(&node.dir)?;
+            fs::write(&node.config, cluster.config_yaml(i, &bin_dir))?;
+            chown(&node.dir, Some(user.uid), Some(user.gid))?;
+            chown(&node.config, Some(user.uid), Some(user.gid))?;
+            if cluster.options.watchdog {
+                let fifo = node.dir.join("watchdog.fifo");
+                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+                chown(&fifo, Some(user.uid), Some(user.gid))?;
+                let ns = cluster.lab.hosts()[i].ns.clone();
+                let hw = WatchdogHardware::start(&fifo, move || {
+                    eprintln!("watchdog of {ns} fired: resetting the host");
+                    kill_namespace_processes(&ns);
+                })?;
+                cluster.watchdogs.push(hw);
+            }
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.spawn_etcd(i)?;
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.wait_etcd_healthy(i)?;
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.start_agent(i)?;
+        }
+        if let Some(bin) = cluster.options.router.clone() {
+            cluster.start_router(&bin)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// `host:2379` of every etcd member, comma-separated.
+    pub fn etcd_hosts(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}:{ETCD_CLIENT_PORT}", n.ip))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn config_yaml(&self, i: usize, bin_dir: &Path) -> String {
+        let node = &self.nodes[i];
+        let o = &self.options;
+        let extra = o.extra_node_yaml.get(i).cloned().unwrap_or_default();
+        let subnet = self.lab.subnet();
+        format!(
+            r#"scope: {scope}
+namespace: /service
+name: {name}
+restapi:
+  listen: {ip}:{api}
+  connect_address: {ip}:{api}
+etcd3:
+  hosts: {hosts}
+bootstrap:
+  dcs:
+    ttl: {ttl}
+    loop_wait: {loop_wait}
+    retry_timeout: {retry}
+    maximum_lag_on_failover: 1048576
+    postgresql:
+      use_pg_rewind: true
+      use_slots: true
+      parameters:
+        max_connections: 100
+        wal_keep_size: 128MB
+        wal_log_hints: 'on'
+{extra_dcs}
+  initdb:
+  - encoding: UTF8
+  - data-checksums
+postgresql:
+  listen: {ip}:{pg}
+  connect_address: {ip}:{pg}
+  data_dir: {data}
+  bin_dir: {bin_dir}{pg_ctl_timeout}
+  pgpass: {dir}/pgpass
+  authentication:
+    superuser:
+      username: {su}
+      password: {su_pw}
+    replication:
+      username: {rep}
+      password: {rep_pw}
+  parameters:
+    unix_socket_directories: '{dir}'
+    shared_buffers: 16MB
+    fsync: 'off'
+  pg_hba:
+  - local all all trust
+  - host all all {subnet} scram-sha-256
+  - host replication {rep} {subnet} scram-sha-256
+{watchdog}{extra_all}
+{extra}
+"#,
+            scope = self.scope,
+            name = node.name,
+            ip = node.ip,
+            api = API_PORT,
+            pg = PG_PORT,
+            hosts = self.etcd_hosts(),
+            ttl = o.ttl,
+            loop_wait = o.loop_wait,
+            retry = o.retry_timeout,
+            extra_dcs = o.extra_dcs,
+            data = node.data_dir.display(),
+            bin_dir = bin_dir.display(),
+            dir = node.dir.display(),
+            su = SUPERUSER,
+            su_pw = SUPERUSER_PASSWORD,
+            rep = REPLICATION_USER,
+            rep_pw = REPLICATION_PASSWORD,
+            extra_all = o.extra_yaml,
+            pg_ctl_timeout = o
+                .pg_ctl_timeout
+                .map_or(String::new(), |t| format!("\n  pg_ctl_timeout: {t}")),
+            watchdog = if o.watchdog {
+                format!(
+                    "watchdog:\n  mode: required\n  driver: testing\n  device: {}/watchdog.fifo\n  safety_margin: 5\n",
+                    node.dir.display()
+                )
+            } else {
+                String::new()
+            },
+        )
+    }
+
+    fn spawn_etcd(&mut self, i: usize) -> anyhow::Result<()> {
+        let initial_cluster = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(k, n)| format!("e{}=http://{}:{ETCD_PEER_PORT}", k + 1, n.ip))
+            .collect::<Vec<_>>()
+            .join(",");
+        let node = &self.nodes[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.etcd_log)?;
+        let client = format!("http://{}:{ETCD_CLIENT_PORT}", node.ip);
+        let peer = format!("http://{}:{ETCD_PEER_PORT}", node.ip);
+        let bin = std::env::var_os("PGVIGIL_ETCD_BIN").unwrap_or_else(|| "/usr/bin/etcd".into());
+        let mut cmd = self.lab.command(i, bin);
+        cmd.arg("--name")
+            .arg(format!("e{}", i + 1))
+            .arg("--data-dir")
+            .arg(&node.etcd_dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &initial_cluster])
+            .args(["--initial-cluster-token", &self.scope])
+            .args(["--initial-cluster-state", "new"])
+            .args([
+                "--heartbeat-interval",
+                "100",
+                "--election-timeout",
+                "1000",
+                "--pre-vote",
+            ])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = spawn_owned(cmd).context("starting etcd")?;
+        self.nodes[i].etcd = Some(child);
+        Ok(())
+    }
+
+    fn wait_etcd_healthy(&mut self, i: usize) -> anyhow::Result<()> {
+        let addr = SocketAddr::from((self.nodes[i].ip, ETCD_CLIENT_PORT));
+        let result = wait_until(
+            &format!("etcd on {} to be healthy", self.nodes[i].name),
+            Duration::from_secs(30),
+            || {
+                let r = http::get_from(addr, "/health").ok()?;
+                r.body.contains("\"health\":\"true\"").then_some(())
+            },
+        );
+        result.with_context(|| format!("etcd log tail:\n{}", tail(&self.nodes[i].etcd_log, 30)))
+    }
+
+    /// Starts etcd on host `i` again (existing data) and waits until it is healthy (which
+    /// needs a quorum of members running).
+    pub fn start_etcd(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.nodes[i].etcd.is_none() {
+            self.spawn_etcd(i)?;
+        }
+        self.wait_etcd_healthy(i)
+    }
+
+    /// Starts etcd on host `i` without waiting for health.
+    pub fn spawn_etcd_member(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.nodes[i].etcd.is_none() {
+            self.spawn_etcd(i)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs host `i`'s etcd member and waits for it.
+    pub fn stop_etcd(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].etcd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts (or restarts) host `i`'s agent as the postgres user, appending to its log.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let (uid, gid) = self.owner;
+        let node = &self.nodes[i];
+        let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        chown(&node.log, Some(uid), Some(gid))?;
+        let mut cmd = self.lab.command_as(i, self.agent.program(), uid, gid);
+        cmd.arg(&node.config)
+            .current_dir(&node.dir)
+            .env("HOME", &node.dir)
+            .env("PGVIGIL_LOG", &self.options.log_level)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child =
+            spawn_owned(cmd).with_context(|| format!("starting {}", self.agent.program().display()))?;
+        self.nodes[i].agent = Some(child);
+        Ok(())
+    }
+
+    /// Sends `signal` to host `i`'s agent; with SIGKILL or SIGTERM also waits (bounded) for it
+    /// to exit and forgets it.
+    pub fn signal_agent(&mut self, i: usize, signal: Signal) -> anyhow::Result<()> {
+        let name = self.nodes[i].name.clone();
+        let Some(child) = self.nodes[i].agent.as_mut() else {
+            bail!("{name} has no agent running")
+        };
+        kill(Pid::from_raw(child.id() as i32), signal)?;
+        if matches!(signal, Signal::SIGKILL | Signal::SIGTERM) {
+            wait_until(
+                &format!("{name}'s agent to exit"),
+                Duration::from_secs(90),
+                || child.try_wait().ok().flatten(),
+            )?;
+            self.nodes[i].agent = None;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs host `i`'s postmaster and waits until it is gone.
+    pub fn kill_postgres(&self, i: usize) -> anyhow::Result<()> {
+        let pid = self.nodes[i].postmaster_pid().context("no postmaster running")?;
+        kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+        wait_until("the postmaster to die", Duration::from_secs(30), || {
+            kill(Pid::from_raw(pid), None).is_err().then_some(())
+        })
+    }
+
+    /// The whole host dies: its link goes down first (nobody gets a reset), then every process
+    /// on it (agent, PostgreSQL, etcd member, helpers) gets SIGKILL.
+    pub fn kill_host(&mut self, i: usize) -> anyhow::Result<()> {
+        self.lab.link_down(i)?;
+        for child in [self.nodes[i].agent.take(), self.nodes[i].etcd.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.lab.kill_all(i)
+    }
+
+    /// What host `i`'s emulated watchdog saw (with [`NetOptions::watchdog`]).
+    pub fn watchdog(&self, i: usize) -> Option<WatchdogState> {
+        self.watchdogs.get(i).map(WatchdogHardware::state)
+    }
+
+    /// Brings a host killed by [`NetCluster::kill_host`] (or reset by its watchdog) back: link
+    /// up, etcd, agent.
+    pub fn restart_host(&mut self, i: usize) -> anyhow::Result<()> {
+        for child in [self.nodes[i].agent.take(), self.nodes[i].etcd.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.lab.kill_all(i)?;
+        self.lab.link_up(i)?;
+        self.spawn_etcd_member(i)?;
+        self.start_agent(i)
+    }
+
+    pub fn isolate(&self, i: usize) -> anyhow::Result<()> {
+        self.lab.isolate(i)
+    }
+
+    pub fn heal(&self, i: usize) -> anyhow::Result<()> {
+        self.lab.heal(i)
+    }
+
+    pub fn impair(&self, i: usize, imp: Impairment) -> anyhow::Result<()> {
+        self.lab.impair(i, imp)
+    }
+
+    fn start_router(&mut self, bin: &Path) -> anyhow::Result<()> {
+        let (primary, replicas, stats) = (free_port(), free_port(), free_port());
+        // The router reads an agent's file (scope, namespace, etcd3) plus its `router:` section.
+        let config = self.root.path().join("router.yml");
+        let base = fs::read_to_string(&self.nodes[0].config)?;
+        fs::write(
+            &config,
+            format!(
+                "{base}\nrouter:\n  primary_listen: 127.0.0.1:{primary}\n  replicas_listen: 127.0.0.1:{replicas}\n  \
+                 stats_listen: 127.0.0.1:{stats}\n  connect_timeout: 2\n"
+            ),
+        )?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.router_log)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("router")
+            .arg(&config)
+            .env("PGVIGIL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.router = Some(spawn_owned(cmd).context("starting pgvigil router")?);
+        self.router_ports = Some((primary, replicas));
+        wait_until("the router to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", primary))
+                .ok()
+                .map(|_| ())
+        })
+        .with_context(|| tail(&self.router_log, 30))
+    }
+
+    /// The address clients write to: the router's primary port.
+    pub fn write_addr(&self) -> Option<SocketAddr> {
+        self.router_ports
+            .map(|(p, _)| SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+    }
+
+    /// `GET /cluster` from the first host whose API answers.
+    pub fn cluster_doc(&self) -> Option<Value> {
+        self.nodes.iter().filter(|n| n.agent.is_some()).find_map(|n| {
+            let r = http::get_from(n.api_addr(), "/cluster").ok()?;
+            (r.status == 200).then(|| r.json().ok())?
+        })
+    }
+
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Index of the member `/cluster` calls leader, when it is `running`.
+    pub fn leader(&self) -> Option<usize> {
+        let doc = self.cluster_doc()?;
+        let members = doc.get("members")?.as_array()?;
+        let leader = members
+            .iter()
+            .find(|m| m["role"] == "leader" && m["state"] == "running")?;
+        self.node_index(leader["name"].as_str()?)
+    }
+
+    /// Waits until there is a running leader and every other node with an agent streams from
+    /// it; returns the leader's index.
+    pub fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<usize> {
+        let want = self.nodes.iter().filter(|n| n.agent.is_some()).count();
+        let result = wait_until("a leader and streaming replicas", timeout, || {
+            let doc = self.cluster_doc()?;
+            let members = doc.get("members")?.as_array()?;
+            let leader = members
+                .iter()
+                .find(|m| m["role"] == "leader" && m["state"] == "running")?;
+            let streaming = members
+                .iter()
+                .filter(|m| m["role"] != "leader" && m["state"] == "streaming")
+                .count();
+            (members.len() >= want && streaming + 1 >= want)
+                .then(|| self.node_index(leader["name"].as_str()?))?
+        });
+        result.map_err(|e| anyhow::anyhow!("{e}\n{}", self.diagnostics()))
+    }
+
+    /// Runs SQL with psql on host `i` (from the root namespace, TCP, superuser); returns the
+    /// trimmed unaligned output.
+    pub fn psql(&self, i: usize, sql: &str) -> anyhow::Result<String> {
+        psql_addr(self.nodes[i].pg_addr(), sql)
+    }
+
+    /// Waits for a leader other than `old` whose PostgreSQL accepts writes; returns it.
+    pub fn wait_new_leader(&self, old: Option<usize>, timeout: Duration) -> anyhow::Result<usize> {
+        wait_until("a new writable leader", timeout, || {
+            let l = self.leader().filter(|&l| Some(l) != old)?;
+            (self.psql(l, "SELECT pg_is_in_recovery()").ok()? == "f").then_some(l)
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.diagnostics()))
+    }
+
+    /// A checker writing through the router and sampling every host.
+    pub fn checker_config(&self) -> anyhow::Result<CheckerConfig> {
+        let write_to = self.write_addr().context("the cluster has no router")?;
+        let nodes = self.nodes.iter().map(|n| (n.name.clone(), n.pg_addr())).collect();
+        Ok(CheckerConfig::new(write_to, nodes, SUPERUSER, SUPERUSER_PASSWORD))
+    }
+
+    /// Creates the checker's tables on the leader and starts the checker; returns once writes
+    /// flow.
+    pub fn start_checker(&self, leader: usize) -> anyhow::Result<checker::Checker> {
+        self.psql(leader, &checker::setup_sql())?;
+        let c = checker::Checker::start(self.checker_config()?);
+        c.wait_for_acks(20, Duration::from_secs(60))
+            .map_err(|e| anyhow::anyhow!("{e}\nrouter log:\n{}", tail(&self.router_log, 30)))?;
+        Ok(c)
+    }
+
+    /// The current WAL timeline of host `i` (primary: from its current WAL file; replica: the
+    /// timeline it receives on).
+    fn timeline_of(&self, i: usize, primary: bool) -> anyhow::Result<u32> {
+        if primary {
+            let f = self.psql(i, "SELECT pg_walfile_name(pg_current_wal_lsn())")?;
+            Ok(u32::from_str_radix(
+                f.get(..8).context("short WAL file name")?,
+                16,
+            )?)
+        } else {
+            Ok(self
+                .psql(i, "SELECT received_tli FROM pg_stat_wal_receiver")?
+                .parse()?)
+        }
+    }
+
+    fn history_file(&self, i: usize, tli: u32) -> anyhow::Result<String> {
+        if tli <= 1 {
+            return Ok(String::new());
+        }
+        self.psql(i, &format!("SELECT pg_read_file('pg_wal/{tli:08X}.history')"))
+    }
+
+    /// One check of the end state: a running leader that is a primary, every other host a
+    /// replica streaming from the leader on the leader's timeline, with the same history file.
+    pub fn converged(&self) -> anyhow::Result<usize> {
+        let leader = self.leader().context("no running leader in /cluster")?;
+        if self.psql(leader, "SELECT pg_is_in_recovery()")? != "f" {
+            bail!("the leader is in recovery");
+        }
+        let tli = self.timeline_of(leader, true)?;
+        let history = self.history_file(leader, tli)?;
+        for i in (0..self.nodes.len()).filter(|&i| i != leader) {
+            let row = self.psql(
+                i,
+                "SELECT status || ',' || coalesce(sender_host, '') FROM pg_stat_wal_receiver",
+            )?;
+            let want = format!("streaming,{}", self.nodes[leader].ip);
+            if row != want {
+                bail!("{}: wal receiver {row:?}, want {want:?}", self.nodes[i].name);
+            }
+            let their = self.timeline_of(i, false)?;
+            if their != tli {
+                bail!(
+                    "{} receives timeline {their}, the leader is on {tli}",
+                    self.nodes[i].name
+                );
+            }
+            if self.history_file(i, tli)? != history {
+                bail!(
+                    "{} has a different history file for timeline {tli}",
+                    self.nodes[i].name
+                );
+            }
+        }
+        Ok(leader)
+    }
+
+    /// Waits (bounded) until [`NetCluster::converged`] holds; returns the leader.
+    pub fn wait_converged(&self, timeout: Duration) -> anyhow::Result<usize> {
+        let mut last = String::new();
+        let r = wait_until(
+            "every node streaming from the leader on its timeline",
+            timeout,
+            || match self.converged() {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    last = e.to_string();
+                    None
+                }
+            },
+        );
+        r.map_err(|e| anyhow::anyhow!("{e}: {last}\n{}", self.diagnostics()))
+    }
+
+    /// The ids in the checker's table on host `i`.
+    pub fn ids_on(&self, i: usize) -> anyhow::Result<HashSet<i64>> {
+        let text = self.psql(
+            i,
+            &format!(
+                "SELECT coalesce(string_agg(id::text, ','), '') FROM {}",
+                checker::WRITES_TABLE
+            ),
+        )?;
+        Ok(text.split(',').filter_map(|s| s.parse().ok()).collect())
+    }
+
+    /// Waits until every replica has replayed what the leader has written so far.
+    pub fn wait_replicas_caught_up(&self, leader: usize, timeout: Duration) -> anyhow::Result<()> {
+        let lsn = self.psql(leader, "SELECT pg_current_wal_lsn()")?;
+        for i in (0..self.nodes.len()).filter(|&i| i != leader) {
+            let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+            wait_until(
+                &format!("{} to replay {lsn}", self.nodes[i].name),
+                timeout,
+                || (self.psql(i, &sql).ok()? == "t").then_some(()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The assertions every fault scenario ends with, after healing: the cluster converges
+    /// (one leader, every node streaming from it on the same timeline history); with
+    /// `zero_loss`, every acknowledged write is on every node; no sampler tick saw two nodes
+    /// acknowledge a write; unless `allow_two_primaries`, none saw two primaries. Prints the
+    /// report. Returns the final leader.
+    pub fn verify(&self, report: &Report, expect: Expect) -> anyhow::Result<usize> {
+        eprintln!("{}", report.summary());
+        eprintln!("role changes seen by the sampler:\n{}", report.role_changes());
+        let leader = self.wait_converged(Duration::from_secs(180))?;
+        self.wait_replicas_caught_up(leader, Duration::from_secs(60))?;
+        let mut problems = Vec::new();
+        for i in 0..self.nodes.len() {
+            let lost = report.lost(&self.ids_on(i)?);
+            if !lost.is_empty() {
+                let msg = format!(
+                    "{} acknowledged writes missing on {}: {:?}",
+                    lost.len(),
+                    self.nodes[i].name,
+                    &lost[..lost.len().min(20)]
+                );
+                if expect.zero_loss {
+                    problems.push(msg);
+                } else {
+                    eprintln!("(asynchronous mode) {msg}");
+                }
+            }
+        }
+        let two_w = report.ticks_with_two_writable().len();
+        if two_w > 0 {
+            problems.push(format!("{two_w} sampler ticks saw two nodes acknowledge writes"));
+        }
+        let two_p = report.ticks_with_two_primaries().len();
+        if two_p > 0 && !expect.allow_two_primaries {
+            problems.push(format!("{two_p} sampler ticks saw two primaries"));
+        }
+        if !problems.is_empty() {
+            bail!("{}\n{}", problems.join("\n"), self.diagnostics());
+        }
+        Ok(leader)
+    }
+
+    /// Log tails of every agent and the cluster document, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!("cluster: {:?}\n", self.cluster_doc());
+        for n in &self.nodes {
+            out.push_str(&format!(
+                "--- {} ({}) agent log tail ---\n{}\n",
+                n.name,
+                n.ip,
+                tail(&n.log, 40)
+            ));
+        }
+        if self.router.is_some() {
+            out.push_str(&format!(
+                "--- router log tail ---\n{}\n",
+                tail(&self.router_log, 15)
+            ));
+        }
+        out
+    }
+
+    fn stop_everything(&mut self) {
+        if let Some(mut r) = self.router.take() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.agent.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for node in &self.nodes {
+            if let Some(pid) = node.postmaster_pid() {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.etcd.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // Backends, pg_basebackup, anything else a host started: by PID, per namespace.
+        for i in 0..self.nodes.len() {
+            let _ = self.lab.kill_all(i);
+        }
+    }
+}
+
+/// What [`NetCluster::verify`] insists on.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect {
+    /// Every acknowledged write must survive (synchronous modes).
+    pub zero_loss: bool,
+    /// Two PostgreSQL primaries at one sampler tick are tolerated (a frozen agent whose
+    /// PostgreSQL keeps running, without a watchdog); two nodes acknowledging writes never are.
+    pub allow_two_primaries: bool,
+}
+
+impl Default for Expect {
+    fn default() -> Self {
+        Expect {
+            zero_loss: true,
+            allow_two_primaries: false,
+        }
+    }
+}
+
+impl Drop for NetCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.diagnostics());
+        }
+        self.stop_everything();
+        if std::env::var_os("PGVIGIL_KEEP_TEST_DIRS").is_some() {
+            let root = std::mem::replace(&mut self.root, tempfile::TempDir::new().expect("a temp dir"));
+            eprintln!("PGVIGIL_KEEP_TEST_DIRS: kept {}", root.keep().display());
+        }
+    }
+}
+
+/// Runs SQL on `addr` as the superuser with psql.
+pub fn psql_addr(addr: SocketAddr, sql: &str) -> anyhow::Result<String> {
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .arg(format!(
+            "host={} port={} user={SUPERUSER} dbname=postgres connect_timeout=3",
+            addr.ip(),
+            addr.port()
+        ))
+        .env("PGPASSWORD", SUPERUSER_PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "3")
+        .env("PGOPTIONS", "-c statement_timeout=10000")
+        .stdin(Stdio::null())
+        .output()
+        .context("running psql")?;
+    if !out.status.success() {
+        bail!("psql on {addr}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
