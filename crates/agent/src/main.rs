@@ -1,5 +1,7 @@
 //! `pgvigil CONFIG.yml`: the HA agent, a drop-in replacement for `patroni CONFIG.yml`.
+//! `pgvigil router CONFIG.yml`: the client router (crate `pgvigil-router`), same file.
 
+mod probe;
 mod runtime;
 mod wiring;
 
@@ -21,7 +23,71 @@ struct Cli {
     validate_config: bool,
 }
 
+/// `pgvigil router [CONFIG] [--validate-config]`: chosen when the first argument is literally
+/// `router` (a configuration file of that name is still reachable as `./router`).
+#[derive(Parser, Debug)]
+#[command(
+    name = "pgvigil router",
+    version,
+    about = "Client router: 5000 to the primary, 5001 to the replicas, following the leader through etcd"
+)]
+struct RouterCli {
+    /// The cluster's Patroni-format configuration (the agent's file works: scope, namespace,
+    /// etcd3 and the `router:` section are used).
+    config: Option<PathBuf>,
+    /// Check the configuration, print warnings, and exit.
+    #[arg(long)]
+    validate_config: bool,
+}
+
+fn router_main() -> ExitCode {
+    let cli = RouterCli::parse_from(std::env::args_os().skip(1));
+    let env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("PATRONI_"))
+        .collect();
+    let loaded = match pgvigil_config::load(cli.config.as_deref(), &env) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("pgvigil router: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.validate_config {
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    wiring::init_logging(&loaded.config.log);
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgvigil router: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = pgvigil_router::shutdown_on_signals()?;
+        pgvigil_router::run(loaded.config, cli.config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("pgvigil router: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "router") {
+        return router_main();
+    }
     let cli = Cli::parse();
     let env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("PATRONI_"))

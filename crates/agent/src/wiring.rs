@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use pgvigil_api::ClusterView;
 use pgvigil_config::{Config, LogConfig};
 use pgvigil_dcs::{Dcs, Etcd3Dcs, EtcdOptions};
 use pgvigil_postgres::{PgSettings, PgUser, Postgres};
-use pgvigil_rest::{AccessControl, ClusterSource, NodeSnapshot, PeerClient, RestContext};
+use pgvigil_rest::{AccessControl, NodeSnapshot, PeerClient, RestContext};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -27,9 +26,9 @@ pub fn init_logging(log: &LogConfig) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGVIGIL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // Colour only on a terminal: agent logs usually go to files and journald.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if log.type_ == "json" {
         builder.json().init();
     } else {
@@ -82,15 +81,6 @@ fn pg_settings(cfg: &Config) -> anyhow::Result<PgSettings> {
         pg_ctl_timeout: Duration::from_secs(cfg.postgresql.pg_ctl_timeout),
         name: cfg.name.clone(),
     })
-}
-
-struct DcsClusterSource(Arc<dyn Dcs>);
-
-#[async_trait::async_trait]
-impl ClusterSource for DcsClusterSource {
-    async fn read_cluster(&self) -> Result<ClusterView, String> {
-        self.0.get_cluster().await.map_err(|e| e.to_string())
-    }
 }
 
 /// Connects to etcd, retrying every few seconds like Patroni until it answers or we are told
@@ -216,9 +206,17 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
     let listener = tokio::net::TcpListener::bind(&cfg.restapi.listen)
         .await
         .with_context(|| format!("restapi.listen {}: cannot listen", cfg.restapi.listen))?;
+    let failsafe = Arc::new(pgvigil_rest::FailsafeState::default());
     let rest = RestContext {
         snapshot: snapshot_rx,
-        cluster: Arc::new(DcsClusterSource(dcs.clone())),
+        dcs: dcs.clone(),
+        peers: PeerClient::new(
+            cfg.ctl
+                .authentication
+                .clone()
+                .or_else(|| cfg.restapi.authentication.clone())
+                .map(|c| (c.username, c.password)),
+        ),
         commands: command_tx,
         access: AccessControl {
             authentication: cfg
@@ -230,6 +228,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
             allowlist_include_members: cfg.restapi.allowlist_include_members,
         },
         extra_headers: cfg.restapi.http_extra_headers.clone().into_iter().collect(),
+        failsafe: failsafe.clone(),
+        status_probe: Some(Arc::new(crate::probe::PgProbe(pg.clone()))),
     };
     let rest_stop = tasks.clone();
     let rest_task = tokio::spawn(async move {
@@ -254,7 +254,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
         timing_tx,
         snapshot_tx,
         dynamic,
-    );
+    )
+    .with_failsafe(failsafe);
     let exit = agent.run(wake).await;
     tasks.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), rest_task).await;

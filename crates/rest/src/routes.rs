@@ -4,23 +4,86 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue, SERVER, WWW_AUTHENTICATE};
+use axum::http::header::{
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, SERVER, TRANSFER_ENCODING,
+    WWW_AUTHENTICATE,
+};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
-use pgvigil_api::ClusterView;
-use serde_json::{Value, json};
+use pgvigil_api::{ClusterView, FailoverValue};
+use serde_json::{Map, Value, json};
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::oneshot;
 
 use crate::access::Denied;
 use crate::health::{first_segment, generic_code, health_code};
 use crate::metrics::render_metrics;
+use crate::operator::{self, FailoverAction};
 use crate::snapshot::NodeSnapshot;
-use crate::{ApiCommand, CLUSTER_READ_TIMEOUT, RestContext};
+use crate::{ApiCommand, ApiReply, CLUSTER_READ_TIMEOUT, COMMAND_REPLY_TIMEOUT, RestContext};
+
+/// The protected endpoints (`patroni-compat.md` §2.6), selected by method and first segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operation {
+    Reload,
+    PatchConfig,
+    PutConfig,
+    Failover(FailoverAction),
+    DeleteSwitchover,
+    Restart,
+    DeleteRestart,
+    Reinitialize,
+}
+
+impl Operation {
+    fn select(method: &Method, segment: &str) -> Option<Operation> {
+        Some(match (method.as_str(), segment) {
+            ("POST", "reload") => Operation::Reload,
+            ("PATCH", "config") => Operation::PatchConfig,
+            ("PUT", "config") => Operation::PutConfig,
+            ("POST", "switchover") => Operation::Failover(FailoverAction::Switchover),
+            ("POST", "failover") => Operation::Failover(FailoverAction::Failover),
+            ("DELETE", "switchover") => Operation::DeleteSwitchover,
+            ("POST", "restart") => Operation::Restart,
+            ("DELETE", "restart") => Operation::DeleteRestart,
+            ("POST", "reinitialize") => Operation::Reinitialize,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a request body was not accepted.
+enum BadBody {
+    /// No `Content-Length` where a body is required: 411.
+    LengthRequired,
+    /// Not a JSON object (or an empty one where content is required): 400.
+    Malformed,
+}
+
+/// Patroni's `_read_json_content`: a JSON object; with `optional`, a missing or empty body is
+/// an empty object.
+fn read_json(headers: &HeaderMap, body: &[u8], optional: bool) -> Result<Map<String, Value>, BadBody> {
+    let has_length = headers.contains_key(CONTENT_LENGTH) || headers.contains_key(TRANSFER_ENCODING);
+    if !has_length {
+        return if optional {
+            Ok(Map::new())
+        } else {
+            Err(BadBody::LengthRequired)
+        };
+    }
+    if body.is_empty() && optional {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) if optional || !map.is_empty() => Ok(map),
+        _ => Err(BadBody::Malformed),
+    }
+}
 
 struct App {
     ctx: RestContext,
@@ -55,6 +118,7 @@ async fn dispatch(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let snap = app.ctx.snapshot.borrow().clone();
     let now = Instant::now();
@@ -65,7 +129,16 @@ async fn dispatch(
     let segment = first_segment(path);
     let response = match method {
         Method::GET => match segment {
-            "patroni" => app.json(&snap, 200, &snap.status),
+            "patroni" => {
+                let fresh = match &app.ctx.status_probe {
+                    Some(probe) => tokio::time::timeout(crate::STATUS_PROBE_TIMEOUT, probe.refresh(&snap.status))
+                        .await
+                        .ok()
+                        .flatten(),
+                    None => None,
+                };
+                app.json(&snap, 200, fresh.as_ref().unwrap_or(&snap.status))
+            }
             "liveness" | "readiness" => status_only(health_code(path, &query, &snap, now)),
             "cluster" => app.get_cluster(&snap).await,
             "history" => app.get_history(&snap).await,
@@ -78,11 +151,14 @@ async fn dispatch(
             _ => app.json(&snap, generic_code(path, &query, &snap, now), &snap.status),
         },
         Method::HEAD | Method::OPTIONS => status_only(health_code(path, &query, &snap, now)),
-        Method::POST if segment == "reload" => match app.protect(&snap, peer, &headers).await {
-            Err(denied) => denied,
-            Ok(()) => app.reload(&snap),
+        Method::POST if segment == "failsafe" => app.post_failsafe(&snap, peer, &headers, &body).await,
+        _ => match Operation::select(&method, segment) {
+            None => app.error_page(&snap, 501),
+            Some(op) => match app.protect(&snap, peer, &headers).await {
+                Err(denied) => denied,
+                Ok(()) => app.operate(&snap, op, &headers, &body).await,
+            },
         },
-        _ => app.error_page(&snap, 501),
     };
     tracing::debug!(
         "API: {} - {method} {uri} {}",
@@ -133,6 +209,43 @@ impl App {
         self.respond(snap, code.as_u16(), "text/html;charset=utf-8", body)
     }
 
+    /// `POST /failsafe` (§2.6): auth but no member check; see [`crate::failsafe`].
+    async fn post_failsafe(
+        &self,
+        snap: &NodeSnapshot,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response {
+        let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if let Err(denied) = self.ctx.access.check(peer.ip(), authorization, None, false).await {
+            return self.respond(snap, denied.status(), "text/html", denied.message());
+        }
+        let request = match read_json(headers, body, false) {
+            Ok(map) => map,
+            Err(BadBody::LengthRequired) => return self.error_page(snap, 411),
+            Err(BadBody::Malformed) => return self.error_page(snap, 400),
+        };
+        let xlog = snap.status.xlog.as_ref();
+        let lsn = xlog.and_then(|x| x.received_location.max(x.replayed_location));
+        let (code, message, lsn) = crate::failsafe::answer(
+            snap.failsafe_mode_enabled,
+            snap.status.role == "primary",
+            &self.ctx.failsafe,
+            &request,
+            lsn,
+            Instant::now(),
+        );
+        if message.is_empty() {
+            return self.error_page(snap, code);
+        }
+        let mut response = self.respond(snap, code, "text/html", message);
+        if let Some(lsn) = lsn.and_then(|l| HeaderValue::try_from(l.to_string()).ok()) {
+            response.headers_mut().insert(HeaderName::from_static("lsn"), lsn);
+        }
+        response
+    }
+
     /// Access control of protected endpoints: allowlist (403), then Basic auth (401).
     async fn protect(
         &self,
@@ -158,6 +271,374 @@ impl App {
         })
     }
 
+    fn text(&self, snap: &NodeSnapshot, reply: ApiReply) -> Response {
+        self.respond(snap, reply.status, "text/html", reply.body)
+    }
+
+    /// Runs one protected operation (access already checked).
+    async fn operate(
+        &self,
+        snap: &NodeSnapshot,
+        op: Operation,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response {
+        let optional = matches!(op, Operation::Restart | Operation::Reinitialize);
+        let needs_body = matches!(
+            op,
+            Operation::PatchConfig
+                | Operation::PutConfig
+                | Operation::Failover(_)
+                | Operation::Restart
+                | Operation::Reinitialize
+        );
+        let request = if needs_body {
+            match read_json(headers, body, optional) {
+                Ok(map) => map,
+                Err(BadBody::LengthRequired) => return self.error_page(snap, 411),
+                Err(BadBody::Malformed) => {
+                    tracing::warn!(
+                        "REST API: bad request body: {:?}",
+                        String::from_utf8_lossy(&body[..body.len().min(200)])
+                    );
+                    return self.error_page(snap, 400);
+                }
+            }
+        } else {
+            Map::new()
+        };
+        match op {
+            Operation::Reload => self.reload(snap),
+            Operation::PatchConfig => self.patch_config(snap, &request).await,
+            Operation::PutConfig => self.put_config(snap, request).await,
+            Operation::Failover(action) => self.failover(snap, action, &request).await,
+            Operation::DeleteSwitchover => self.delete_switchover(snap).await,
+            Operation::Restart => self.restart(snap, &request).await,
+            Operation::DeleteRestart => {
+                let reply = self
+                    .ask(
+                        "cancelling the scheduled restart",
+                        Duration::from_secs(120),
+                        |reply| ApiCommand::CancelScheduledRestart { reply },
+                    )
+                    .await;
+                self.text(snap, reply)
+            }
+            Operation::Reinitialize => self.reinitialize(snap, &request).await,
+        }
+    }
+
+    /// Asks the runtime to run an HA cycle now; a full queue already holds a wake-up.
+    fn wake(&self) {
+        if let Err(TrySendError::Closed(_)) = self.ctx.commands.try_send(ApiCommand::Wake) {
+            tracing::warn!("REST API: the HA loop is gone; cannot wake it");
+        }
+    }
+
+    /// Hands a command with a reply channel to the runtime and waits (bounded) for the answer.
+    async fn ask(
+        &self,
+        what: &str,
+        wait: Duration,
+        make: impl FnOnce(oneshot::Sender<ApiReply>) -> ApiCommand,
+    ) -> ApiReply {
+        let (tx, rx) = oneshot::channel();
+        match tokio::time::timeout(Duration::from_secs(10), self.ctx.commands.send(make(tx))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return ApiReply::new(503, format!("{what} failed: the HA loop has stopped")),
+            Err(_) => {
+                return ApiReply::new(
+                    503,
+                    format!("{what} failed: the HA loop did not take the request within 10 seconds"),
+                );
+            }
+        }
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => ApiReply::new(503, format!("{what} failed: the HA loop dropped the request")),
+            Err(_) => ApiReply::new(
+                503,
+                format!(
+                    "{what}: no answer from the HA loop after {} seconds; it may still be in progress",
+                    wait.as_secs()
+                ),
+            ),
+        }
+    }
+
+    /// A fresh DCS read for a write; on failure the 503 answer to send.
+    async fn fresh_cluster(&self, snap: &NodeSnapshot) -> Result<ClusterView, Response> {
+        self.read_cluster().await.map_err(|e| self.dcs_error(snap, &e))
+    }
+
+    async fn patch_config(&self, snap: &NodeSnapshot, patch: &Map<String, Value>) -> Response {
+        let view = match self.fresh_cluster(snap).await {
+            Ok(v) => v,
+            Err(response) => return response,
+        };
+        let Some(config) = view.config.filter(|c| c.mod_revision != 0) else {
+            return self.error_page(snap, 503);
+        };
+        let Value::Object(mut data) = config.value else {
+            return self.error_page(snap, 503);
+        };
+        if operator::patch_config(&mut data, patch) {
+            let value = Value::Object(data.clone());
+            match self
+                .bounded_write(self.ctx.dcs.set_config(&value, Some(config.mod_revision)))
+                .await
+            {
+                Ok(true) => {
+                    let patch = serde_json::to_string(patch).unwrap_or_default();
+                    tracing::info!("REST API: configuration patched: {patch}");
+                }
+                Ok(false) => return self.error_page(snap, 409),
+                Err(e) => {
+                    tracing::warn!("REST API: writing the configuration failed: {e}");
+                    return self.error_page(snap, 503);
+                }
+            }
+        }
+        self.wake();
+        self.json(snap, 200, &Value::Object(data))
+    }
+
+    async fn put_config(&self, snap: &NodeSnapshot, request: Map<String, Value>) -> Response {
+        let view = match self.fresh_cluster(snap).await {
+            Ok(v) => v,
+            Err(response) => return response,
+        };
+        let identical = view
+            .config
+            .as_ref()
+            .and_then(|c| c.value.as_object())
+            .is_some_and(|current| operator::deep_compare(&request, current));
+        let value = Value::Object(request);
+        if !identical {
+            match self.bounded_write(self.ctx.dcs.set_config(&value, None)).await {
+                Ok(true) => tracing::info!("REST API: configuration replaced"),
+                Ok(false) => return self.error_page(snap, 502),
+                Err(e) => {
+                    tracing::warn!("REST API: writing the configuration failed: {e}");
+                    return self.error_page(snap, 502);
+                }
+            }
+        }
+        self.wake();
+        self.json(snap, 200, &value)
+    }
+
+    /// A DCS write bounded like the reads.
+    async fn bounded_write(
+        &self,
+        write: impl std::future::Future<Output = Result<bool, pgvigil_dcs::DcsError>>,
+    ) -> Result<bool, String> {
+        match tokio::time::timeout(CLUSTER_READ_TIMEOUT * 3, write).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "DCS write timed out after {:?}",
+                CLUSTER_READ_TIMEOUT * 3
+            )),
+        }
+    }
+
+    async fn failover(
+        &self,
+        snap: &NodeSnapshot,
+        action: FailoverAction,
+        body: &Map<String, Value>,
+    ) -> Response {
+        let view = match self.fresh_cluster(snap).await {
+            Ok(v) => v,
+            Err(response) => return response,
+        };
+        let paused = view.is_paused();
+        let request = match operator::validate_failover(body, action, paused, chrono::Utc::now()) {
+            Ok(r) => r,
+            Err(reply) => return self.text(snap, reply),
+        };
+        let action = request.action;
+        tracing::info!(
+            "received {} request with leader={:?} candidate={:?} scheduled_at={:?}",
+            action.name(),
+            request.leader,
+            request.candidate,
+            request.scheduled_at
+        );
+        if request.scheduled_at.is_none()
+            && let Err(reason) = self
+                .failover_possible(
+                    &view,
+                    action,
+                    request.leader.as_deref(),
+                    request.candidate.as_deref(),
+                )
+                .await
+        {
+            return self.text(snap, ApiReply::new(412, reason));
+        }
+        let value = FailoverValue {
+            leader: request.leader.clone(),
+            member: request.candidate.clone(),
+            scheduled_at: request.scheduled_at.as_ref().map(operator::isoformat),
+        };
+        match self.bounded_write(self.ctx.dcs.set_failover(&value, None)).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                return self.text(snap, ApiReply::new(503, "failed to write failover key into DCS"));
+            }
+        }
+        self.wake();
+        if request.scheduled_at.is_some() {
+            return self.text(snap, ApiReply::new(202, format!("{} scheduled", action.title())));
+        }
+        let reply = self
+            .poll_failover(snap, view.leader_name(), request.candidate.as_deref(), action)
+            .await;
+        self.text(snap, reply)
+    }
+
+    /// Rule 6 of §2.6: some member must be able to take over.
+    async fn failover_possible(
+        &self,
+        view: &ClusterView,
+        action: FailoverAction,
+        leader: Option<&str>,
+        candidate: Option<&str>,
+    ) -> Result<(), String> {
+        let members = operator::feasibility_members(view, action, leader, candidate)?;
+        let mut checks = tokio::task::JoinSet::new();
+        for member in members {
+            let peers = self.ctx.peers.clone();
+            let url = member.data.api_url.clone();
+            checks.spawn(async move {
+                if url.is_empty() {
+                    return None;
+                }
+                peers.fetch_status(&url, Duration::from_secs(2)).await
+            });
+        }
+        while let Some(joined) = checks.join_next().await {
+            if operator::failover_limitation(joined.ok().flatten().as_ref()).is_none() {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "{} is not possible: no good candidates have been found",
+            action.name()
+        ))
+    }
+
+    /// Polls the DCS every second until the switchover shows an outcome or the time is up.
+    async fn poll_failover(
+        &self,
+        snap: &NodeSnapshot,
+        old_leader: Option<&str>,
+        candidate: Option<&str>,
+        action: FailoverAction,
+    ) -> ApiReply {
+        let seconds = operator::poll_seconds(snap.loop_wait);
+        for _ in 0..seconds {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match self.read_cluster().await {
+                Ok(view) => {
+                    if let Some(reply) = operator::poll_outcome(&view, old_leader, candidate, action) {
+                        return reply;
+                    }
+                }
+                Err(e) => tracing::debug!("polling the {} result: {e}", action.name()),
+            }
+        }
+        operator::poll_timeout(action, seconds)
+    }
+
+    async fn delete_switchover(&self, snap: &NodeSnapshot) -> Response {
+        let view = match self.fresh_cluster(snap).await {
+            Ok(v) => v,
+            Err(response) => return response,
+        };
+        let scheduled = view
+            .failover
+            .as_ref()
+            .filter(|f| f.value.scheduled_at.as_deref().is_some_and(|s| !s.is_empty()));
+        let Some(failover) = scheduled else {
+            return self.text(snap, ApiReply::new(404, "no switchover is scheduled"));
+        };
+        match self
+            .bounded_write(
+                self.ctx
+                    .dcs
+                    .set_failover(&FailoverValue::default(), Some(failover.mod_revision)),
+            )
+            .await
+        {
+            Ok(true) => {
+                self.wake();
+                self.text(snap, ApiReply::new(200, "scheduled switchover deleted"))
+            }
+            Ok(false) | Err(_) => self.error_page(snap, 409),
+        }
+    }
+
+    async fn restart(&self, snap: &NodeSnapshot, body: &Map<String, Value>) -> Response {
+        let paused = snap.paused || snap.cluster.as_ref().is_some_and(ClusterView::is_paused);
+        let request = match operator::validate_restart(body, paused, chrono::Utc::now()) {
+            Ok(r) => r,
+            Err(reply) => return self.text(snap, reply),
+        };
+        if !body.is_empty() {
+            let body = serde_json::to_string(body).unwrap_or_default();
+            tracing::info!("received restart request: {body}");
+        }
+        let wait = COMMAND_REPLY_TIMEOUT.max(Duration::from_secs(
+            request.timeout.unwrap_or(0).saturating_add(120),
+        ));
+        let reply = self
+            .ask("restart", wait, |reply| ApiCommand::Restart { request, reply })
+            .await;
+        self.text(snap, reply)
+    }
+
+    async fn reinitialize(&self, snap: &NodeSnapshot, body: &Map<String, Value>) -> Response {
+        let flag = |key: &str| match body.get(key) {
+            None | Some(Value::Null) => Ok(false),
+            Some(v) => operator::parse_bool(v)
+                .ok_or_else(|| ApiReply::new(400, format!("{key} should be a boolean, not {v}"))),
+        };
+        let (force, from_leader) = match (flag("force"), flag("from_leader")) {
+            (Ok(f), Ok(l)) => (f, l),
+            (Err(reply), _) | (_, Err(reply)) => return self.text(snap, reply),
+        };
+        if !body.is_empty() {
+            let body = serde_json::to_string(body).unwrap_or_default();
+            tracing::info!("received reinitialize request: {body}");
+        }
+        if let Ok(view) = self.read_cluster_or_cached(snap).await {
+            match view.leader_name() {
+                None => {
+                    return self.text(
+                        snap,
+                        ApiReply::new(503, "Cluster has no leader, can not reinitialize"),
+                    );
+                }
+                Some(leader) if leader == snap.name => {
+                    return self.text(snap, ApiReply::new(503, "I am the leader, can not reinitialize"));
+                }
+                Some(_) => {}
+            }
+        }
+        let reply = self
+            .ask("reinitialize", COMMAND_REPLY_TIMEOUT, |reply| {
+                ApiCommand::Reinitialize {
+                    force,
+                    from_leader,
+                    reply,
+                }
+            })
+            .await;
+        self.text(snap, reply)
+    }
+
     fn reload(&self, snap: &NodeSnapshot) -> Response {
         match self.ctx.commands.try_send(ApiCommand::Reload) {
             // A full queue already holds a pending command; the reload will still be seen.
@@ -168,8 +649,8 @@ impl App {
 
     /// A fresh DCS read bounded by [`CLUSTER_READ_TIMEOUT`].
     async fn read_cluster(&self) -> Result<ClusterView, String> {
-        match tokio::time::timeout(CLUSTER_READ_TIMEOUT, self.ctx.cluster.read_cluster()).await {
-            Ok(result) => result,
+        match tokio::time::timeout(CLUSTER_READ_TIMEOUT, self.ctx.dcs.get_cluster()).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
             Err(_) => Err(format!("DCS read timed out after {CLUSTER_READ_TIMEOUT:?}")),
         }
     }
