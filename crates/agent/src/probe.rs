@@ -32,7 +32,10 @@ impl pgvigil_rest::StatusProbe for PgProbe {
             doc.replication = None;
         } else {
             doc.role = "primary".into();
-            doc.xlog = Some(XlogInfo { location: st.wal_flush_lsn, ..Default::default() });
+            doc.xlog = Some(XlogInfo {
+                location: st.wal_flush_lsn,
+                ..Default::default()
+            });
             doc.replication_state = None;
             doc.replication = Some(st.replication.clone());
         }

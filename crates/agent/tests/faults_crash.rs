@@ -136,13 +136,18 @@ fn frozen_leader_with_a_watchdog_is_reset_before_its_lease_expires() {
         ..options("")
     };
     let (mut cluster, old, checker) = start(options);
-    let armed = wait_until("the leader's watchdog to be armed and fed", Duration::from_secs(30), || {
-        cluster.watchdog(old).filter(|w| w.armed && w.pings > 1)
-    });
+    let armed = wait_until(
+        "the leader's watchdog to be armed and fed",
+        Duration::from_secs(30),
+        || cluster.watchdog(old).filter(|w| w.armed && w.pings > 1),
+    );
     let armed = check!(cluster, armed);
     assert_eq!(armed.timeout, Duration::from_secs(cluster.options.ttl - 5));
     for i in (0..3).filter(|&i| i != old) {
-        assert!(!cluster.watchdog(i).unwrap().armed, "a replica armed its watchdog");
+        assert!(
+            !cluster.watchdog(i).unwrap().armed,
+            "a replica armed its watchdog"
+        );
     }
 
     // Frozen, the agent stops feeding the watchdog; the "hardware" resets the host (every
@@ -151,7 +156,11 @@ fn frozen_leader_with_a_watchdog_is_reset_before_its_lease_expires() {
     check!(cluster, cluster.signal_agent(old, Signal::SIGSTOP));
     let new = check!(cluster, cluster.wait_new_leader(Some(old), FAILOVER));
     let fired = cluster.watchdog(old).unwrap().fired;
-    assert_eq!(fired.len(), 1, "the watchdog did not reset the frozen leader's host");
+    assert_eq!(
+        fired.len(),
+        1,
+        "the watchdog did not reset the frozen leader's host"
+    );
     check!(cluster, checker.wait_for_acks(50, Duration::from_secs(60)));
 
     checker.mark("reset host restarted");

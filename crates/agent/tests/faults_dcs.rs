@@ -99,8 +99,14 @@ fn etcd_quorum_loss_with_failsafe_keeps_the_primary_while_every_member_answers()
         );
         std::thread::sleep(Duration::from_secs(1));
     }
-    assert!(checker.acked() > acked_before + 100, "writes stopped during the etcd outage");
-    let status = check!(cluster, http::get_from(cluster.nodes[leader].api_addr(), "/patroni"));
+    assert!(
+        checker.acked() > acked_before + 100,
+        "writes stopped during the etcd outage"
+    );
+    let status = check!(
+        cluster,
+        http::get_from(cluster.nodes[leader].api_addr(), "/patroni")
+    );
     assert!(
         status.body.contains("\"failsafe_mode_is_active\":true"),
         "{}",
@@ -111,9 +117,11 @@ fn etcd_quorum_loss_with_failsafe_keeps_the_primary_while_every_member_answers()
     let cut = others[0];
     checker.mark("a replica cut off: failsafe cannot confirm");
     check!(cluster, cluster.isolate(cut));
-    let fenced = wait_until("the primary to stop accepting writes", ttl + Duration::from_secs(30), || {
-        (cluster.psql(leader, "SELECT pg_is_in_recovery()").ok().as_deref() != Some("f")).then_some(())
-    });
+    let fenced = wait_until(
+        "the primary to stop accepting writes",
+        ttl + Duration::from_secs(30),
+        || (cluster.psql(leader, "SELECT pg_is_in_recovery()").ok().as_deref() != Some("f")).then_some(()),
+    );
     check!(cluster, fenced);
 
     // Everything comes back: the cluster returns to normal.

@@ -127,7 +127,10 @@ pub const STATUS_PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 /// by [`STATUS_PROBE_TIMEOUT`]; health checks keep answering from the snapshot.
 #[async_trait::async_trait]
 pub trait StatusProbe: Send + Sync + 'static {
-    async fn refresh(&self, base: &pgvigil_api::rest::StatusDocument) -> Option<pgvigil_api::rest::StatusDocument>;
+    async fn refresh(
+        &self,
+        base: &pgvigil_api::rest::StatusDocument,
+    ) -> Option<pgvigil_api::rest::StatusDocument>;
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled (then finishes in-flight requests).

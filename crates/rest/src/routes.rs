@@ -131,10 +131,12 @@ async fn dispatch(
         Method::GET => match segment {
             "patroni" => {
                 let fresh = match &app.ctx.status_probe {
-                    Some(probe) => tokio::time::timeout(crate::STATUS_PROBE_TIMEOUT, probe.refresh(&snap.status))
-                        .await
-                        .ok()
-                        .flatten(),
+                    Some(probe) => {
+                        tokio::time::timeout(crate::STATUS_PROBE_TIMEOUT, probe.refresh(&snap.status))
+                            .await
+                            .ok()
+                            .flatten()
+                    }
                     None => None,
                 };
                 app.json(&snap, 200, fresh.as_ref().unwrap_or(&snap.status))

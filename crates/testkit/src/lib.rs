@@ -19,9 +19,9 @@ pub mod http;
 pub mod load;
 pub mod netcluster;
 pub mod netns;
-pub mod watchdog;
 mod process;
 pub mod scenario;
+pub mod watchdog;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -505,7 +505,10 @@ postgresql:
     /// Brings a host killed by [`NetCluster::kill_host`] (or reset by its watchdog) back: link
     /// up, etcd, agent.
     pub fn restart_host(&mut self, i: usize) -> anyhow::Result<()> {
-        for child in [self.nodes[i].agent.take(), self.nodes[i].etcd.take()].into_iter().flatten() {
+        for child in [self.nodes[i].agent.take(), self.nodes[i].etcd.take()]
+            .into_iter()
+            .flatten()
+        {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();

@@ -42,7 +42,11 @@ impl WatchdogHardware {
     /// Plays the hardware behind the FIFO at `fifo` (which must exist); `reset` runs (on the
     /// hardware's thread) each time the device fires.
     pub fn start(fifo: &Path, reset: impl Fn() + Send + 'static) -> io::Result<WatchdogHardware> {
-        let fd: OwnedFd = open(fifo, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC, Mode::empty())?;
+        let fd: OwnedFd = open(
+            fifo,
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
         let state = Arc::new(Mutex::new(WatchdogState {
             armed: false,
             timeout: Duration::from_secs(60),
@@ -176,6 +180,9 @@ mod tests {
         })
         .unwrap();
         let s = hw.state();
-        assert_eq!((s.fired.len(), s.armed, s.timeout), (1, false, Duration::from_secs(1)));
+        assert_eq!(
+            (s.fired.len(), s.armed, s.timeout),
+            (1, false, Duration::from_secs(1))
+        );
     }
 }
