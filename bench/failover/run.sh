@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Failover benchmark: pgvigil and Patroni 4.1.5 side by side on the same three-host network lab
+# (network namespaces, one etcd member + PostgreSQL 15 + agent per host), with the same YAML
+# configuration file and `pgvigil router` in front of both. One command; prints a table.
+# See bench/README.md.
+#
+#   bench/failover/run.sh
+#
+# As root (namespaces, veth, iptables; PostgreSQL and the agents run as postgres). Installs
+# Patroni into /opt/pgvigil-bench/venv first if needed (scripts/install-bench-deps.sh).
+# About 45 minutes with the default 5 runs; BENCH_RUNS, BENCH_IDLE_SECONDS, BENCH_SYSTEMS and
+# BENCH_SCENARIOS shrink it (see crates/bench/src/bin/failover.rs).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+if [[ -d ${CARGO_HOME:-$HOME/.cargo}/bin && :$PATH: != *":${CARGO_HOME:-$HOME/.cargo}/bin:"* ]]; then
+    PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+fi
+[[ $(id -u) -eq 0 ]] || { echo "bench: run as root (network namespaces)" >&2; exit 1; }
+scripts/install-bench-deps.sh
+cargo build --release -p pgvigil -p pgvigilctl -p pgvigil-bench
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+exec "$TARGET_DIR/release/failover"

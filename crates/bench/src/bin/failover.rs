@@ -1,0 +1,436 @@
+//! `failover`: pgvigil and Patroni 4.1.5 side by side, in one invocation, on the same three-host
+//! network lab (network namespaces; per host an etcd member, PostgreSQL 15 and the agent), with
+//! the same YAML configuration file, `pgvigil router` in front of both, and the testkit's
+//! checker writing through the router's primary port. It reports, median and spread over
+//! `BENCH_RUNS` (default 5) runs each:
+//!
+//! 1. the client's write gap when the leader host dies (link down, then SIGKILL of every process
+//!    on it, etcd member included), with Patroni's default timings (ttl 30, loop_wait 10,
+//!    retry_timeout 10) and with the fast profile (ttl 20, loop_wait 2, retry_timeout 5);
+//! 2. the write gap of a planned switchover (`POST /switchover` to the leader), defaults;
+//! 3. the write gap after a PostgreSQL crash on the leader (SIGKILL of the postmaster), defaults;
+//! 4. acknowledged writes lost in all of the above (asynchronous replication, the default);
+//! 5. agent RSS and CPU seconds per idle minute (defaults, both clusters idle at the same time);
+//! 6. `pgvigilctl list` and `patronictl list` wall time.
+//!
+//! Runs alternate between the two systems (pgvigil first in odd runs, Patroni first in even
+//! ones); both clusters of a profile are up at the same time, the one not being measured idle.
+//! Run it through `bench/failover/run.sh`. Environment: `BENCH_RUNS`, `BENCH_IDLE_SECONDS`
+//! (default 60), `BENCH_SYSTEMS` (`pgvigil,patroni`), `BENCH_SCENARIOS`
+//! (`idle,list,host,switchover,crash,host-fast`), `PGVIGIL_BENCH_VENV` (where
+//! `scripts/install-bench-deps.sh` put Patroni).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use pgvigil_bench::summarize;
+use pgvigil_testkit::cluster::sibling_binary;
+use pgvigil_testkit::http;
+use pgvigil_testkit::netcluster::{AgentKind, NetCluster, NetOptions};
+
+const HEALTHY: Duration = Duration::from_secs(300);
+
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Profile {
+    name: &'static str,
+    ttl: u64,
+    loop_wait: u64,
+    retry_timeout: u64,
+}
+
+const DEFAULTS: Profile = Profile {
+    name: "defaults",
+    ttl: 30,
+    loop_wait: 10,
+    retry_timeout: 10,
+};
+const FAST: Profile = Profile {
+    name: "fast",
+    ttl: 20,
+    loop_wait: 2,
+    retry_timeout: 5,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    HostDeath,
+    Switchover,
+    PgCrash,
+}
+
+struct System {
+    name: &'static str,
+    ctl: PathBuf,
+    cluster: NetCluster,
+}
+
+/// Results, by row label and system name.
+#[derive(Default)]
+struct Results {
+    rows: Vec<String>,
+    values: BTreeMap<(String, String), Vec<f64>>,
+    units: BTreeMap<String, &'static str>,
+}
+
+impl Results {
+    fn add(&mut self, row: &str, unit: &'static str, system: &str, v: f64) {
+        if !self.rows.iter().any(|r| r == row) {
+            self.rows.push(row.to_string());
+        }
+        self.units.insert(row.to_string(), unit);
+        self.values
+            .entry((row.to_string(), system.to_string()))
+            .or_default()
+            .push(v);
+    }
+
+    fn cell(&self, row: &str, system: &str) -> String {
+        let Some(v) = self.values.get(&(row.to_string(), system.to_string())) else {
+            return "-".into();
+        };
+        let unit = self.units.get(row).copied().unwrap_or("");
+        if unit == "rows" {
+            let total: f64 = v.iter().sum();
+            return format!("{total:.0} in {} runs", v.len());
+        }
+        let s = summarize(v).expect("non-empty");
+        let digits = match s.max {
+            m if m >= 10.0 => 1,
+            m if m >= 0.1 => 2,
+            _ => 3,
+        };
+        format!(
+            "{:.d$} {unit} ({:.d$}-{:.d$}, n={})",
+            s.median,
+            s.min,
+            s.max,
+            s.n,
+            d = digits
+        )
+    }
+
+    fn table(&self, systems: &[&str]) -> String {
+        let mut out = format!("| Measurement | {} |\n|---|", systems.join(" | "));
+        for _ in systems {
+            out.push_str("---|");
+        }
+        out.push('\n');
+        for row in &self.rows {
+            out.push_str(&format!("| {row} |"));
+            for s in systems {
+                out.push_str(&format!(" {} |", self.cell(row, s)));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn raw(&self) -> String {
+        let mut out = String::new();
+        for ((row, system), v) in &self.values {
+            let list: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
+            out.push_str(&format!("{row} / {system}: {}\n", list.join(" ")));
+        }
+        out
+    }
+}
+
+fn start_system(
+    name: &'static str,
+    agent: AgentKind,
+    ctl: PathBuf,
+    profile: Profile,
+    router: &Path,
+) -> anyhow::Result<System> {
+    let options = NetOptions {
+        ttl: profile.ttl,
+        loop_wait: profile.loop_wait,
+        retry_timeout: profile.retry_timeout,
+        router: Some(router.to_path_buf()),
+        log_level: "info".into(),
+        ..Default::default()
+    };
+    let cluster =
+        NetCluster::start(agent, options).with_context(|| format!("starting the {name} cluster"))?;
+    Ok(System { name, ctl, cluster })
+}
+
+/// utime + stime + cutime + cstime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14 .. cstime 17 (1-based).
+    let ticks: f64 = fields
+        .get(11..15)?
+        .iter()
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Both clusters idle for `seconds`: mean CPU seconds per minute and RSS per agent.
+fn measure_idle(systems: &[System], seconds: u64, results: &mut Results) -> anyhow::Result<()> {
+    let pids: Vec<Vec<u32>> = systems
+        .iter()
+        .map(|s| s.cluster.nodes.iter().filter_map(|n| n.agent_pid()).collect())
+        .collect();
+    let before: Vec<Vec<f64>> = pids
+        .iter()
+        .map(|p| p.iter().filter_map(|&pid| cpu_seconds(pid)).collect())
+        .collect();
+    std::thread::sleep(Duration::from_secs(seconds));
+    for (i, s) in systems.iter().enumerate() {
+        let after: Vec<f64> = pids[i].iter().filter_map(|&pid| cpu_seconds(pid)).collect();
+        if after.len() != before[i].len() || after.is_empty() {
+            bail!("{}: an agent exited during the idle measurement", s.name);
+        }
+        let used: f64 = after.iter().zip(&before[i]).map(|(a, b)| a - b).sum::<f64>() / after.len() as f64;
+        results.add(
+            "Agent CPU per idle minute (mean of 3 agents)",
+            "s",
+            s.name,
+            used * 60.0 / seconds as f64,
+        );
+        let rss: Vec<f64> = pids[i].iter().filter_map(|&pid| rss_mib(pid)).collect();
+        results.add(
+            "Agent RSS (mean of 3 agents)",
+            "MiB",
+            s.name,
+            rss.iter().sum::<f64>() / rss.len().max(1) as f64,
+        );
+    }
+    Ok(())
+}
+
+fn measure_list(s: &System, results: &mut Results) -> anyhow::Result<()> {
+    let config = &s.cluster.nodes[0].config;
+    let started = Instant::now();
+    let out = Command::new(&s.ctl)
+        .arg("-c")
+        .arg(config)
+        .arg("list")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", s.ctl.display()))?;
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !text.contains("node1") {
+        bail!(
+            "{} list failed: {}{}",
+            s.ctl.display(),
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    results.add(
+        "`pgvigilctl list` / `patronictl list` wall time",
+        "s",
+        s.name,
+        took.as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// One fault on a healthy cluster: returns (write gap in seconds, acknowledged writes lost).
+/// Leaves the cluster healthy again.
+fn run_fault(s: &mut System, fault: Fault) -> anyhow::Result<(f64, usize)> {
+    let c = &mut s.cluster;
+    let leader = c.wait_healthy(HEALTHY)?;
+    let checker = c.start_checker(leader)?;
+    checker.wait_for_acks(100, Duration::from_secs(60))?;
+    let old_name = c.nodes[leader].name.clone();
+    checker.mark("fault");
+    match fault {
+        Fault::HostDeath => c.kill_host(leader)?,
+        Fault::PgCrash => c.kill_postgres(leader)?,
+        Fault::Switchover => {
+            let candidate = c.nodes[(leader + 1) % c.nodes.len()].name.clone();
+            let api = c.nodes[leader].api_addr();
+            let body = format!(r#"{{"leader":"{old_name}","candidate":"{candidate}"}}"#);
+            // The agent answers when the switchover is done (or after its own timeout); the
+            // result shows in the cluster anyway.
+            std::thread::spawn(move || http::request_to(api, "POST", "/switchover", Some(&body), None));
+        }
+    }
+    if fault != Fault::PgCrash {
+        c.wait_new_leader(Some(leader), HEALTHY)?;
+    }
+    checker
+        .wait_for_acks(50, HEALTHY)
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", c.diagnostics()))?;
+    let report = checker.finish();
+    let gap = report.gap_after_mark("fault").context("no mark")?;
+    let now_leader = c.wait_new_leader(None, HEALTHY)?;
+    let lost = report.lost(&c.ids_on(now_leader)?).len();
+    if fault == Fault::HostDeath {
+        c.restart_host(leader)?;
+    }
+    c.wait_healthy(HEALTHY)?;
+    Ok((gap.as_secs_f64(), lost))
+}
+
+fn main() -> anyhow::Result<()> {
+    let runs = env_count("BENCH_RUNS", 5);
+    let idle_seconds = env_count("BENCH_IDLE_SECONDS", 60) as u64;
+    let systems = env_list("BENCH_SYSTEMS", "pgvigil,patroni");
+    let scenarios = env_list("BENCH_SCENARIOS", "idle,list,host,switchover,crash,host-fast");
+    let venv = PathBuf::from(
+        std::env::var("PGVIGIL_BENCH_VENV").unwrap_or_else(|_| "/opt/pgvigil-bench/venv".into()),
+    );
+    let pgvigil = sibling_binary("pgvigil")?;
+    let pgvigilctl = sibling_binary("pgvigilctl")?;
+    let (patroni, patronictl) = (venv.join("bin/patroni"), venv.join("bin/patronictl"));
+    if systems.iter().any(|s| s == "patroni") && !patroni.exists() {
+        bail!(
+            "{} not found: run scripts/install-bench-deps.sh",
+            patroni.display()
+        );
+    }
+    let version = Command::new(&patroni).arg("--version").output().ok();
+    let patroni_version = version
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    eprintln!("bench failover: {runs} runs, systems {systems:?}, scenarios {scenarios:?}; {patroni_version}");
+    let started = Instant::now();
+    let mut results = Results::default();
+    let wanted = |s: &str| scenarios.iter().any(|x| x == s);
+    let system_names: Vec<&'static str> = ["pgvigil", "patroni"]
+        .into_iter()
+        .filter(|n| systems.iter().any(|s| s == n))
+        .collect();
+
+    for profile in [DEFAULTS, FAST] {
+        let faults: Vec<(Fault, &str)> = if profile.name == "defaults" {
+            [
+                (Fault::HostDeath, "host"),
+                (Fault::Switchover, "switchover"),
+                (Fault::PgCrash, "crash"),
+            ]
+            .into_iter()
+            .filter(|(_, key)| wanted(key))
+            .collect()
+        } else {
+            [(Fault::HostDeath, "host-fast")]
+                .into_iter()
+                .filter(|(_, key)| wanted(key))
+                .collect()
+        };
+        let idle = profile.name == "defaults" && wanted("idle");
+        let list = profile.name == "defaults" && wanted("list");
+        if faults.is_empty() && !idle && !list {
+            continue;
+        }
+        let mut up = Vec::new();
+        for name in &system_names {
+            let (agent, ctl) = match *name {
+                "pgvigil" => (AgentKind::Pgvigil(pgvigil.clone()), pgvigilctl.clone()),
+                _ => (AgentKind::Patroni(patroni.clone()), patronictl.clone()),
+            };
+            up.push(start_system(name, agent, ctl, profile, &pgvigil)?);
+        }
+        for s in &up {
+            s.cluster
+                .wait_healthy(HEALTHY)
+                .with_context(|| format!("{} cluster ({})", s.name, profile.name))?;
+        }
+        eprintln!(
+            "[{:>5.0}s] {} profile: clusters up",
+            started.elapsed().as_secs_f64(),
+            profile.name
+        );
+        if idle {
+            for run in 0..runs {
+                measure_idle(&up, idle_seconds, &mut results)?;
+                eprintln!(
+                    "[{:>5.0}s] idle minute {}/{runs}",
+                    started.elapsed().as_secs_f64(),
+                    run + 1
+                );
+            }
+        }
+        if list {
+            for _ in 0..runs {
+                for s in &up {
+                    measure_list(s, &mut results)?;
+                }
+            }
+        }
+        for (fault, _) in &faults {
+            let label = match (fault, profile.name) {
+                (Fault::HostDeath, "defaults") => {
+                    "Write gap, leader host dies (defaults: ttl 30, loop_wait 10, retry_timeout 10)"
+                }
+                (Fault::HostDeath, _) => {
+                    "Write gap, leader host dies (fast: ttl 20, loop_wait 2, retry_timeout 5)"
+                }
+                (Fault::Switchover, _) => "Write gap, planned switchover (defaults)",
+                (Fault::PgCrash, _) => "Write gap, PostgreSQL crash on the leader (defaults)",
+            };
+            for run in 0..runs {
+                let order: Vec<usize> = if run % 2 == 0 {
+                    (0..up.len()).collect()
+                } else {
+                    (0..up.len()).rev().collect()
+                };
+                for i in order {
+                    let s = &mut up[i];
+                    let (gap, lost) = run_fault(s, *fault).with_context(|| format!("{} {label}", s.name))?;
+                    eprintln!(
+                        "[{:>5.0}s] {} {label} run {}: gap {gap:.2}s, lost {lost}",
+                        started.elapsed().as_secs_f64(),
+                        s.name,
+                        run + 1
+                    );
+                    results.add(label, "s", s.name, gap);
+                    results.add(
+                        "Acknowledged writes lost (all fault runs)",
+                        "rows",
+                        s.name,
+                        lost as f64,
+                    );
+                }
+            }
+        }
+        drop(up);
+    }
+    println!("\n{}", results.table(&system_names));
+    println!("raw values:\n{}", results.raw());
+    println!(
+        "({runs} runs each, {:.0} minutes in total; {patroni_version}; router: pgvigil router for both)",
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
