@@ -40,29 +40,44 @@ struct RouterCli {
     validate_config: bool,
 }
 
-fn router_main() -> ExitCode {
-    let cli = RouterCli::parse_from(std::env::args_os().skip(1));
+/// Loads the configuration the way both modes do: file or directory plus `PATRONI_*`
+/// variables; `--validate-config` prints the warnings and ends here; otherwise logging starts
+/// and the warnings are logged. `Err` carries the exit code.
+fn load_config(
+    program: &str,
+    path: Option<&std::path::Path>,
+    validate: bool,
+) -> Result<pgvigil_config::Loaded, ExitCode> {
     let env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("PATRONI_"))
         .collect();
-    let loaded = match pgvigil_config::load(cli.config.as_deref(), &env) {
+    let loaded = match pgvigil_config::load(path, &env) {
         Ok(loaded) => loaded,
         Err(e) => {
-            eprintln!("pgvigil router: invalid configuration: {e}");
-            return ExitCode::from(2);
+            eprintln!("{program}: invalid configuration: {e}");
+            return Err(ExitCode::from(2));
         }
     };
-    if cli.validate_config {
+    if validate {
         for w in &loaded.warnings {
             eprintln!("warning: {w}");
         }
         println!("configuration is valid");
-        return ExitCode::SUCCESS;
+        return Err(ExitCode::SUCCESS);
     }
     wiring::init_logging(&loaded.config.log);
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
+    Ok(loaded)
+}
+
+fn router_main() -> ExitCode {
+    let cli = RouterCli::parse_from(std::env::args_os().skip(1));
+    let loaded = match load_config("pgvigil router", cli.config.as_deref(), cli.validate_config) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -89,27 +104,10 @@ fn main() -> ExitCode {
         return router_main();
     }
     let cli = Cli::parse();
-    let env: BTreeMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("PATRONI_"))
-        .collect();
-    let loaded = match pgvigil_config::load(cli.config.as_deref(), &env) {
+    let loaded = match load_config("pgvigil", cli.config.as_deref(), cli.validate_config) {
         Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("pgvigil: invalid configuration: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    if cli.validate_config {
-        for w in &loaded.warnings {
-            eprintln!("warning: {w}");
-        }
-        println!("configuration is valid");
-        return ExitCode::SUCCESS;
-    }
-    wiring::init_logging(&loaded.config.log);
-    for w in &loaded.warnings {
-        tracing::warn!("{w}");
-    }
     if nix::unistd::geteuid().is_root() {
         tracing::error!("pgvigil must not run as root: PostgreSQL refuses to. Run it as the postgres user.");
         return ExitCode::from(2);
