@@ -45,8 +45,10 @@ pub fn setup_sql() -> String {
 
 #[derive(Clone, Debug)]
 pub struct CheckerConfig {
-    /// Where the writer connects (the router's primary port).
-    pub write_to: SocketAddr,
+    /// Where the writer connects: one address (a router's primary port), or several (every
+    /// node's own port), in which case each connection goes to the one that accepts writes, as
+    /// libpq's `target_session_attrs=read-write` does.
+    pub write_to: Vec<SocketAddr>,
     /// Every node's PostgreSQL, by member name, for the sampler.
     pub nodes: Vec<(String, SocketAddr)>,
     pub user: String,
@@ -67,7 +69,12 @@ pub struct CheckerConfig {
 }
 
 impl CheckerConfig {
-    pub fn new(write_to: SocketAddr, nodes: Vec<(String, SocketAddr)>, user: &str, password: &str) -> Self {
+    pub fn new(
+        write_to: Vec<SocketAddr>,
+        nodes: Vec<(String, SocketAddr)>,
+        user: &str,
+        password: &str,
+    ) -> Self {
         CheckerConfig {
             write_to,
             nodes,
@@ -85,11 +92,15 @@ impl CheckerConfig {
         }
     }
 
-    fn pg_config(&self, addr: SocketAddr, timeout: Duration) -> tokio_postgres::Config {
+    fn pg_config(&self, addrs: &[SocketAddr], timeout: Duration) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
-        c.host(addr.ip().to_string())
-            .port(addr.port())
-            .user(&self.user)
+        for addr in addrs {
+            c.host(addr.ip().to_string()).port(addr.port());
+        }
+        if addrs.len() > 1 {
+            c.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
+        c.user(&self.user)
             .password(&self.password)
             .dbname(&self.dbname)
             .application_name("pgvigil-checker")
@@ -242,9 +253,9 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("building a tokio runtime")
 }
 
-async fn connect(cfg: &CheckerConfig, addr: SocketAddr, timeout: Duration) -> Result<Client, String> {
-    let pg = cfg.pg_config(addr, timeout);
-    match tokio::time::timeout(timeout, pg.connect(NoTls)).await {
+async fn connect(cfg: &CheckerConfig, addrs: &[SocketAddr], timeout: Duration) -> Result<Client, String> {
+    let pg = cfg.pg_config(addrs, timeout);
+    match tokio::time::timeout(timeout * addrs.len().max(1) as u32, pg.connect(NoTls)).await {
         Ok(Ok((client, conn))) => {
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -252,7 +263,7 @@ async fn connect(cfg: &CheckerConfig, addr: SocketAddr, timeout: Duration) -> Re
             Ok(client)
         }
         Ok(Err(e)) => Err(describe(&e)),
-        Err(_) => Err(format!("connecting to {addr} timed out")),
+        Err(_) => Err(format!("connecting to {addrs:?} timed out")),
     }
 }
 
@@ -292,7 +303,7 @@ async fn write_loop(cfg: CheckerConfig, stop: Arc<AtomicBool>, acked: Arc<Atomic
     while !stop.load(Ordering::SeqCst) {
         let c = match &client {
             Some(c) if !c.is_closed() => c,
-            _ => match connect(&cfg, cfg.write_to, Duration::from_secs(2)).await {
+            _ => match connect(&cfg, &cfg.write_to, Duration::from_secs(2)).await {
                 Ok(c) => client.insert(c),
                 Err(e) => {
                     log.last_error = Some(e);
@@ -369,7 +380,7 @@ async fn sample_node(
 ) -> NodeSample {
     let mut sample = NodeSample::default();
     if slot.as_ref().is_none_or(Client::is_closed) {
-        match connect(cfg, addr, cfg.probe_timeout).await {
+        match connect(cfg, &[addr], cfg.probe_timeout).await {
             Ok(c) => *slot = Some(c),
             Err(e) => {
                 sample.error = Some(e);

@@ -631,14 +631,39 @@ postgresql:
     pub fn checker_config(&self) -> anyhow::Result<CheckerConfig> {
         let write_to = self.write_addr().context("the cluster has no router")?;
         let nodes = self.nodes.iter().map(|n| (n.name.clone(), n.pg_addr())).collect();
-        Ok(CheckerConfig::new(write_to, nodes, SUPERUSER, SUPERUSER_PASSWORD))
+        Ok(CheckerConfig::new(
+            vec![write_to],
+            nodes,
+            SUPERUSER,
+            SUPERUSER_PASSWORD,
+        ))
+    }
+
+    /// A checker configuration whose writer bypasses the router: it connects to every node's
+    /// own PostgreSQL port and writes to the one that accepts writes (libpq's
+    /// `target_session_attrs=read-write`).
+    pub fn checker_config_direct(&self) -> CheckerConfig {
+        let nodes: Vec<(String, SocketAddr)> =
+            self.nodes.iter().map(|n| (n.name.clone(), n.pg_addr())).collect();
+        let direct = nodes.iter().map(|(_, a)| *a).collect();
+        CheckerConfig::new(direct, nodes, SUPERUSER, SUPERUSER_PASSWORD)
     }
 
     /// Creates the checker's tables on the leader and starts the checker; returns once writes
     /// flow.
     pub fn start_checker(&self, leader: usize) -> anyhow::Result<checker::Checker> {
+        self.start_checker_with(leader, self.checker_config()?)
+    }
+
+    /// [`NetCluster::start_checker`] with a given configuration (e.g.
+    /// [`NetCluster::checker_config_direct`]).
+    pub fn start_checker_with(
+        &self,
+        leader: usize,
+        config: CheckerConfig,
+    ) -> anyhow::Result<checker::Checker> {
         self.psql(leader, &checker::setup_sql())?;
-        let c = checker::Checker::start(self.checker_config()?);
+        let c = checker::Checker::start(config);
         c.wait_for_acks(20, Duration::from_secs(60))
             .map_err(|e| anyhow::anyhow!("{e}\nrouter log:\n{}", tail(&self.router_log, 30)))?;
         Ok(c)

@@ -7,7 +7,10 @@
 //! 1. the client's write gap when the leader host dies (link down, then SIGKILL of every process
 //!    on it, etcd member included), with Patroni's default timings (ttl 30, loop_wait 10,
 //!    retry_timeout 10) and with the fast profile (ttl 20, loop_wait 2, retry_timeout 5);
-//! 2. the write gap of a planned switchover (`POST /switchover` to the leader), defaults;
+//! 2. the write gap of a planned switchover (`POST /switchover` to the leader), defaults, with
+//!    the client writing through the router and, separately, straight to the nodes' own ports
+//!    (a multi-host connection that picks the writable node, like libpq's
+//!    `target_session_attrs=read-write`);
 //! 3. the write gap after a PostgreSQL crash on the leader (SIGKILL of the postmaster), defaults;
 //! 4. acknowledged writes lost in all of the above (asynchronous replication, the default);
 //! 5. agent RSS and CPU seconds per idle minute (defaults, both clusters idle at the same time);
@@ -17,7 +20,7 @@
 //! ones); both clusters of a profile are up at the same time, the one not being measured idle.
 //! Run it through `bench/failover/run.sh`. Environment: `BENCH_RUNS`, `BENCH_IDLE_SECONDS`
 //! (default 60), `BENCH_SYSTEMS` (`pgvigil,patroni`), `BENCH_SCENARIOS`
-//! (`idle,list,host,switchover,crash,host-fast`), `PGVIGIL_BENCH_VENV` (where
+//! (`idle,list,host,switchover,switchover-direct,crash,host-fast`), `PGVIGIL_BENCH_VENV` (where
 //! `scripts/install-bench-deps.sh` put Patroni).
 
 use std::collections::BTreeMap;
@@ -74,6 +77,9 @@ const FAST: Profile = Profile {
 enum Fault {
     HostDeath,
     Switchover,
+    /// A planned switchover with the client on the nodes' own ports (no router), as issue 3's
+    /// benchmark asks.
+    SwitchoverDirect,
     PgCrash,
 }
 
@@ -174,6 +180,18 @@ fn start_system(
     Ok(System { name, ctl, cluster })
 }
 
+/// A duration uniformly below `max` (clock-seeded; no cryptographic quality needed).
+fn random_below(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let mut x = nanos
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    x ^= x >> 33;
+    max.mul_f64((x % 1_000_000) as f64 / 1_000_000.0)
+}
+
 /// utime + stime + cutime + cstime of `pid`, in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -187,6 +205,13 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) } as f64;
     Some(ticks / hz)
+}
+
+/// The 1, 5 and 15 minute load averages: other work on the machine shows in every number.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn rss_mib(pid: u32) -> Option<f64> {
@@ -266,17 +291,25 @@ fn measure_list(s: &System, results: &mut Results) -> anyhow::Result<()> {
 
 /// One fault on a healthy cluster: returns (write gap in seconds, acknowledged writes lost).
 /// Leaves the cluster healthy again.
-fn run_fault(s: &mut System, fault: Fault) -> anyhow::Result<(f64, usize)> {
+fn run_fault(s: &mut System, fault: Fault, loop_wait: u64) -> anyhow::Result<(f64, usize)> {
     let c = &mut s.cluster;
     let leader = c.wait_healthy(HEALTHY)?;
-    let checker = c.start_checker(leader)?;
+    let checker = if fault == Fault::SwitchoverDirect {
+        c.start_checker_with(leader, c.checker_config_direct())?
+    } else {
+        c.start_checker(leader)?
+    };
     checker.wait_for_acks(100, Duration::from_secs(60))?;
+    // The cluster settles in step with the agents' loops; without a random pause every run
+    // would hit the same point of the leader's renewal period (and a dead leader's lease
+    // expires `ttl` after its last renewal), which would make the spread meaningless.
+    std::thread::sleep(random_below(Duration::from_secs(loop_wait)));
     let old_name = c.nodes[leader].name.clone();
     checker.mark("fault");
     match fault {
         Fault::HostDeath => c.kill_host(leader)?,
         Fault::PgCrash => c.kill_postgres(leader)?,
-        Fault::Switchover => {
+        Fault::Switchover | Fault::SwitchoverDirect => {
             let candidate = c.nodes[(leader + 1) % c.nodes.len()].name.clone();
             let api = c.nodes[leader].api_addr();
             let body = format!(r#"{{"leader":"{old_name}","candidate":"{candidate}"}}"#);
@@ -306,7 +339,10 @@ fn main() -> anyhow::Result<()> {
     let runs = env_count("BENCH_RUNS", 5);
     let idle_seconds = env_count("BENCH_IDLE_SECONDS", 60) as u64;
     let systems = env_list("BENCH_SYSTEMS", "pgvigil,patroni");
-    let scenarios = env_list("BENCH_SCENARIOS", "idle,list,host,switchover,crash,host-fast");
+    let scenarios = env_list(
+        "BENCH_SCENARIOS",
+        "idle,list,host,switchover,switchover-direct,crash,host-fast",
+    );
     let venv = PathBuf::from(
         std::env::var("PGVIGIL_BENCH_VENV").unwrap_or_else(|_| "/opt/pgvigil-bench/venv".into()),
     );
@@ -325,6 +361,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
     eprintln!("bench failover: {runs} runs, systems {systems:?}, scenarios {scenarios:?}; {patroni_version}");
     let started = Instant::now();
+    let load_at_start = load_average();
     let mut results = Results::default();
     let wanted = |s: &str| scenarios.iter().any(|x| x == s);
     let system_names: Vec<&'static str> = ["pgvigil", "patroni"]
@@ -337,6 +374,7 @@ fn main() -> anyhow::Result<()> {
             [
                 (Fault::HostDeath, "host"),
                 (Fault::Switchover, "switchover"),
+                (Fault::SwitchoverDirect, "switchover-direct"),
                 (Fault::PgCrash, "crash"),
             ]
             .into_iter()
@@ -397,6 +435,9 @@ fn main() -> anyhow::Result<()> {
                     "Write gap, leader host dies (fast: ttl 20, loop_wait 2, retry_timeout 5)"
                 }
                 (Fault::Switchover, _) => "Write gap, planned switchover (defaults)",
+                (Fault::SwitchoverDirect, _) => {
+                    "Write gap, planned switchover, client on the nodes' own ports (defaults)"
+                }
                 (Fault::PgCrash, _) => "Write gap, PostgreSQL crash on the leader (defaults)",
             };
             for run in 0..runs {
@@ -407,7 +448,8 @@ fn main() -> anyhow::Result<()> {
                 };
                 for i in order {
                     let s = &mut up[i];
-                    let (gap, lost) = run_fault(s, *fault).with_context(|| format!("{} {label}", s.name))?;
+                    let (gap, lost) = run_fault(s, *fault, profile.loop_wait)
+                        .with_context(|| format!("{} {label}", s.name))?;
                     eprintln!(
                         "[{:>5.0}s] {} {label} run {}: gap {gap:.2}s, lost {lost}",
                         started.elapsed().as_secs_f64(),
@@ -429,8 +471,10 @@ fn main() -> anyhow::Result<()> {
     println!("\n{}", results.table(&system_names));
     println!("raw values:\n{}", results.raw());
     println!(
-        "({runs} runs each, {:.0} minutes in total; {patroni_version}; router: pgvigil router for both)",
-        started.elapsed().as_secs_f64() / 60.0
+        "({runs} runs each, {:.0} minutes in total; {patroni_version}; router: pgvigil router for both; \
+         load average at the start {load_at_start}, at the end {})",
+        started.elapsed().as_secs_f64() / 60.0,
+        load_average()
     );
     Ok(())
 }
