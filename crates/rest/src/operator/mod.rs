@@ -1,0 +1,14 @@
+//! The pure part of the operator endpoints (`patroni-compat.md` §2.6): body validation with
+//! Patroni's messages and status codes, the `PATCH /config` merge, the switchover feasibility
+//! rules that do not need the network, and the interpretation of the DCS while a switchover is
+//! polled. The handlers in `routes.rs` add the I/O.
+
+mod config_patch;
+mod failover;
+mod restart;
+mod values;
+
+pub use config_patch::{deep_compare, patch_config};
+pub use failover::*;
+pub use restart::validate_restart;
+pub use values::*;
