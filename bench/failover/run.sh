@@ -8,7 +8,7 @@
 #
 # As root (namespaces, veth, iptables; PostgreSQL and the agents run as postgres). Installs
 # Patroni into /opt/pgvigil-bench/venv first if needed (scripts/install-bench-deps.sh).
-# About 45 minutes with the default 5 runs; BENCH_RUNS, BENCH_IDLE_SECONDS, BENCH_SYSTEMS and
+# About 30 minutes with the default 5 runs; BENCH_RUNS, BENCH_IDLE_SECONDS, BENCH_SYSTEMS and
 # BENCH_SCENARIOS shrink it (see crates/bench/src/bin/failover.rs).
 set -euo pipefail
 
