@@ -78,7 +78,9 @@ fn router_main() -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The control plane (listeners, etcd watch, stats page) needs one thread; client connections
+    // run on the router's own threads (`router.threads`).
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgvigil router: cannot start the async runtime: {e}");

@@ -13,6 +13,7 @@
 //!   stale_topology_timeout: 30         # seconds
 //!   connect_timeout: 3                 # seconds
 //!   shutdown_timeout: 10               # seconds
+//!   threads: 1                         # threads that carry client connections
 //! ```
 
 use crate::error::ConfigError;
@@ -68,6 +69,14 @@ pub struct RouterConfig {
     /// accepting, lets established connections finish for this long, then closes the rest.
     /// 0 closes them at once.
     pub shutdown_timeout: u64,
+    /// `threads` (default 1, at least 1): how many threads carry client connections. Each
+    /// connection stays on one thread, which runs its own event loop, so no thread is woken on
+    /// another's behalf. One thread forwards tens of thousands of queries per second (the work
+    /// per query is mostly the kernel's: two reads, two writes); raise it only when the router's
+    /// CPU use approaches one core, and leave it at 1 where the router shares a few cores with
+    /// PostgreSQL or the application, since a second thread adds wake-ups, not capacity. Read
+    /// at start-up only: a reload that changes it is applied at the next start.
+    pub threads: u64,
 }
 
 impl Default for RouterConfig {
@@ -81,6 +90,7 @@ impl Default for RouterConfig {
             stale_topology_timeout: 30,
             connect_timeout: 3,
             shutdown_timeout: 10,
+            threads: 1,
         }
     }
 }
@@ -174,6 +184,9 @@ pub(crate) fn parse_router(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<RouterConfig
     }
     if let Some(n) = o.u64(ctx, "shutdown_timeout")? {
         r.shutdown_timeout = n;
+    }
+    if let Some(n) = o.i64_min(ctx, "threads", 1)? {
+        r.threads = n as u64;
     }
     o.finish(ctx);
     Ok(r)

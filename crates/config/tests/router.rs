@@ -20,6 +20,7 @@ fn defaults_when_the_section_is_absent() {
     assert_eq!(r.stale_topology_timeout, 30);
     assert_eq!(r.connect_timeout, 3);
     assert_eq!(r.shutdown_timeout, 10);
+    assert_eq!(r.threads, 1);
 }
 
 #[test]
@@ -36,7 +37,8 @@ fn every_key_is_read() {
             "primary_serves_reads_fallback": "on",
             "stale_topology_timeout": "20",
             "connect_timeout": 1,
-            "shutdown_timeout": 0
+            "shutdown_timeout": 0,
+            "threads": 2
         }),
     );
     let loaded = load_value(&v).unwrap();
@@ -52,6 +54,7 @@ fn every_key_is_read() {
             stale_topology_timeout: 20,
             connect_timeout: 1,
             shutdown_timeout: 0,
+            threads: 2,
         }
     );
 }
@@ -129,6 +132,11 @@ fn bad_values_name_the_key() {
             "router.connect_timeout",
             json!("soon"),
             "x.yml: router.connect_timeout: expected an integer",
+        ),
+        (
+            "router.threads",
+            json!(0),
+            "x.yml: router.threads: must be at least 1, found 0",
         ),
         ("router", json!("on"), "x.yml: router: expected a mapping"),
     ];

@@ -41,6 +41,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::proxy::Workers;
 use crate::state::{Port, Shared, lock};
 
 /// A cancellation token cancelled by the first SIGTERM or SIGINT.
@@ -109,10 +110,22 @@ async fn bind(kind: Kind, address: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("{} {address}: cannot listen", kind.key()))
 }
 
-fn start(shared: &Arc<Shared>, kind: Kind, address: &str, listener: TcpListener) -> Listener {
+fn start(
+    shared: &Arc<Shared>,
+    workers: &Arc<Workers>,
+    kind: Kind,
+    address: &str,
+    listener: TcpListener,
+) -> Listener {
     let stop = CancellationToken::new();
     let task = match kind {
-        Kind::Clients(port) => tokio::spawn(proxy::accept_loop(shared.clone(), port, listener, stop.clone())),
+        Kind::Clients(port) => tokio::spawn(proxy::accept_loop(
+            shared.clone(),
+            workers.clone(),
+            port,
+            listener,
+            stop.clone(),
+        )),
         Kind::Stats => tokio::spawn(stats::serve(shared.clone(), listener, stop.clone())),
     };
     tracing::info!("{} on {address}", kind.key());
@@ -147,11 +160,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let shared = Shared::new(cfg.scope.clone(), cfg.router.clone());
+    let workers =
+        Workers::start(cfg.router.threads.max(1) as usize).context("starting the connection threads")?;
     let mut listeners = Vec::new();
     for kind in KINDS {
         let address = kind.address(&cfg.router).to_string();
         let listener = bind(kind, &address).await?;
-        listeners.push(start(&shared, kind, &address, listener));
+        listeners.push(start(&shared, &workers, kind, &address, listener));
     }
     let mut watcher = start_watcher(&shared, watch::etcd_options(&cfg));
     tracing::info!(
@@ -167,7 +182,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = hup.recv() => {
                 tracing::info!("received SIGHUP, reloading the configuration");
-                let result = reload(&shared, config_path.as_deref(), &mut listeners, &mut watcher).await;
+                let result = reload(&shared, &workers, config_path.as_deref(), &mut listeners, &mut watcher).await;
                 if let Err(e) = &result {
                     tracing::error!("reload refused, the running configuration stays: {e}");
                 }
@@ -212,6 +227,7 @@ pub async fn run(
     while active() > 0 && Instant::now() < closing {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     watcher.stop.cancel();
     let _ = watcher.task.await;
     if let Some(l) = stats_listener {
@@ -227,6 +243,7 @@ pub async fn run(
 /// are kept; they follow the new topology rules.
 async fn reload(
     shared: &Arc<Shared>,
+    workers: &Arc<Workers>,
     path: Option<&std::path::Path>,
     listeners: &mut [Listener],
     watcher: &mut Watcher,
@@ -239,7 +256,15 @@ async fn reload(
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
-    let cfg = loaded.config;
+    let mut cfg = loaded.config;
+    if cfg.router.threads != workers.len() as u64 {
+        tracing::warn!(
+            "router.threads changed from {} to {}: applied at the next start",
+            workers.len(),
+            cfg.router.threads
+        );
+        cfg.router.threads = workers.len() as u64;
+    }
     // Bind every new address first, so that a reload either applies all listener changes or
     // none.
     let mut rebound = Vec::new();
@@ -252,7 +277,7 @@ async fn reload(
     }
     *shared.config.write().unwrap_or_else(|e| e.into_inner()) = (cfg.scope.clone(), cfg.router.clone());
     for (i, kind, address, listener) in rebound {
-        let new = start(shared, kind, &address, listener);
+        let new = start(shared, workers, kind, &address, listener);
         let old = std::mem::replace(&mut listeners[i], new);
         tracing::info!("{} moved from {} to {address}", kind.key(), old.address);
         old.stop().await;

@@ -3,24 +3,35 @@
 //! A routed connection is two TCP streams (TCP_NODELAY on both) joined by
 //! `tokio::io::copy_bidirectional`, with one fixed buffer per direction: nothing is parsed and
 //! nothing is allocated per packet. The only extra work per read is a relaxed atomic add for
-//! the byte counters. Each connection also waits on its route's cancellation token, which the
-//! etcd watcher cancels when the route stops being valid (the leader changed), and on the
-//! router-wide close token (end of a shutdown).
+//! the byte counters.
+//!
+//! Connections run on [`Workers`]: a few threads, each with its own single-threaded tokio
+//! runtime. A connection is handed to one of them when it is accepted and stays there, so every
+//! wake-up of its copy loop happens on the thread that polls the sockets: no other thread is
+//! woken per packet (a work-stealing runtime wakes a second thread for about every other packet,
+//! which on a small machine costs more CPU than the copying itself).
+//!
+//! The copy loop runs in its own task and touches nothing shared but the byte counters. The
+//! connection's main task waits, without being woken per packet, for the copy to end, for its
+//! route's cancellation token (cancelled by the etcd watcher when the route stops being valid:
+//! the leader changed) or for the router-wide close token (end of a shutdown); on either token
+//! it aborts the copy task, which closes both sockets.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::pgproto::{CANNOT_CONNECT_NOW, CONNECTION_FAILURE, Refusal, refuse};
-use crate::state::{Port, Shared};
+use crate::state::{MemberCounters, Port, Shared};
 use crate::topology::Route;
 
 /// How long a refused client gets to send its startup packet and read the error.
@@ -29,18 +40,90 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// registering the connection is chosen again).
 const MAX_ATTEMPTS: usize = 5;
 
-/// Accepts connections until `stop` is cancelled; each one is served by its own task.
-pub async fn accept_loop(shared: Arc<Shared>, port: Port, listener: TcpListener, stop: CancellationToken) {
+/// The threads that carry client connections, each running a single-threaded tokio runtime.
+pub(crate) struct Workers {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+    stop: CancellationToken,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Workers {
+    /// Starts `n` (at least 1) worker threads.
+    pub fn start(n: usize) -> io::Result<Arc<Workers>> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("router-io-{i}"))
+                .spawn(move || runtime.block_on(stop.cancelled()))?;
+            threads.push(thread);
+        }
+        Ok(Arc::new(Workers {
+            handles,
+            next: AtomicUsize::new(0),
+            stop,
+            threads: Mutex::new(threads),
+        }))
+    }
+
+    /// How many worker threads there are.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Serves `stream` on the next worker (round-robin).
+    fn serve(&self, shared: Arc<Shared>, port: Port, stream: TcpStream, peer: SocketAddr) {
+        // A tokio socket belongs to the runtime that registered it: re-register it with the
+        // worker's, so that its readiness events wake that worker directly.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(port = port.name(), %peer, "cannot hand the connection over: {e}");
+                return;
+            }
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.handles[i].spawn(async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(shared, port, stream, peer).await,
+                Err(e) => tracing::warn!(port = port.name(), %peer, "cannot register the connection: {e}"),
+            }
+        });
+    }
+
+    /// Stops the worker threads; connections still open on them are closed.
+    pub fn stop(&self) {
+        self.stop.cancel();
+        let threads = std::mem::take(&mut *crate::state::lock(&self.threads));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Accepts connections until `stop` is cancelled; each one is served by a task on one of the
+/// `workers`.
+pub async fn accept_loop(
+    shared: Arc<Shared>,
+    workers: Arc<Workers>,
+    port: Port,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let shared = shared.clone();
-                tokio::spawn(serve(shared, port, stream, peer));
-            }
+            Ok((stream, peer)) => workers.serve(shared.clone(), port, stream, peer),
             Err(e) => {
                 // EMFILE and friends: do not spin.
                 tracing::warn!(port = port.name(), "accept failed: {e}");
@@ -177,7 +260,7 @@ async fn serve(shared: Arc<Shared>, port: Port, mut client: TcpStream, peer: Soc
         counters.total[idx].fetch_add(1, Ordering::Relaxed);
         counters.active[idx].fetch_add(1, Ordering::Relaxed);
         shared.stats.active[idx].fetch_add(1, Ordering::Relaxed);
-        let closed_by_router = pipe(client, server, &counters, &token, &shared.close_all).await;
+        let closed_by_router = pipe(client, server, counters.clone(), &token, &shared.close_all).await;
         if closed_by_router {
             counters.closed_by_router.fetch_add(1, Ordering::Relaxed);
         }
@@ -213,32 +296,45 @@ fn connect_refusal(port: Port, member: &str, address: &str, why: &str) -> Refusa
 async fn pipe(
     client: TcpStream,
     server: TcpStream,
-    counters: &crate::state::MemberCounters,
+    counters: Arc<MemberCounters>,
     route: &CancellationToken,
     close_all: &CancellationToken,
 ) -> bool {
-    let mut client = Counted {
-        inner: client,
-        count: &counters.bytes_to_server,
-    };
-    let mut server = Counted {
-        inner: server,
-        count: &counters.bytes_to_client,
-    };
+    // The copy runs in a task of its own: polling the cancellation tokens takes their locks, so
+    // they are polled only by this task, which the copy does not wake.
+    let mut copy = tokio::spawn(async move {
+        let mut client = Counted {
+            inner: client,
+            counters: counters.clone(),
+            to_server: true,
+        };
+        let mut server = Counted {
+            inner: server,
+            counters,
+            to_server: false,
+        };
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    });
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
-        _ = route.cancelled() => true,
-        _ = close_all.cancelled() => true,
+        _ = &mut copy => return false,
+        _ = route.cancelled() => {}
+        _ = close_all.cancelled() => {}
     }
+    copy.abort();
+    // Wait until the copy task is gone, i.e. both sockets are closed.
+    let _ = copy.await;
+    true
 }
 
 /// A stream that counts the bytes read from it.
-struct Counted<'a> {
+struct Counted {
     inner: TcpStream,
-    count: &'a AtomicU64,
+    counters: Arc<MemberCounters>,
+    /// Bytes read from this stream go to the server (it is the client's).
+    to_server: bool,
 }
 
-impl AsyncRead for Counted<'_> {
+impl AsyncRead for Counted {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -248,13 +344,18 @@ impl AsyncRead for Counted<'_> {
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         if read > 0 {
-            self.count.fetch_add(read as u64, Ordering::Relaxed);
+            let count: &AtomicU64 = if self.to_server {
+                &self.counters.bytes_to_server
+            } else {
+                &self.counters.bytes_to_client
+            };
+            count.fetch_add(read as u64, Ordering::Relaxed);
         }
         poll
     }
 }
 
-impl AsyncWrite for Counted<'_> {
+impl AsyncWrite for Counted {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }

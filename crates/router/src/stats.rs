@@ -82,6 +82,7 @@ pub struct SettingsDoc {
     pub primary_serves_reads_fallback: bool,
     pub connect_timeout: u64,
     pub shutdown_timeout: u64,
+    pub threads: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -308,6 +309,7 @@ impl StatsDoc {
                 primary_serves_reads_fallback: cfg.primary_serves_reads_fallback,
                 connect_timeout: cfg.connect_timeout,
                 shutdown_timeout: cfg.shutdown_timeout,
+                threads: cfg.threads,
             },
             ports,
             members,
