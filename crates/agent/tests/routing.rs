@@ -1,8 +1,8 @@
 //! Client routing on a real three-node cluster, through both routers: the real HAProxy (Debian
 //! `haproxy`, configured by `pgvigilctl haproxy-config`) and `pgvigil router` (which follows
 //! etcd). Port "5000" must reach the primary, "5001" a replica; both must follow a killed leader
-//! and a planned hand-over, close client connections to a former primary, and keep established
-//! connections while etcd is down.
+//! and a planned switchover (`POST /switchover`), close client connections to a former primary,
+//! and keep established connections while etcd is down.
 //!
 //! Needs the workspace built (`cargo build --workspace`): `pgvigilctl` is found next to the test
 //! binary.
@@ -10,6 +10,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -232,6 +234,12 @@ fn read_via(port: u16) -> anyhow::Result<(u16, bool)> {
     Ok((p.parse()?, r == "true"))
 }
 
+fn conninfo(port: u16) -> String {
+    format!(
+        "host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres connect_timeout=5"
+    )
+}
+
 /// A client connection held open through a router.
 struct Held {
     client: tokio_postgres::Client,
@@ -239,12 +247,9 @@ struct Held {
 
 fn hold(rt: &Runtime, port: u16) -> anyhow::Result<Held> {
     rt.block_on(async {
-        let conninfo = format!(
-            "host=127.0.0.1 port={port} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres connect_timeout=5"
-        );
         let (client, conn) = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_postgres::connect(&conninfo, tokio_postgres::NoTls),
+            tokio_postgres::connect(&conninfo(port), tokio_postgres::NoTls),
         )
         .await
         .context("connect timed out")??;
@@ -272,6 +277,103 @@ impl Held {
             }
             bail!("no row")
         })
+    }
+}
+
+/// A connection through `port` (a read-only port, which balances) that reached the server on
+/// `want`: opens connections until one does (a few tries).
+fn hold_on(rt: &Runtime, port: u16, want: u16, what: &str) -> Held {
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let held = hold(rt, port).unwrap_or_else(|e| panic!("{what}: connect: {e}"));
+        match held.server_port(rt) {
+            Ok(p) if p == want => return held,
+            Ok(p) => seen.push(p),
+            Err(e) => panic!("{what}: query: {e}"),
+        }
+    }
+    panic!("{what}: 10 connections through port {port}, none reached {want}: {seen:?}")
+}
+
+/// A client that writes through a router's port "5000" in a loop, reconnecting after any error,
+/// and records the PostgreSQL port of the server that took each acknowledged write.
+struct Writer {
+    what: &'static str,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<u16>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(rt: &Runtime, what: &'static str, port: u16) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), acked.clone());
+        let task = rt.spawn(async move {
+            let info = conninfo(port);
+            let mut client: Option<tokio_postgres::Client> = None;
+            while !s.load(Ordering::Relaxed) {
+                let Some(c) = client.as_ref() else {
+                    let connect = tokio_postgres::connect(&info, tokio_postgres::NoTls);
+                    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                        Ok(Ok((c, conn))) => {
+                            tokio::spawn(async move {
+                                let _ = conn.await;
+                            });
+                            client = Some(c);
+                        }
+                        // Refused (no primary) or no answer: try again shortly.
+                        _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                    continue;
+                };
+                let insert = c.simple_query("INSERT INTO t(port) VALUES (inet_server_port()) RETURNING port");
+                let landed = match tokio::time::timeout(Duration::from_secs(5), insert).await {
+                    Ok(Ok(messages)) => messages.iter().find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse::<u16>().ok(),
+                        _ => None,
+                    }),
+                    _ => None,
+                };
+                match landed {
+                    Some(p) => {
+                        a.lock().unwrap().push(p);
+                        // Pace the writes: a steady client, not a load test.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    None => {
+                        client = None;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        });
+        Writer {
+            what,
+            stop,
+            acked,
+            task,
+        }
+    }
+
+    /// Waits (up to a minute) until a write landed on the server on `port`.
+    fn wait_for(&self, what: &str, port: u16) {
+        wait_until(what, Duration::from_secs(60), || {
+            self.acked.lock().unwrap().contains(&port).then_some(())
+        })
+        .unwrap();
+    }
+
+    /// Stops the writer; the server port of every acknowledged write, in order.
+    fn finish(self, rt: &Runtime) -> Vec<u16> {
+        self.stop.store(true, Ordering::Relaxed);
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(15), self.task)
+                .await
+                .expect("the writer stops")
+                .expect("the writer did not panic")
+        });
+        std::mem::take(&mut *self.acked.lock().unwrap())
     }
 }
 
@@ -599,13 +701,14 @@ fn both_routers_route_writes_and_reads_and_follow_a_killed_leader() {
     assert!(stats["leader_changes"].as_u64().unwrap() >= 1, "{stats}");
 }
 
-/// A planned hand-over (SIGTERM of the leader's agent: it stops PostgreSQL and releases the
-/// lock) leaves no client connection open to the old primary, through either router. Then a
-/// leader whose agent is frozen (SIGSTOP: its PostgreSQL keeps running as a primary) loses the
-/// lock: both routers close the connections to it, although that PostgreSQL still accepts
-/// writes. A `noloadbalance` member never gets reads.
-///
-/// To be redone with `POST /switchover` once the REST API has it.
+/// A planned switchover (`POST /switchover` to the leader's REST API, from A to B) through both
+/// routers: the connections held to A through port "5000" are closed, so are the read-only
+/// connections held to B through port "5001" (B's PostgreSQL is promoted, not restarted, so
+/// only the router can close them), a client writing in a loop through each router never
+/// writes to A once its writes reach B, and new connections on "5000" reach B. Then a leader
+/// whose agent is frozen (SIGSTOP: its PostgreSQL keeps running as a primary) loses the lock:
+/// both routers close the connections to it, although that PostgreSQL still accepts writes. A
+/// `noloadbalance` member never gets reads.
 #[test]
 fn both_routers_close_connections_to_a_former_primary() {
     let options = ClusterOptions {
@@ -636,46 +739,121 @@ fn both_routers_close_connections_to_a_former_primary() {
         );
     }
 
-    // Planned hand-over from A.
+    // The candidate B is a replica that serves reads (node3 does not).
+    let b = (0..2).find(|&i| i != a).unwrap();
+    let b_port = pg_port(&cluster, b);
+    let (a_name, b_name) = (cluster.nodes[a].name.clone(), cluster.nodes[b].name.clone());
     let rt = Runtime::new().unwrap();
+    let writes_via_router = Writer::start(&rt, "the router", router.primary);
+    let writes_via_haproxy = Writer::start(&rt, "HAProxy", haproxy.primary);
     let via_router = hold(&rt, router.primary).unwrap();
     let via_haproxy = hold(&rt, haproxy.primary).unwrap();
     assert_eq!(via_router.server_port(&rt).unwrap(), a_port);
     assert_eq!(via_haproxy.server_port(&rt).unwrap(), a_port);
-    cluster.signal_agent(a, Signal::SIGTERM).unwrap();
-    let b = wait_until(
-        "a new leader after the hand-over",
-        Duration::from_secs(60),
-        || cluster.leader().filter(|&l| l != a),
+    let reads_via_router = hold_on(&rt, router.replicas, b_port, "the router");
+    let reads_via_haproxy = hold_on(&rt, haproxy.replicas, b_port, "HAProxy");
+    let direct_to_b = hold(&rt, b_port).unwrap();
+    for w in [&writes_via_router, &writes_via_haproxy] {
+        w.wait_for(&format!("a write through {} to land on A", w.what), a_port);
+    }
+
+    // Planned switchover from A to B, as `patronictl switchover` asks for it: the REST API
+    // answers when it is done.
+    let body = format!(r#"{{"leader": "{a_name}", "candidate": "{b_name}"}}"#);
+    let api = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.nodes[a].api_port));
+    let answer = http::request_within(
+        api,
+        "POST",
+        "/switchover",
+        Some(&body),
+        None,
+        Duration::from_secs(90),
     )
+    .unwrap_or_else(|e| panic!("POST /switchover: {e}\n{}", cluster.diagnostics()));
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (
+            200,
+            format!("Successfully switched over to \"{b_name}\"").as_str()
+        ),
+        "{}",
+        cluster.diagnostics()
+    );
+    wait_until("B to hold the leader key", Duration::from_secs(30), || {
+        (cluster.leader() == Some(b)).then_some(())
+    })
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
-    assert!(
-        via_router.server_port(&rt).is_err(),
-        "router: a connection to the old primary is still open"
+
+    // New connections on "5000" reach B, and the writers' too.
+    for (what, primary) in [("the router", router.primary), ("HAProxy", haproxy.primary)] {
+        wait_write_lands(&cluster, what, primary, b, Duration::from_secs(30));
+    }
+    for w in [&writes_via_router, &writes_via_haproxy] {
+        w.wait_for(&format!("a write through {} to land on B", w.what), b_port);
+    }
+    // No held connection still talks to A (its PostgreSQL restarted as a replica, which ends
+    // them; the router also dropped the route at once).
+    for (what, held) in [("the router", &via_router), ("HAProxy", &via_haproxy)] {
+        wait_until(
+            &format!("{what}: the connection to the old primary to be closed"),
+            Duration::from_secs(30),
+            || held.server_port(&rt).is_err().then_some(()),
+        )
+        .unwrap();
+    }
+    // The read-only connections to B are closed by the routers: B is the primary now, and its
+    // PostgreSQL did not end them (the direct connection opened at the same time still works).
+    wait_until(
+        "the router to close the read-only connection to the new primary",
+        Duration::from_secs(10),
+        || reads_via_router.server_port(&rt).is_err().then_some(()),
+    )
+    .unwrap();
+    wait_until(
+        "HAProxy to close the read-only connection to the new primary",
+        Duration::from_secs(30),
+        || reads_via_haproxy.server_port(&rt).is_err().then_some(()),
+    )
+    .unwrap();
+    assert_eq!(
+        direct_to_b.server_port(&rt).unwrap(),
+        b_port,
+        "B's PostgreSQL ended its sessions: the test proves nothing about the routers"
     );
-    assert!(
-        via_haproxy.server_port(&rt).is_err(),
-        "HAProxy: a connection to the old primary is still open"
-    );
-    let a_name = cluster.nodes[a].name.clone();
     wait_until(
         "the router to hold no connection to the old primary",
         Duration::from_secs(10),
         || {
             let stats = router.stats_json()?;
             let m = Router::member(&stats, &a_name)?;
-            (m["connections_primary"] == 0 && stats["primary"] != a_name.as_str()).then_some(())
+            (m["connections_primary"] == 0 && stats["primary"] == b_name.as_str()).then_some(())
         },
     )
     .unwrap();
-    for (what, primary) in [("the router", router.primary), ("HAProxy", haproxy.primary)] {
-        wait_write_lands(&cluster, what, primary, b, Duration::from_secs(30));
+    let stats = router.stats_json().unwrap();
+    let closed = Router::member(&stats, &b_name).unwrap()["closed_by_router"]
+        .as_u64()
+        .unwrap();
+    assert!(closed >= 1, "{stats}");
+    // No write landed on A after one had landed on B, through either router.
+    for w in [writes_via_router, writes_via_haproxy] {
+        let what = w.what;
+        let ports = w.finish(&rt);
+        let first_on_b = ports.iter().position(|&p| p == b_port).unwrap();
+        assert!(
+            !ports[first_on_b..].contains(&a_port),
+            "{what}: a write reached the old primary after the switchover: {ports:?}"
+        );
+        eprintln!(
+            "{what}: {} writes, {} on A then {} on B",
+            ports.len(),
+            first_on_b,
+            ports.len() - first_on_b
+        );
     }
 
     // B's agent freezes; its PostgreSQL stays a writable primary while the lock expires and C
     // takes over. Both routers must drop the connections to B.
-    let b_port = pg_port(&cluster, b);
-    let b_name = cluster.nodes[b].name.clone();
     let via_router = hold(&rt, router.primary).unwrap();
     let via_haproxy = hold(&rt, haproxy.primary).unwrap();
     assert_eq!(via_router.server_port(&rt).unwrap(), b_port);

@@ -37,7 +37,19 @@ pub fn request_to(
     body: Option<&str>,
     auth: Option<(&str, &str)>,
 ) -> anyhow::Result<Response> {
-    let timeout = Duration::from_secs(5);
+    request_within(addr, method, path, body, auth, Duration::from_secs(5))
+}
+
+/// [`request_to`] with a longer wait for the answer, for calls that answer when an operation is
+/// over (`POST /switchover` polls the cluster for up to `2 * max(10, loop_wait)` seconds).
+pub fn request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    auth: Option<(&str, &str)>,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
