@@ -43,6 +43,48 @@ pub fn parse_pgbench_tps(output: &str) -> Option<f64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// `latency average = 0.213 ms` from pgbench's output, in milliseconds.
+pub fn parse_pgbench_latency_ms(output: &str) -> Option<f64> {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("latency average = "))
+        .and_then(|rest| rest.strip_suffix(" ms"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// `number of transactions actually processed: 123456` (pgbench 15 may add `/123456` with -t).
+pub fn parse_pgbench_transactions(output: &str) -> Option<u64> {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// CPU time (user and system, nanoseconds) used so far by the threads of process `pid`, from
+/// `/proc/PID/task/*/schedstat` (nanosecond resolution, unlike the tick counts of `stat`).
+pub fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        // A thread that just exited has no schedstat any more: skip it.
+        if let Ok(text) = std::fs::read_to_string(path) {
+            total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
+}
+
+/// The 1-minute load average from `/proc/loadavg`.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +103,21 @@ mod tests {
         let out = "latency average = 0.2 ms\ninitial connection time = 3.1 ms\ntps = 18123.456789 (without initial connection time)\n";
         assert_eq!(parse_pgbench_tps(out), Some(18123.456789));
         assert_eq!(parse_pgbench_tps("nothing"), None);
+        assert_eq!(parse_pgbench_latency_ms(out), Some(0.2));
+        let out = "number of transactions actually processed: 181234\nlatency average = 0.221 ms\n";
+        assert_eq!(parse_pgbench_transactions(out), Some(181234));
+        assert_eq!(parse_pgbench_latency_ms(out), Some(0.221));
+        assert_eq!(
+            parse_pgbench_transactions("number of transactions actually processed: 1000/1000\n"),
+            Some(1000)
+        );
+    }
+
+    #[test]
+    fn own_cpu_time_and_load() {
+        let busy: u64 = (0..2_000_000u64).map(|i| i ^ (i >> 3)).sum();
+        assert!(busy > 0);
+        assert!(process_cpu_ns(std::process::id()).is_some_and(|ns| ns > 0));
+        assert!(load_average().is_some());
     }
 }

@@ -3,16 +3,19 @@
 //! through `pgvigil router`. In one run it reports
 //!
 //! 1. `pgbench -S` throughput (scale 10, `-c 4 -j 2 -T 10`, 5 runs each, interleaved): median
-//!    and spread, and each router's cost relative to direct;
-//! 2. connection set-up latency (connect, authenticate, ReadyForQuery; 200 connections each):
+//!    and spread, each router's cost relative to direct, the average latency, and the CPU time
+//!    each proxy spends per transaction;
+//! 2. the same at a fixed rate below saturation (`-R 5000`): latency per query and proxy CPU
+//!    per transaction, which is what a proxy costs when the machine is not saturated;
+//! 3. connection set-up latency (connect, authenticate, ReadyForQuery; 200 connections each):
 //!    median and p95;
-//! 3. the delay from the new leader key appearing in etcd to the first successful write through
+//! 4. the delay from the new leader key appearing in etcd to the first successful write through
 //!    port 5000, for the router and for HAProxy (5 planned leader changes: SIGTERM of the
 //!    leader's agent, which stops PostgreSQL and releases the lock).
 //!
 //! Run it through `bench/routing/run.sh` (builds the release binaries first). Environment:
 //! `BENCH_RUNS`, `BENCH_SECONDS`, `BENCH_CONNECTS`, `BENCH_FAILOVERS` override the counts (for a
-//! quick smoke run).
+//! quick smoke run); `BENCH_RATE` the fixed rate (0 skips that part).
 
 use std::fs;
 use std::path::Path;
@@ -23,7 +26,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nix::sys::signal::Signal;
-use pgvigil_bench::{Summary, parse_pgbench_tps, summarize};
+use pgvigil_bench::{
+    Summary, load_average, parse_pgbench_latency_ms, parse_pgbench_tps, parse_pgbench_transactions,
+    process_cpu_ns, summarize,
+};
 use pgvigil_testkit::cluster::{
     ClusterOptions, SUPERUSER, SUPERUSER_PASSWORD, TestCluster, psql_at, sibling_binary,
 };
@@ -76,14 +82,14 @@ struct Ports {
     stats: u16,
 }
 
-fn start_router(cluster: &TestCluster, agent: &Path) -> anyhow::Result<(Proc, Ports)> {
+fn start_router(cluster: &TestCluster, agent: &Path, name: &str) -> anyhow::Result<(Proc, Ports)> {
     let ports = Ports {
         primary: free_port(),
         replicas: free_port(),
         stats: free_port(),
     };
     let base = fs::read_to_string(&cluster.nodes[0].config)?;
-    let config = cluster.root().join("router.yml");
+    let config = cluster.root().join(format!("{name}.yml"));
     fs::write(
         &config,
         format!(
@@ -93,7 +99,7 @@ fn start_router(cluster: &TestCluster, agent: &Path) -> anyhow::Result<(Proc, Po
     )?;
     let mut cmd = Command::new(agent);
     cmd.arg("router").arg(&config).env("PGVIGIL_LOG", "warn");
-    let proc = Proc::spawn(cmd, &cluster.root().join("router.log"))?;
+    let proc = Proc::spawn(cmd, &cluster.root().join(format!("{name}.log")))?;
     Ok((proc, ports))
 }
 
@@ -177,6 +183,35 @@ fn pgbench(port: u16, args: &[&str]) -> anyhow::Result<String> {
         bail!("pgbench {args:?} on port {port} failed:\n{text}");
     }
     Ok(text)
+}
+
+/// One pgbench run through a target.
+#[derive(Default)]
+struct Runs {
+    tps: Vec<f64>,
+    latency_ms: Vec<f64>,
+    /// CPU time of the proxy per transaction, microseconds (none for direct connections).
+    cpu_us: Vec<f64>,
+}
+
+/// Runs pgbench against `port`; `proxy` is the PID of the proxy in between, if any, whose CPU
+/// time is measured over the run.
+fn pgbench_run(port: u16, proxy: Option<u32>, args: &[&str], into: &mut Runs) -> anyhow::Result<f64> {
+    let before = proxy.and_then(process_cpu_ns);
+    let out = pgbench(port, args)?;
+    let after = proxy.and_then(process_cpu_ns);
+    let tps = parse_pgbench_tps(&out).with_context(|| format!("no tps in pgbench output:\n{out}"))?;
+    let latency =
+        parse_pgbench_latency_ms(&out).with_context(|| format!("no latency in pgbench output:\n{out}"))?;
+    let n = parse_pgbench_transactions(&out).with_context(|| format!("no transaction count:\n{out}"))?;
+    into.tps.push(tps);
+    into.latency_ms.push(latency);
+    if let (Some(b), Some(a)) = (before, after)
+        && n > 0
+    {
+        into.cpu_us.push(a.saturating_sub(b) as f64 / 1000.0 / n as f64);
+    }
+    Ok(tps)
 }
 
 /// Connection set-up times in milliseconds: connect, authenticate (SCRAM), ReadyForQuery.
@@ -270,6 +305,7 @@ fn fmt_summary(s: Option<Summary>, digits: usize) -> (String, String) {
 
 fn main() -> anyhow::Result<()> {
     let runs = env_count("BENCH_RUNS", 5);
+    let rate = env_count("BENCH_RATE", 5000);
     let seconds = env_count("BENCH_SECONDS", 10);
     let connects = env_count("BENCH_CONNECTS", 200);
     let failovers = env_count("BENCH_FAILOVERS", 5);
@@ -281,7 +317,21 @@ fn main() -> anyhow::Result<()> {
     let mut leader = cluster
         .wait_healthy(HEALTHY)
         .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.diagnostics()))?;
-    let (router, rports) = start_router(&cluster, &agent)?;
+    let (router, rports) = start_router(&cluster, &agent, "router")?;
+    // Another build of the router to compare with, e.g. the one before a change.
+    let baseline = match std::env::var_os("BENCH_BASELINE_ROUTER") {
+        Some(bin) => {
+            let (proc, ports) = start_router(&cluster, Path::new(&bin), "baseline-router")?;
+            wait_routes_to(
+                ports.primary,
+                cluster.nodes[leader].pg_port,
+                "the baseline router",
+            )
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", proc.log_tail()))?;
+            Some((proc, ports))
+        }
+        None => None,
+    };
     let (haproxy, hports) = start_haproxy(&cluster, &ctl)?;
     let leader_port = cluster.nodes[leader].pg_port;
     wait_routes_to(rports.primary, leader_port, "the router")
@@ -297,30 +347,63 @@ fn main() -> anyhow::Result<()> {
     )?;
     cluster.psql(leader, "CHECKPOINT")?;
 
-    let targets = [
-        ("direct", leader_port),
-        ("HAProxy", hports.primary),
-        ("router", rports.primary),
+    let mut targets = vec![
+        ("direct", leader_port, None),
+        ("HAProxy", hports.primary, Some(haproxy.child.id())),
+        ("router", rports.primary, Some(router.child.id())),
     ];
+    if let Some((proc, ports)) = &baseline {
+        targets.push(("baseline", ports.primary, Some(proc.child.id())));
+    }
+    let n = targets.len();
 
-    // 1. Throughput.
-    let mut tps: [Vec<f64>; 3] = Default::default();
+    // 1. Throughput, saturated: as many transactions as the machine can run.
+    let mut sat: Vec<Runs> = targets.iter().map(|_| Runs::default()).collect();
+    let mut loads = Vec::new();
     let secs = seconds.to_string();
     for run in 0..runs {
-        for k in 0..3 {
-            let i = (run + k) % 3; // rotate the order so no target always runs first
-            let (name, port) = targets[i];
-            let out = pgbench(port, &["-S", "-n", "-c", "4", "-j", "2", "-T", &secs])?;
-            let t = parse_pgbench_tps(&out).with_context(|| format!("no tps in pgbench output:\n{out}"))?;
-            eprintln!("pgbench -S run {}/{runs} {name:8} {t:10.0} tps", run + 1);
-            tps[i].push(t);
+        for k in 0..n {
+            let i = (run + k) % n; // rotate the order so no target always runs first
+            let (name, port, pid) = targets[i];
+            let t = pgbench_run(
+                port,
+                pid,
+                &["-S", "-n", "-c", "4", "-j", "2", "-T", &secs],
+                &mut sat[i],
+            )?;
+            loads.extend(load_average());
+            eprintln!(
+                "pgbench -S run {}/{runs} {name:8} {t:10.0} tps, load average {:.1}",
+                run + 1,
+                loads.last().copied().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    // 2. The same at a fixed rate below saturation: latency and proxy CPU per transaction.
+    let mut fixed: Vec<Runs> = targets.iter().map(|_| Runs::default()).collect();
+    if rate > 0 {
+        let r = rate.to_string();
+        for run in 0..runs {
+            for k in 0..n {
+                let i = (run + k) % n;
+                let (name, port, pid) = targets[i];
+                let args = ["-S", "-n", "-c", "4", "-j", "2", "-R", &r, "-T", &secs];
+                pgbench_run(port, pid, &args, &mut fixed[i])?;
+                loads.extend(load_average());
+                eprintln!(
+                    "pgbench -S -R {rate} run {}/{runs} {name:8} latency {:.3} ms, load average {:.1}",
+                    run + 1,
+                    fixed[i].latency_ms.last().copied().unwrap_or(f64::NAN),
+                    loads.last().copied().unwrap_or(f64::NAN)
+                );
+            }
         }
     }
 
-    // 2. Connection set-up latency.
+    // 3. Connection set-up latency.
     let rt = Runtime::new()?;
-    let mut connect: [Vec<f64>; 3] = Default::default();
-    for (i, (name, port)) in targets.iter().enumerate() {
+    let mut connect: Vec<Vec<f64>> = vec![Vec::new(); n];
+    for (i, (name, port, _)) in targets.iter().enumerate() {
         connect[i] = rt.block_on(connect_times(*port, connects))?;
         eprintln!(
             "{connects} connections {name:8} median {:.2} ms",
@@ -328,7 +411,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
-    // 3. Leader key -> first write, planned leader changes.
+    // 4. Leader key -> first write, planned leader changes.
     let mut delays: [Vec<f64>; 2] = Default::default();
     let leader_key = format!("/service/{}/leader", cluster.scope);
     for run in 0..failovers {
@@ -401,71 +484,115 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("pgvigil routing benchmark: 3-node cluster on 127.0.0.1, {cores} CPU(s), PostgreSQL {pg}, {hv}");
     println!(
-        "pgbench -S scale 10, -c 4 -j 2 -T {seconds}, {runs} runs each (interleaved); {connects} connections each; \
-         {failovers} planned leader changes"
+        "pgbench -S scale 10, -c 4 -j 2 -T {seconds}, {runs} runs each (interleaved), saturated and at -R {rate}; \
+         {connects} connections each; {failovers} planned leader changes"
+    );
+    let l = summarize(&loads);
+    println!(
+        "load average (1 min) after each pgbench run: median {:.1}, min-max {:.1}-{:.1}",
+        l.map_or(f64::NAN, |l| l.median),
+        l.map_or(f64::NAN, |l| l.min),
+        l.map_or(f64::NAN, |l| l.max)
     );
     println!();
-    println!(
-        "| {:<44} | {:>12} | {:>12} | {:>12} |",
-        "", "direct", "HAProxy", "router"
-    );
-    println!("|{:-<46}|{:->14}|{:->14}|{:->14}|", "", "", "", "");
-    let t: Vec<(String, String)> = tps.iter().map(|v| fmt_summary(summarize(v), 0)).collect();
-    println!(
-        "| {:<44} | {:>12} | {:>12} | {:>12} |",
-        "pgbench -S TPS, median", t[0].0, t[1].0, t[2].0
-    );
-    println!(
-        "| {:<44} | {:>12} | {:>12} | {:>12} |",
-        "pgbench -S TPS, min-max", t[0].1, t[1].1, t[2].1
-    );
-    let direct = summarize(&tps[0]).map_or(f64::NAN, |s| s.median);
-    let rel = |i: usize| {
-        summarize(&tps[i]).map_or("-".into(), |s| {
-            format!("{:+.1}%", (s.median / direct - 1.0) * 100.0)
-        })
+    let row = |label: &str, cells: Vec<String>| {
+        let cells: String = cells.iter().map(|c| format!(" {c:>12} |")).collect();
+        println!("| {label:<46} |{cells}");
     };
-    println!(
-        "| {:<44} | {:>12} | {:>12} | {:>12} |",
+    row("", targets.iter().map(|t| t.0.to_string()).collect());
+    println!("|{:-<48}|{}", "", "--------------|".repeat(n));
+    let med = |v: &[f64], digits: usize| fmt_summary(summarize(v), digits).0;
+    let spread = |v: &[f64], digits: usize| fmt_summary(summarize(v), digits).1;
+    let median_of = |v: &[f64]| summarize(v).map_or(f64::NAN, |s| s.median);
+    // One cell per target; direct connections have no proxy and get an empty cell for proxy
+    // measurements.
+    let cells = |f: &dyn Fn(usize) -> String| (0..n).map(f).collect::<Vec<String>>();
+    let proxies = |f: &dyn Fn(usize) -> String| cells(&|i| if i == 0 { String::new() } else { f(i) });
+    row("pgbench -S TPS, median", cells(&|i| med(&sat[i].tps, 0)));
+    row("pgbench -S TPS, min-max", cells(&|i| spread(&sat[i].tps, 0)));
+    let direct = median_of(&sat[0].tps);
+    row(
         "TPS vs direct (median)",
-        "",
-        rel(1),
-        rel(2)
+        proxies(&|i| format!("{:+.1}%", (median_of(&sat[i].tps) / direct - 1.0) * 100.0)),
     );
+    row(
+        "latency average, median (ms)",
+        cells(&|i| med(&sat[i].latency_ms, 3)),
+    );
+    row(
+        "proxy CPU per transaction, median (us)",
+        proxies(&|i| med(&sat[i].cpu_us, 1)),
+    );
+    row(
+        "proxy CPU per transaction, min-max (us)",
+        proxies(&|i| spread(&sat[i].cpu_us, 1)),
+    );
+    if rate > 0 {
+        row(
+            &format!("-R {rate}: latency average, median (ms)"),
+            cells(&|i| med(&fixed[i].latency_ms, 3)),
+        );
+        row(
+            &format!("-R {rate}: latency average, min-max (ms)"),
+            cells(&|i| spread(&fixed[i].latency_ms, 3)),
+        );
+        let direct = median_of(&fixed[0].latency_ms);
+        row(
+            &format!("-R {rate}: latency vs direct (us, medians)"),
+            proxies(&|i| format!("{:+.0}", (median_of(&fixed[i].latency_ms) - direct) * 1000.0)),
+        );
+        row(
+            &format!("-R {rate}: proxy CPU per transaction (us)"),
+            proxies(&|i| med(&fixed[i].cpu_us, 1)),
+        );
+        row(
+            &format!("-R {rate}: TPS reached, median"),
+            cells(&|i| med(&fixed[i].tps, 0)),
+        );
+    }
     let c: Vec<Option<Summary>> = connect.iter().map(|v| summarize(v)).collect();
     let cell = |s: Option<Summary>, f: fn(Summary) -> f64| s.map_or("-".into(), |s| format!("{:.2}", f(s)));
-    println!(
-        "| {:<44} | {:>12} | {:>12} | {:>12} |",
+    row(
         "connection set-up, median (ms)",
-        cell(c[0], |s| s.median),
-        cell(c[1], |s| s.median),
-        cell(c[2], |s| s.median)
+        cells(&|i| cell(c[i], |s| s.median)),
     );
-    println!(
-        "| {:<44} | {:>12} | {:>12} | {:>12} |",
-        "connection set-up, p95 (ms)",
-        cell(c[0], |s| s.p95),
-        cell(c[1], |s| s.p95),
-        cell(c[2], |s| s.p95)
-    );
+    row("connection set-up, p95 (ms)", cells(&|i| cell(c[i], |s| s.p95)));
+    // Leader changes are measured for HAProxy and the router only.
     let d: Vec<(String, String)> = delays.iter().map(|v| fmt_summary(summarize(v), 0)).collect();
-    println!(
-        "| {:<44} | {:>12} | {:>12} | {:>12} |",
-        "new leader key -> first write, median (ms)", "", d[1].0, d[0].0
-    );
-    println!(
-        "| {:<44} | {:>12} | {:>12} | {:>12} |",
-        "new leader key -> first write, min-max (ms)", "", d[1].1, d[0].1
-    );
+    let leader_cells = |k: usize| {
+        cells(&|i| match i {
+            1 => {
+                if k == 0 {
+                    d[1].0.clone()
+                } else {
+                    d[1].1.clone()
+                }
+            }
+            2 => {
+                if k == 0 {
+                    d[0].0.clone()
+                } else {
+                    d[0].1.clone()
+                }
+            }
+            _ => String::new(),
+        })
+    };
+    row("new leader key -> first write, median (ms)", leader_cells(0));
+    row("new leader key -> first write, min-max (ms)", leader_cells(1));
     println!();
     println!(
-        "raw: tps direct {:?}, HAProxy {:?}, router {:?}; leader change router {:?} ms, HAProxy {:?} ms; router stats page answered: {stats_ok}",
-        rounded(&tps[0]),
-        rounded(&tps[1]),
-        rounded(&tps[2]),
+        "raw: tps direct {:?}, HAProxy {:?}, router {:?}; CPU us/transaction HAProxy {:?}, router {:?}; \
+         leader change router {:?} ms, HAProxy {:?} ms; router stats page answered: {stats_ok}",
+        rounded(&sat[0].tps),
+        rounded(&sat[1].tps),
+        rounded(&sat[2].tps),
+        rounded(&sat[1].cpu_us),
+        rounded(&sat[2].cpu_us),
         rounded(&delays[0]),
         rounded(&delays[1])
     );
+    drop(baseline);
     drop(router);
     drop(haproxy);
     Ok(())
