@@ -5,8 +5,9 @@
 //! 1. `pgbench -S` throughput (scale 10, `-c 4 -j 2 -T 10`, 5 runs each, interleaved): median
 //!    and spread, each router's cost relative to direct, the average latency, and the CPU time
 //!    each proxy spends per transaction;
-//! 2. the same at a fixed rate below saturation (`-R 5000`): latency per query and proxy CPU
-//!    per transaction, which is what a proxy costs when the machine is not saturated;
+//! 2. the same with a single client (`-c 1 -j 1`), which keeps the machine far from saturation:
+//!    the latency of one query (a round trip through the proxy), what each proxy adds to it, and
+//!    its CPU per transaction, which is what a proxy costs when the database is not CPU-bound;
 //! 3. connection set-up latency (connect, authenticate, ReadyForQuery; 200 connections each):
 //!    median and p95;
 //! 4. the delay from the new leader key appearing in etcd to the first successful write through
@@ -15,7 +16,8 @@
 //!
 //! Run it through `bench/routing/run.sh` (builds the release binaries first). Environment:
 //! `BENCH_RUNS`, `BENCH_SECONDS`, `BENCH_CONNECTS`, `BENCH_FAILOVERS` override the counts (for a
-//! quick smoke run); `BENCH_RATE` the fixed rate (0 skips that part).
+//! quick smoke run). `BENCH_BASELINE_ROUTER=/path/to/pgvigil` adds the router of another build
+//! as a fourth target.
 
 use std::fs;
 use std::path::Path;
@@ -305,7 +307,6 @@ fn fmt_summary(s: Option<Summary>, digits: usize) -> (String, String) {
 
 fn main() -> anyhow::Result<()> {
     let runs = env_count("BENCH_RUNS", 5);
-    let rate = env_count("BENCH_RATE", 5000);
     let seconds = env_count("BENCH_SECONDS", 10);
     let connects = env_count("BENCH_CONNECTS", 200);
     let failovers = env_count("BENCH_FAILOVERS", 5);
@@ -379,24 +380,21 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    // 2. The same at a fixed rate below saturation: latency and proxy CPU per transaction.
-    let mut fixed: Vec<Runs> = targets.iter().map(|_| Runs::default()).collect();
-    if rate > 0 {
-        let r = rate.to_string();
-        for run in 0..runs {
-            for k in 0..n {
-                let i = (run + k) % n;
-                let (name, port, pid) = targets[i];
-                let args = ["-S", "-n", "-c", "4", "-j", "2", "-R", &r, "-T", &secs];
-                pgbench_run(port, pid, &args, &mut fixed[i])?;
-                loads.extend(load_average());
-                eprintln!(
-                    "pgbench -S -R {rate} run {}/{runs} {name:8} latency {:.3} ms, load average {:.1}",
-                    run + 1,
-                    fixed[i].latency_ms.last().copied().unwrap_or(f64::NAN),
-                    loads.last().copied().unwrap_or(f64::NAN)
-                );
-            }
+    // 2. One client: the machine is far from saturated; latency of one query, proxy CPU.
+    let mut single: Vec<Runs> = targets.iter().map(|_| Runs::default()).collect();
+    for run in 0..runs {
+        for k in 0..n {
+            let i = (run + k) % n;
+            let (name, port, pid) = targets[i];
+            let args = ["-S", "-n", "-c", "1", "-j", "1", "-T", &secs];
+            pgbench_run(port, pid, &args, &mut single[i])?;
+            loads.extend(load_average());
+            eprintln!(
+                "pgbench -S -c 1 run {}/{runs} {name:8} latency {:.3} ms, load average {:.1}",
+                run + 1,
+                single[i].latency_ms.last().copied().unwrap_or(f64::NAN),
+                loads.last().copied().unwrap_or(f64::NAN)
+            );
         }
     }
 
@@ -484,7 +482,7 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("pgvigil routing benchmark: 3-node cluster on 127.0.0.1, {cores} CPU(s), PostgreSQL {pg}, {hv}");
     println!(
-        "pgbench -S scale 10, -c 4 -j 2 -T {seconds}, {runs} runs each (interleaved), saturated and at -R {rate}; \
+        "pgbench -S scale 10, -T {seconds}, -c 4 -j 2 (saturated) and -c 1 -j 1, {runs} runs each (interleaved); \
          {connects} connections each; {failovers} planned leader changes"
     );
     let l = summarize(&loads);
@@ -527,29 +525,24 @@ fn main() -> anyhow::Result<()> {
         "proxy CPU per transaction, min-max (us)",
         proxies(&|i| spread(&sat[i].cpu_us, 1)),
     );
-    if rate > 0 {
-        row(
-            &format!("-R {rate}: latency average, median (ms)"),
-            cells(&|i| med(&fixed[i].latency_ms, 3)),
-        );
-        row(
-            &format!("-R {rate}: latency average, min-max (ms)"),
-            cells(&|i| spread(&fixed[i].latency_ms, 3)),
-        );
-        let direct = median_of(&fixed[0].latency_ms);
-        row(
-            &format!("-R {rate}: latency vs direct (us, medians)"),
-            proxies(&|i| format!("{:+.0}", (median_of(&fixed[i].latency_ms) - direct) * 1000.0)),
-        );
-        row(
-            &format!("-R {rate}: proxy CPU per transaction (us)"),
-            proxies(&|i| med(&fixed[i].cpu_us, 1)),
-        );
-        row(
-            &format!("-R {rate}: TPS reached, median"),
-            cells(&|i| med(&fixed[i].tps, 0)),
-        );
-    }
+    row("1 client: TPS, median", cells(&|i| med(&single[i].tps, 0)));
+    row(
+        "1 client: latency average, median (ms)",
+        cells(&|i| med(&single[i].latency_ms, 3)),
+    );
+    row(
+        "1 client: latency average, min-max (ms)",
+        cells(&|i| spread(&single[i].latency_ms, 3)),
+    );
+    let direct = median_of(&single[0].latency_ms);
+    row(
+        "1 client: latency vs direct (us, medians)",
+        proxies(&|i| format!("{:+.0}", (median_of(&single[i].latency_ms) - direct) * 1000.0)),
+    );
+    row(
+        "1 client: proxy CPU per transaction (us)",
+        proxies(&|i| med(&single[i].cpu_us, 1)),
+    );
     let c: Vec<Option<Summary>> = connect.iter().map(|v| summarize(v)).collect();
     let cell = |s: Option<Summary>, f: fn(Summary) -> f64| s.map_or("-".into(), |s| format!("{:.2}", f(s)));
     row(
