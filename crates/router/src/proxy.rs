@@ -36,8 +36,8 @@ use crate::topology::Route;
 
 /// How long a refused client gets to send its startup packet and read the error.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Routing attempts for one connection (a route that became invalid between choosing it and
-/// registering the connection is chosen again).
+/// Routing attempts for one connection (a route that became invalid before the backend
+/// connection was made is chosen again).
 const MAX_ATTEMPTS: usize = 5;
 
 /// The threads that carry client connections, each running a single-threaded tokio runtime.
@@ -215,11 +215,22 @@ async fn serve(shared: Arc<Shared>, port: Port, mut client: TcpStream, peer: Soc
         };
         let backend = route.backend().clone();
         let counters = shared.stats.member(&backend.member);
-        let connected = tokio::time::timeout(
-            connect_timeout,
-            TcpStream::connect((backend.host.as_str(), backend.port)),
-        )
-        .await;
+        // The route may become invalid while connecting (a dead primary's leader key expires
+        // while its connect hangs): then give up on it at once and choose again, instead of
+        // holding the client for the rest of `connect_timeout`.
+        let Some(token) = shared.register(&route) else {
+            continue;
+        };
+        let connected = tokio::select! {
+            connected = tokio::time::timeout(
+                connect_timeout,
+                TcpStream::connect((backend.host.as_str(), backend.port)),
+            ) => connected,
+            _ = token.cancelled() => {
+                tracing::debug!(member = %backend.member, "the route changed while connecting; choosing again");
+                continue;
+            }
+        };
         let server = match connected {
             Ok(Ok(server)) => server,
             Ok(Err(e)) => {
@@ -252,10 +263,10 @@ async fn serve(shared: Arc<Shared>, port: Port, mut client: TcpStream, peer: Soc
                 continue;
             }
         };
-        // The route may have become invalid while connecting: then choose again.
-        let Some(token) = shared.register(&route) else {
+        // The route may have become invalid between the connect and now: then choose again.
+        if token.is_cancelled() {
             continue;
-        };
+        }
         let _ = server.set_nodelay(true);
         counters.total[idx].fetch_add(1, Ordering::Relaxed);
         counters.active[idx].fetch_add(1, Ordering::Relaxed);
@@ -378,5 +389,96 @@ impl AsyncWrite for Counted {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pgvigil_config::RouterConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+
+    use super::*;
+    use crate::state::Snapshot;
+    use crate::topology::{Backend, Topology};
+
+    fn topology(primary: Option<Backend>) -> Topology {
+        Topology {
+            scope: "demo".into(),
+            revision: 1,
+            leader: primary.as_ref().map(|b| b.member.clone()),
+            no_primary_reason: if primary.is_some() {
+                String::new()
+            } else {
+                "no member holds the leader key".into()
+            },
+            primary,
+            replicas: Vec::new(),
+            reads_on_primary: false,
+            no_replica_reason: "none".into(),
+            leader_position: 0,
+            members: Vec::new(),
+        }
+    }
+
+    fn snapshot(primary: Option<Backend>) -> Snapshot {
+        Snapshot {
+            topology: Some(Arc::new(topology(primary))),
+            synced_at: Some(tokio::time::Instant::now().into_std()),
+            ..Default::default()
+        }
+    }
+
+    /// A dead primary's connect hangs until `connect_timeout`; when its leader key goes away
+    /// meanwhile, the client must hear so at once, not when the timeout ends.
+    #[tokio::test]
+    async fn a_connect_to_a_primary_that_loses_its_route_is_abandoned() {
+        // A backend whose accept queue is full: further connection attempts hang (the kernel
+        // drops their SYNs), like those to a host that has died.
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let hanging = socket.listen(0).unwrap();
+        let hanging_addr = hanging.local_addr().unwrap();
+        let _queued = TcpStream::connect(hanging_addr).await.unwrap();
+
+        let config = RouterConfig {
+            connect_timeout: 600,
+            ..Default::default()
+        };
+        let shared = Shared::new("demo".into(), config);
+        shared.publish(snapshot(Some(Backend {
+            member: "node1".into(),
+            host: "127.0.0.1".into(),
+            port: hanging_addr.port(),
+        })));
+
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(front.local_addr().unwrap()).await.unwrap();
+        let (accepted, peer) = front.accept().await.unwrap();
+        let serving = tokio::spawn(serve(shared.clone(), Port::Primary, accepted, peer));
+
+        // Bounded wait until the connection is registered on node1's route, i.e. connecting.
+        for _ in 0..500 {
+            if shared.registered_routes() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(shared.registered_routes(), 1, "the router never tried node1");
+        shared.publish(snapshot(None));
+
+        let params = b"user\0postgres\0\0";
+        let mut startup = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+        startup.extend(196608u32.to_be_bytes());
+        startup.extend(params);
+        client.write_all(&startup).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut answer))
+            .await
+            .expect("the client was held for the whole connect_timeout")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains("C57P03") && text.contains("no primary"), "{text}");
+        serving.await.unwrap();
     }
 }

@@ -268,6 +268,12 @@ impl Shared {
         });
     }
 
+    /// How many routes have connections registered (for tests).
+    #[cfg(test)]
+    pub(crate) fn registered_routes(&self) -> usize {
+        lock(&self.routes).len()
+    }
+
     /// The cancellation token of `route` for a new connection, if the current snapshot still
     /// routes there.
     pub fn register(&self, route: &Route) -> Option<CancellationToken> {
