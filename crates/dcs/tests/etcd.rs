@@ -730,3 +730,37 @@ async fn three_members_tolerate_one_down_and_refuse_without_quorum() {
     .unwrap();
     a.refresh_lease(30).await.unwrap();
 }
+
+/// A member that hangs (SIGSTOP: like a host cut off, its connections neither answer nor
+/// close) costs at most an attempt: operations move to the next endpoint and stay there, so
+/// a leader's lease renewals keep succeeding while the member hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_member_is_left_for_the_next_endpoint() {
+    let mut etcd = start_etcd(3);
+    let deadline = Duration::from_secs(3);
+    let a = client(&etcd, "pg-a", deadline).await;
+    a.refresh_lease(30).await.unwrap();
+    assert!(a.attempt_to_acquire_leader().await.unwrap());
+    assert_eq!(a.endpoint_in_use(), etcd.endpoint(0));
+    etcd.pause_member(0).unwrap();
+    a.refresh_lease(30).await.unwrap();
+    let moved_to = a.endpoint_in_use().to_string();
+    assert_ne!(moved_to, etcd.endpoint(0), "still on the hung member");
+    for i in 0..20 {
+        a.refresh_lease(30)
+            .await
+            .unwrap_or_else(|e| panic!("renewal {i} with member 0 hung: {e}"));
+        assert!(
+            a.update_leader(None).await.unwrap(),
+            "update_leader {i}: we hold the lock"
+        );
+        let view = a.get_cluster().await.unwrap();
+        assert_eq!(view.leader.as_ref().map(|l| l.name.as_str()), Some("pg-a"));
+        assert_eq!(
+            a.endpoint_in_use(),
+            moved_to,
+            "operation {i} switched endpoints again"
+        );
+    }
+    etcd.resume_member(0).unwrap();
+}

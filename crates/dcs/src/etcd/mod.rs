@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,7 +84,13 @@ pub(crate) struct Inner {
     /// Timeout of one attempt; several attempts fit into `retry_timeout` when there are several
     /// endpoints (as Patroni divides `retry_timeout` across the known etcd nodes).
     attempt_timeout: Duration,
-    client: tokio::sync::Mutex<Option<Client>>,
+    /// One client per endpoint, connected when first used. Operations go to one endpoint at a
+    /// time, as Patroni's do, and move to the next when an attempt there fails: a client that
+    /// balanced every request over all endpoints would send a share of them to a member that is
+    /// cut off and have each of those hang for a whole attempt.
+    clients: tokio::sync::Mutex<Vec<Option<Client>>>,
+    /// Index into `opts.endpoints` of the endpoint in use.
+    current: AtomicUsize,
     /// Serializes lease grants so that concurrent callers cannot create two leases.
     lease_lock: tokio::sync::Mutex<()>,
     pub(crate) state: Mutex<State>,
@@ -166,12 +173,14 @@ impl Etcd3Dcs {
         }
         let keys = Keys::new(&opts.namespace, &opts.scope);
         let (events, _) = broadcast::channel(256);
+        let endpoints = opts.endpoints.len();
         let inner = Inner {
             opts,
             keys,
             connect_options,
             attempt_timeout,
-            client: tokio::sync::Mutex::new(None),
+            clients: tokio::sync::Mutex::new(vec![None; endpoints]),
+            current: AtomicUsize::new(0),
             lease_lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
             events,
@@ -186,6 +195,11 @@ impl Etcd3Dcs {
     /// Our member name (the leader key value when we hold the lock).
     pub fn member_name(&self) -> &str {
         &self.inner.opts.member_name
+    }
+
+    /// The etcd endpoint operations go to now.
+    pub fn endpoint_in_use(&self) -> &str {
+        &self.inner.opts.endpoints[self.inner.current.load(Ordering::SeqCst)]
     }
 
     /// The timeout of one attempt inside an operation's deadline.
@@ -220,14 +234,37 @@ impl Inner {
         &self.opts.member_name
     }
 
-    async fn client(&self) -> Result<Client, DcsError> {
-        let mut guard = self.client.lock().await;
-        if let Some(client) = guard.as_ref() {
+    /// The client of endpoint `index`, connecting it if needed.
+    async fn client(&self, index: usize) -> Result<Client, DcsError> {
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients[index].as_ref() {
             return Ok(client.clone());
         }
-        let client = Client::connect(&self.opts.endpoints, Some(self.connect_options.clone())).await?;
-        *guard = Some(client.clone());
+        let endpoint = [self.opts.endpoints[index].as_str()];
+        let client = Client::connect(endpoint, Some(self.connect_options.clone())).await?;
+        clients[index] = Some(client.clone());
         Ok(client)
+    }
+
+    /// An attempt on endpoint `index` failed for want of an answer: forget its connection
+    /// (it may be half-open) and, unless another caller moved on already, use the next
+    /// endpoint from now on.
+    async fn endpoint_failed(&self, index: usize, error: &DcsError) {
+        self.clients.lock().await[index] = None;
+        let n = self.opts.endpoints.len();
+        if n > 1
+            && self
+                .current
+                .compare_exchange(index, (index + 1) % n, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            tracing::info!(
+                failed = %self.opts.endpoints[index],
+                next = %self.opts.endpoints[(index + 1) % n],
+                %error,
+                "switching to the next etcd endpoint"
+            );
+        }
     }
 
     /// Runs `op` until it succeeds, fails with a non-retryable error, or `deadline` passes.
@@ -247,8 +284,9 @@ impl Inner {
         loop {
             attempts += 1;
             let attempt_deadline = deadline.min(Instant::now() + self.attempt_timeout);
+            let index = self.current.load(Ordering::SeqCst);
             let attempt = async {
-                let client = self.client().await?;
+                let client = self.client(index).await?;
                 op(client).await.map_err(DcsError::from)
             };
             let error = match tokio::time::timeout_at(attempt_deadline, attempt).await {
@@ -257,6 +295,7 @@ impl Inner {
                 Ok(Err(e)) => return Err(e.context(what)),
                 Err(_) => DcsError::Unavailable("no answer in time".into()),
             };
+            self.endpoint_failed(index, &error).await;
             let now = Instant::now();
             if now + backoff >= deadline {
                 return Err(error.context(&format!("{what} (gave up after {attempts} attempt(s))")));
