@@ -265,6 +265,13 @@ impl Agent {
         self.state = PgState::Starting;
         self.lease
             .loop_alive_until(Instant::now() + self.pg_ctl_timeout() + self.retry());
+        // A replica starts with `primary_slot_name` set, and a standby after pg_rewind (or one
+        // whose checkpoint is behind the leader) accepts connections only once it has streamed
+        // up to a consistent point, through that slot. The leader creates slots for the members
+        // it sees in etcd; a member back from a long outage has no key any more (it expired
+        // with its lease) and the cycle publishes it only after this start returns. Publish it
+        // now, so the leader creates the slot while PostgreSQL waits for it.
+        self.publish_member().await;
         match self.pg.start(self.pg_ctl_timeout()).await {
             Ok(()) => {
                 self.state = PgState::Running;

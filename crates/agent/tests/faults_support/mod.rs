@@ -41,12 +41,6 @@ pub fn options(extra_dcs: &str) -> NetOptions {
     NetOptions {
         extra_dcs: format!("{SYNC}{extra_dcs}"),
         router: Some(AGENT.into()),
-        // A former leader rejoining after pg_rewind waits in `postgres` start until it is
-        // consistent, which needs a replication slot on the new leader, which the new leader
-        // creates only once the rejoining member key is back, which the agent publishes only
-        // after the start returns: the start times out (pg_ctl_timeout) before the node
-        // streams. 20 s instead of 60 s keeps these scenarios short until that is fixed.
-        pg_ctl_timeout: Some(20),
         ..Default::default()
     }
 }
