@@ -323,6 +323,16 @@ impl Agent {
         if let Err(e) = self.pg.execute("CHECKPOINT", Duration::from_secs(300)).await {
             tracing::warn!("post-promotion checkpoint failed: {e}");
         }
+        // The cycle's observation predates the promotion and still says "in recovery": the
+        // end-of-cycle watchdog check would take us for a replica and disarm the watchdog we
+        // just armed, leaving a new primary unguarded until the next cycle. Observe again.
+        self.status = match self.pg.query_state(Duration::from_secs(2)).await {
+            Ok(st) => Some(st),
+            Err(e) => {
+                tracing::debug!("monitoring query after promotion failed: {e}");
+                None
+            }
+        };
         tracing::info!("promoted to primary");
         Ok(true)
     }
