@@ -153,6 +153,42 @@ fn running_replica_past_the_switch_point_is_rewound() {
     );
 }
 
+/// Two failovers: `bb` leads on timeline 3, history [[1, 950], [2, 2000]]. A replica whose
+/// walreceiver is between connections is judged by the timeline it reports: the runtime must
+/// report the timeline its WAL continues on (the newest WAL segment's), not the last
+/// restartpoint's, which can still be 1 long after the replica moved on to timeline 2.
+#[test]
+fn non_streaming_replica_is_judged_on_the_timeline_its_wal_is_on() {
+    let mut view = after_failover();
+    view.members[1].data.timeline = Some(3);
+    view.history = Some(Versioned {
+        value: vec![history(1, 950), history(2, 2000)],
+        mod_revision: 7,
+    });
+    let decide_at = |timeline, lsn| {
+        decide_with(
+            &config("ccc"),
+            Some(&view),
+            &running(true, timeline, lsn, None),
+            &Memory::default(),
+        )
+        .actions
+    };
+    let follow = vec![Action::Follow {
+        upstream: Some("bb".into()),
+    }];
+    let rewind = vec![Action::Rewind { source: "bb".into() }];
+    // On timeline 2 before its switch point: a prefix of the leader's history.
+    assert_eq!(decide_at(2, 1500), follow);
+    assert_eq!(decide_at(2, 2000), follow);
+    // On timeline 2 past it (an asynchronous replica that got more than the promoted one):
+    // diverged.
+    assert_eq!(decide_at(2, 2500), rewind);
+    // The same replica reported on timeline 1 looks diverged (past 950): what a stale
+    // restartpoint timeline would cause, a needless stop and pg_rewind.
+    assert_eq!(decide_at(1, 1500), rewind);
+}
+
 #[test]
 fn unknown_history_means_wait() {
     let mut view = after_failover();

@@ -54,8 +54,16 @@ pub struct SlotInfo {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PgStatus {
     pub in_recovery: bool,
-    /// Primary: from the current WAL file name. Replica: the walreceiver's timeline, else the
-    /// last checkpoint's (restartpoint's).
+    /// Primary: from the current WAL file name. Replica: the walreceiver's timeline; without
+    /// a running walreceiver, the newest timeline of the WAL segments in `pg_wal` (or, if they
+    /// cannot be listed, the last restartpoint's).
+    ///
+    /// The restartpoint's timeline alone is not enough: a standby that followed a promotion
+    /// onto timeline N+1 keeps reporting N until its next restartpoint (up to
+    /// `checkpoint_timeout` later), and judged against the leader's history on timeline N it
+    /// looks as if it had diverged past the switch point. The walreceiver writes the WAL it
+    /// receives, and recovery recycles old segments, under the timeline it is on, so the
+    /// newest segment's timeline is where the local WAL continues.
     pub timeline: u64,
     /// Primary only: `pg_current_wal_flush_lsn()`.
     pub wal_flush_lsn: Option<u64>,
@@ -148,6 +156,11 @@ fn status_query() -> String {
 FROM (SELECT 1) AS one LEFT JOIN pg_catalog.pg_stat_wal_receiver AS wr ON true"
     )
 }
+
+/// The timeline of the greatest WAL segment file name in `pg_wal` (its first 8 hex digits).
+const NEWEST_WAL_SEGMENT_TIMELINE: &str =
+    "SELECT ('x' || pg_catalog.substr(pg_catalog.max(name COLLATE \"C\"), 1, 8))::bit(32)::int8
+  FROM pg_catalog.pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'";
 
 fn parse_json_list<T: for<'de> Deserialize<'de>>(
     what: &str,
@@ -342,14 +355,27 @@ impl Postgres {
         }
     }
 
-    /// The per-cycle monitoring query (§5.11), one statement.
+    /// The per-cycle monitoring query (§5.11), one statement; on a standby without a running
+    /// walreceiver, a second one for its timeline (see [`PgStatus::timeline`]).
     pub async fn query_state(&self, timeout: Duration) -> Result<PgStatus, PgError> {
         self.with_conn("monitoring query", timeout, None, |client| async move {
             let row = client
                 .query_one(&status_query(), &[])
                 .await
                 .map_err(|e| PgError::sql("monitoring query", e))?;
-            status_from_row(&row)
+            let mut status = status_from_row(&row)?;
+            if status.in_recovery && status.received_timeline.is_none() {
+                // Best effort: pg_ls_waldir() needs superuser or pg_monitor; without it the
+                // restartpoint's timeline stands.
+                match client.query_one(NEWEST_WAL_SEGMENT_TIMELINE, &[]).await {
+                    Ok(row) => {
+                        let newest = to_u64(row.get::<_, Option<i64>>(0)).unwrap_or(0);
+                        status.timeline = status.timeline.max(newest);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "could not list pg_wal"),
+                }
+            }
+            Ok(status)
         })
         .await
     }
