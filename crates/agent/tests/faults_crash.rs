@@ -13,7 +13,6 @@ use pgvigil_testkit::netcluster::Expect;
 use pgvigil_testkit::wait_until;
 
 #[test]
-#[ignore = "unstable: after restart_host the lab cluster sometimes never turns healthy (issue 6, open)"]
 fn killed_leader_processes_then_dead_leader_host_fail_over_without_loss() {
     if !can_run() {
         return;
@@ -127,7 +126,6 @@ fn leader_whose_postgres_cannot_start_fails_over_within_primary_start_timeout() 
 }
 
 #[test]
-#[ignore = "unstable: no new leader within 126 s in one of two runs (issue 6, open)"]
 fn frozen_leader_with_a_watchdog_is_reset_before_its_lease_expires() {
     if !can_run() {
         return;
