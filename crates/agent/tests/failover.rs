@@ -21,9 +21,17 @@ fn start() -> (TestCluster, usize) {
     (cluster, leader)
 }
 
+/// The timeline node `i` is on: a replica's walreceiver timeline, a primary's current WAL
+/// file's. (`pg_control_checkpoint()` on a standby is its last restartpoint's timeline, which
+/// stays behind a timeline switch until the next restartpoint, up to `checkpoint_timeout`.)
 fn timeline(cluster: &TestCluster, i: usize) -> String {
     cluster
-        .psql(i, "SELECT timeline_id FROM pg_control_checkpoint()")
+        .psql(
+            i,
+            "SELECT CASE WHEN pg_is_in_recovery() \
+               THEN (SELECT received_tli FROM pg_stat_wal_receiver) \
+               ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
+        )
         .unwrap()
 }
 
