@@ -5,10 +5,11 @@
 //!
 //! 1. **Acknowledged rows lost per failover**, `synchronous_mode` off and on (`BENCH_RUNS`,
 //!    default 5, failovers per mode and system). The testkit checker writes unique ids through
-//!    `pgvigil router` (one autocommit `INSERT` every 20 ms, every acknowledged id recorded)
-//!    while a rate-limited background `pgbench` (tpcb-like, `BENCH_LOAD_CLIENTS` clients,
-//!    `BENCH_LOAD_RATE` transactions per second in total) writes directly to the primary, so
-//!    that the replicas are never trivially caught up. Then the leader's *host* dies: its link
+//!    `pgvigil router` (autocommit `INSERT`s back to back, `BENCH_WRITE_PAUSE_MS` = 0, every
+//!    acknowledged id recorded) while a rate-limited background `pgbench` (tpcb-like,
+//!    `BENCH_LOAD_CLIENTS` (4) clients, `BENCH_LOAD_RATE` (1000) transactions per second in
+//!    total) writes directly to the primary, after a `CHECKPOINT`, so that the replicas are
+//!    never trivially caught up. After at least 5 s of load, the leader's *host* dies: its link
 //!    goes down first (WAL still in flight or in the socket buffers never arrives, nobody gets a
 //!    reset), then every process on it gets SIGKILL (agent, PostgreSQL, etcd member). Once
 //!    another member is a writable leader and the checker's writes flow again, the checker's
@@ -17,14 +18,14 @@
 //! 2. **pgbench TPS on the primary**, `synchronous_mode` off / on / quorum: `pgbench`
 //!    tpcb-like, scale `BENCH_TPS_SCALE` (10), `BENCH_TPS_CLIENTS` (4) clients, 2 threads,
 //!    `BENCH_TPS_SECONDS` (20) seconds, straight to the primary's PostgreSQL port (no router),
-//!    after a `CHECKPOINT`. `BENCH_TPS_ROUNDS` (3) rounds; in each round every (mode, system)
+//!    after a `CHECKPOINT`. `BENCH_TPS_ROUNDS` (5) rounds; in each round every (mode, system)
 //!    pair runs once, the mode order rotating and the system order alternating, so machine
 //!    noise spreads over all cells.
 //!
 //! Modes change through the dynamic configuration (`PATCH /config` on the leader's REST API,
 //! `{"synchronous_mode": false | true | "quorum"}`, the same request for both agents); a
-//! measurement starts only once the mode is in effect on the primary
-//! (`synchronous_standby_names` and `pg_stat_replication.sync_state`) and in `/cluster` (a
+//! measurement starts only once the mode is in effect on the primary (`synchronous_commit`,
+//! `synchronous_standby_names` and `pg_stat_replication.sync_state`) and in `/cluster` (a
 //! member with role `sync_standby`, or `quorum_standby` for each replica).
 //!
 //! Timings are the fast profile of `failover` (`ttl` 20, `loop_wait` 2, `retry_timeout` 5,
@@ -35,7 +36,7 @@
 //! (`pgvigil,patroni`), `BENCH_PHASES` (`tps,loss`), `PGVIGIL_BENCH_VENV`.
 //!
 //! The helpers shared with `failover.rs` (environment parsing, the results table) are
-//! duplicated here on purpose for now; see `bench/README.md`.
+//! duplicated here on purpose for now, while `failover.rs` changes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -156,7 +157,7 @@ impl Results {
             );
         }
         let digits = match (unit, s.max) {
-            ("bytes" | "tps", _) => 0,
+            ("bytes" | "tps" | "writes", _) => 0,
             (_, m) if m >= 10.0 => 1,
             (_, m) if m >= 0.1 => 2,
             _ => 3,
@@ -337,6 +338,8 @@ struct Loss {
     lost_ids: Vec<i64>,
     /// Checker writes acknowledged in the run.
     acked: usize,
+    /// From restarting the dead host to every member streaming again, in seconds.
+    rejoin: f64,
 }
 
 /// A pgbench we started in the background: SIGKILLed by its PID and reaped when dropped.
@@ -419,9 +422,12 @@ fn measure_loss(s: &mut System, mode: Mode, cfg: &Settings) -> anyhow::Result<Lo
             report.summary()
         );
     }
+    let back = Instant::now();
     c.restart_host(leader)?;
     c.wait_healthy(HEALTHY)?;
+    let rejoin = back.elapsed().as_secs_f64();
     Ok(Loss {
+        rejoin,
         lost: lost_ids.len(),
         lag_bytes: lag.ok().and_then(|l| l.parse().ok()).unwrap_or(f64::NAN),
         lag_peak: summarize(&lags).map_or(f64::NAN, |s| s.max),
@@ -454,7 +460,7 @@ fn main() -> anyhow::Result<()> {
         runs: env_count("BENCH_RUNS", 5),
         load_clients: env_count("BENCH_LOAD_CLIENTS", 4),
         load_rate: env_count("BENCH_LOAD_RATE", 1000),
-        tps_rounds: env_count("BENCH_TPS_ROUNDS", 3),
+        tps_rounds: env_count("BENCH_TPS_ROUNDS", 5),
         tps_seconds: env_count("BENCH_TPS_SECONDS", 20),
         tps_clients: env_count("BENCH_TPS_CLIENTS", 4),
         tps_scale: env_count("BENCH_TPS_SCALE", 10),
@@ -565,7 +571,7 @@ fn main() -> anyhow::Result<()> {
                     let loss = measure_loss(s, mode, &cfg)
                         .with_context(|| format!("{} failover, synchronous_mode {}", s.name, mode.label()))?;
                     eprintln!(
-                        "[{:>5.0}s] failover, synchronous_mode {}, {} run {}: lost {} of {} acknowledged, replica flush lag {:.0} bytes (peak under load {:.0}), write gap {:.1}s (load average {})",
+                        "[{:>5.0}s] failover, synchronous_mode {}, {} run {}: lost {} of {} acknowledged, replica flush lag {:.0} bytes (peak under load {:.0}), write gap {:.1}s, rejoin {:.1}s (load average {})",
                         elapsed(),
                         mode.label(),
                         s.name,
@@ -575,6 +581,7 @@ fn main() -> anyhow::Result<()> {
                         loss.lag_bytes,
                         loss.lag_peak,
                         loss.gap,
+                        loss.rejoin,
                         load_average()
                     );
                     if !loss.lost_ids.is_empty() {
@@ -594,13 +601,13 @@ fn main() -> anyhow::Result<()> {
                         loss.lost as f64,
                     );
                     results.add(
-                        &format!("Replication lag under the load: WAL bytes the worst replica had not flushed, peak of 4 samples/s, synchronous_mode {m}"),
+                        &format!("Replica lag under the load, peak of 4 samples/s (WAL bytes the worst replica had not flushed), synchronous_mode {m}"),
                         "bytes",
                         s.name,
                         loss.lag_peak,
                     );
                     results.add(
-                        &format!("Same, the sample just before the kill, synchronous_mode {m}"),
+                        &format!("Replica lag, last sample before the kill, synchronous_mode {m}"),
                         "bytes",
                         s.name,
                         loss.lag_bytes,
@@ -610,6 +617,20 @@ fn main() -> anyhow::Result<()> {
                         "s",
                         s.name,
                         loss.gap,
+                    );
+                    results.add(
+                        &format!("Checker writes acknowledged per run (context), synchronous_mode {m}"),
+                        "writes",
+                        s.name,
+                        loss.acked as f64,
+                    );
+                    results.add(
+                        &format!(
+                            "Old leader's host back to all members streaming (context), synchronous_mode {m}"
+                        ),
+                        "s",
+                        s.name,
+                        loss.rejoin,
                     );
                 }
             }
