@@ -9,7 +9,7 @@
 #
 # As root (namespaces, veth, iptables; PostgreSQL and the agents run as postgres). Installs
 # Patroni into /opt/pgvigil-bench/venv first if needed (scripts/install-bench-deps.sh).
-# About 25-30 minutes with the defaults; BENCH_RUNS, BENCH_TPS_ROUNDS, BENCH_TPS_SECONDS,
+# About 25 minutes with the defaults; BENCH_RUNS, BENCH_TPS_ROUNDS, BENCH_TPS_SECONDS,
 # BENCH_SYSTEMS and BENCH_PHASES shrink it (see crates/bench/src/bin/durability.rs).
 set -euo pipefail
 

@@ -238,8 +238,8 @@ fn pgbench(c: &NetCluster, i: usize, args: &[&str]) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// One check that `mode` is in effect: on the primary (`synchronous_standby_names`, the
-/// replicas' `sync_state`) and in `/cluster` (the roles the sync key gives the replicas).
+/// One check that `mode` is in effect: on the primary (`synchronous_commit`,
+/// `synchronous_standby_names`, the replicas' `sync_state`) and in `/cluster` (the roles the sync key gives the replicas).
 fn mode_in_effect(c: &NetCluster, mode: Mode) -> anyhow::Result<usize> {
     let leader = c.leader().context("no running leader")?;
     let row = c.psql(
@@ -285,7 +285,10 @@ fn mode_in_effect(c: &NetCluster, mode: Mode) -> anyhow::Result<usize> {
             }
         };
     if !ok {
-        bail!("synchronous_standby_names {names:?}, sync states {states:?}, roles {roles:?}");
+        bail!(
+            "synchronous_commit {commit:?}, synchronous_standby_names {names:?}, sync states {states:?}, \
+             roles {roles:?}"
+        );
     }
     Ok(leader)
 }
@@ -388,8 +391,8 @@ fn measure_loss(s: &mut System, mode: Mode, cfg: &Settings) -> anyhow::Result<Lo
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
-        if let Ok(l) = c.psql(leader, LAG_SQL) {
-            lags.push(l.parse::<f64>().unwrap_or(f64::NAN));
+        if let Some(l) = c.psql(leader, LAG_SQL).ok().and_then(|l| l.parse::<f64>().ok()) {
+            lags.push(l);
         }
     }
     if checker.acked() < target {
