@@ -46,6 +46,8 @@ async fn session(inner: &Inner, established: &mut bool) -> DcsError {
 enum Never {}
 
 async fn session_inner(inner: &Inner, established: &mut bool) -> Result<Never, DcsError> {
+    let mut moves = inner.moves.subscribe();
+    moves.mark_unchanged();
     let deadline = inner.deadline();
     let prefix = inner.keys.prefix();
     let range_end = inner.keys.range_end();
@@ -92,7 +94,15 @@ async fn session_inner(inner: &Inner, established: &mut bool) -> Result<Never, D
 
     let name = inner.opts.member_name.as_str();
     loop {
-        let response = match stream.message().await {
+        let message = tokio::select! {
+            message = stream.message() => message,
+            // Operations found the endpoint this stream is on unresponsive and moved on; a
+            // hung member would keep the stream silent until HTTP/2 keep-alive gave up.
+            _ = moves.changed() => {
+                return Err(DcsError::Unavailable("the etcd endpoint in use changed".into()));
+            }
+        };
+        let response = match message {
             Ok(Some(r)) => r,
             Ok(None) => return Err(DcsError::Unavailable("watch stream closed".into())),
             Err(e) => return Err(DcsError::from(e)),

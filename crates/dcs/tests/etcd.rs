@@ -733,7 +733,8 @@ async fn three_members_tolerate_one_down_and_refuse_without_quorum() {
 
 /// A member that hangs (SIGSTOP: like a host cut off, its connections neither answer nor
 /// close) costs at most an attempt: operations move to the next endpoint and stay there, so
-/// a leader's lease renewals keep succeeding while the member hangs.
+/// a leader's lease renewals keep succeeding while the member hangs, and the watch moves with
+/// them (a replica must see the leader key expire when the leader's host is the one that died).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_member_is_left_for_the_next_endpoint() {
     let mut etcd = start_etcd(3);
@@ -742,10 +743,24 @@ async fn a_hung_member_is_left_for_the_next_endpoint() {
     a.refresh_lease(30).await.unwrap();
     assert!(a.attempt_to_acquire_leader().await.unwrap());
     assert_eq!(a.endpoint_in_use(), etcd.endpoint(0));
+    let mut events = a.subscribe();
+    expect_event(&mut events, DcsEvent::WatchRestarted).await;
     etcd.pause_member(0).unwrap();
     a.refresh_lease(30).await.unwrap();
     let moved_to = a.endpoint_in_use().to_string();
     assert_ne!(moved_to, etcd.endpoint(0), "still on the hung member");
+    // The watch stream was on the hung member too; it follows at once instead of staying
+    // silent until HTTP/2 keep-alive gives up (10 s interval plus its timeout).
+    let restarted = tokio::time::timeout(deadline * 2, async {
+        loop {
+            if let Ok(DcsEvent::WatchRestarted) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(restarted.is_ok(), "the watch did not follow to {moved_to}");
+    wait_for_live_watch(&a, &mut events).await;
     for i in 0..20 {
         a.refresh_lease(30)
             .await

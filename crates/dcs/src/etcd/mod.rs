@@ -91,6 +91,9 @@ pub(crate) struct Inner {
     clients: tokio::sync::Mutex<Vec<Option<Client>>>,
     /// Index into `opts.endpoints` of the endpoint in use.
     current: AtomicUsize,
+    /// Counts moves to another endpoint: the watch, a long-lived stream that would not notice
+    /// a member that hangs, follows the operations to the new endpoint.
+    pub(crate) moves: tokio::sync::watch::Sender<u64>,
     /// Serializes lease grants so that concurrent callers cannot create two leases.
     lease_lock: tokio::sync::Mutex<()>,
     pub(crate) state: Mutex<State>,
@@ -181,6 +184,7 @@ impl Etcd3Dcs {
             attempt_timeout,
             clients: tokio::sync::Mutex::new(vec![None; endpoints]),
             current: AtomicUsize::new(0),
+            moves: tokio::sync::watch::Sender::new(0),
             lease_lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
             events,
@@ -258,6 +262,7 @@ impl Inner {
                 .compare_exchange(index, (index + 1) % n, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         {
+            self.moves.send_modify(|n| *n += 1);
             tracing::info!(
                 failed = %self.opts.endpoints[index],
                 next = %self.opts.endpoints[(index + 1) % n],
