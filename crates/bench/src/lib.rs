@@ -1,6 +1,34 @@
 //! Benchmarks of pgvigil on a real cluster on this machine. See `bench/README.md`; the
 //! binaries are in `src/bin/`.
 
+pub mod results;
+
+/// The number in environment variable `name`, or `default` when unset or not a number.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The comma-separated list in environment variable `name`, or `default`'s.
+pub fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` shows them: other work on the
+/// machine shows in every number, so the tables print it.
+pub fn load_averages() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Median and spread of a sample.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Summary {

@@ -38,13 +38,13 @@
 //! The helpers shared with `failover.rs` (environment parsing, the results table) are
 //! duplicated here on purpose for now, while `failover.rs` changes.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use pgvigil_bench::{parse_pgbench_tps, summarize};
+use pgvigil_bench::results::Results;
+use pgvigil_bench::{env_count, env_list, load_averages, parse_pgbench_tps, summarize};
 use pgvigil_testkit::checker::{self, Checker};
 use pgvigil_testkit::cluster::{SUPERUSER, SUPERUSER_PASSWORD, sibling_binary};
 use pgvigil_testkit::netcluster::{AgentKind, NetCluster, NetOptions, pg_bin_dir};
@@ -57,28 +57,6 @@ const LOAD_WARMUP: Duration = Duration::from_secs(5);
 /// The replica furthest behind: bytes of WAL the primary has written that it has not flushed.
 const LAG_SQL: &str =
     "SELECT coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)), 0) FROM pg_stat_replication";
-
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn env_list(name: &str, default: &str) -> Vec<String> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.to_string())
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -121,95 +99,6 @@ struct System {
     name: &'static str,
     cluster: NetCluster,
     mode: Mode,
-}
-
-/// Results, by row label and system name.
-#[derive(Default)]
-struct Results {
-    rows: Vec<String>,
-    values: BTreeMap<(String, String), Vec<f64>>,
-    units: BTreeMap<String, &'static str>,
-}
-
-impl Results {
-    fn add(&mut self, row: &str, unit: &'static str, system: &str, v: f64) {
-        if !self.rows.iter().any(|r| r == row) {
-            self.rows.push(row.to_string());
-        }
-        self.units.insert(row.to_string(), unit);
-        self.values
-            .entry((row.to_string(), system.to_string()))
-            .or_default()
-            .push(v);
-    }
-
-    fn cell(&self, row: &str, system: &str) -> String {
-        let Some(v) = self.values.get(&(row.to_string(), system.to_string())) else {
-            return "-".into();
-        };
-        let unit = self.units.get(row).copied().unwrap_or("");
-        let s = summarize(v).expect("non-empty");
-        if unit == "rows" {
-            let total: f64 = v.iter().sum();
-            return format!(
-                "{} ({}-{}); total {total:.0} in {} failovers",
-                s.median, s.min, s.max, s.n
-            );
-        }
-        let digits = match (unit, s.max) {
-            ("bytes" | "tps" | "writes", _) => 0,
-            (_, m) if m >= 10.0 => 1,
-            (_, m) if m >= 0.1 => 2,
-            _ => 3,
-        };
-        format!(
-            "{:.d$} {unit} ({:.d$}-{:.d$}, n={})",
-            s.median,
-            s.min,
-            s.max,
-            s.n,
-            d = digits
-        )
-    }
-
-    fn table(&self, systems: &[&str]) -> String {
-        let mut out = format!("| Measurement | {} |\n|---|", systems.join(" | "));
-        for _ in systems {
-            out.push_str("---|");
-        }
-        out.push('\n');
-        for row in &self.rows {
-            out.push_str(&format!("| {row} |"));
-            for s in systems {
-                out.push_str(&format!(" {} |", self.cell(row, s)));
-            }
-            out.push('\n');
-        }
-        out
-    }
-
-    fn raw(&self) -> String {
-        let mut out = String::new();
-        for row in &self.rows {
-            for ((r, system), v) in &self.values {
-                if r != row {
-                    continue;
-                }
-                let list: Vec<String> = v
-                    .iter()
-                    .map(|x| {
-                        if x.fract() == 0.0 {
-                            format!("{x:.0}")
-                        } else {
-                            format!("{x:.1}")
-                        }
-                    })
-                    .collect();
-                out.push_str(&format!("{row} / {system}: {}\n", list.join(" ")));
-            }
-        }
-        out
-    }
 }
 
 fn pgbench_command(c: &NetCluster, i: usize, args: &[&str]) -> anyhow::Result<Command> {
@@ -487,7 +376,7 @@ fn main() -> anyhow::Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let load_start = load_average();
+    let load_start = load_averages();
     eprintln!(
         "bench durability: {} failovers per mode and system, TPS {} rounds x {} s, systems {systems:?}, \
          phases {phases:?}; {patroni_version}; load average {load_start}",
@@ -540,7 +429,7 @@ fn main() -> anyhow::Result<()> {
                     let s = &mut up[i];
                     let tps = measure_tps(s, mode, &cfg)
                         .with_context(|| format!("{} TPS {}", s.name, mode.label()))?;
-                    let la = load_average();
+                    let la = load_averages();
                     eprintln!(
                         "[{:>5.0}s] TPS round {}: {} synchronous_mode {}: {tps:.0} (load average {la})",
                         elapsed(),
@@ -585,7 +474,7 @@ fn main() -> anyhow::Result<()> {
                         loss.lag_peak,
                         loss.gap,
                         loss.rejoin,
-                        load_average()
+                        load_averages()
                     );
                     if !loss.lost_ids.is_empty() {
                         lost_detail.push(format!(
@@ -649,7 +538,7 @@ fn main() -> anyhow::Result<()> {
         "({:.0} minutes in total; {patroni_version}; load average at the start {load_start}, at the end {}; \
          during the TPS runs (1-min) {}; background load during failovers: pgbench tpcb-like -c {} -R {})",
         started.elapsed().as_secs_f64() / 60.0,
-        load_average(),
+        load_averages(),
         loads
             .iter()
             .map(|l| l.split_whitespace().next().unwrap_or("?"))

@@ -23,34 +23,18 @@
 //! (`idle,list,host,switchover,switchover-direct,crash,host-fast`), `PGVIGIL_BENCH_VENV` (where
 //! `scripts/install-bench-deps.sh` put Patroni).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use pgvigil_bench::summarize;
+use pgvigil_bench::results::Results;
+use pgvigil_bench::{env_count, env_list, load_averages};
 use pgvigil_testkit::cluster::sibling_binary;
 use pgvigil_testkit::http;
 use pgvigil_testkit::netcluster::{AgentKind, NetCluster, NetOptions};
 
 const HEALTHY: Duration = Duration::from_secs(300);
-
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn env_list(name: &str, default: &str) -> Vec<String> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.to_string())
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Profile {
@@ -87,77 +71,6 @@ struct System {
     name: &'static str,
     ctl: PathBuf,
     cluster: NetCluster,
-}
-
-/// Results, by row label and system name.
-#[derive(Default)]
-struct Results {
-    rows: Vec<String>,
-    values: BTreeMap<(String, String), Vec<f64>>,
-    units: BTreeMap<String, &'static str>,
-}
-
-impl Results {
-    fn add(&mut self, row: &str, unit: &'static str, system: &str, v: f64) {
-        if !self.rows.iter().any(|r| r == row) {
-            self.rows.push(row.to_string());
-        }
-        self.units.insert(row.to_string(), unit);
-        self.values
-            .entry((row.to_string(), system.to_string()))
-            .or_default()
-            .push(v);
-    }
-
-    fn cell(&self, row: &str, system: &str) -> String {
-        let Some(v) = self.values.get(&(row.to_string(), system.to_string())) else {
-            return "-".into();
-        };
-        let unit = self.units.get(row).copied().unwrap_or("");
-        if unit == "rows" {
-            let total: f64 = v.iter().sum();
-            return format!("{total:.0} in {} runs", v.len());
-        }
-        let s = summarize(v).expect("non-empty");
-        let digits = match s.max {
-            m if m >= 10.0 => 1,
-            m if m >= 0.1 => 2,
-            _ => 3,
-        };
-        format!(
-            "{:.d$} {unit} ({:.d$}-{:.d$}, n={})",
-            s.median,
-            s.min,
-            s.max,
-            s.n,
-            d = digits
-        )
-    }
-
-    fn table(&self, systems: &[&str]) -> String {
-        let mut out = format!("| Measurement | {} |\n|---|", systems.join(" | "));
-        for _ in systems {
-            out.push_str("---|");
-        }
-        out.push('\n');
-        for row in &self.rows {
-            out.push_str(&format!("| {row} |"));
-            for s in systems {
-                out.push_str(&format!(" {} |", self.cell(row, s)));
-            }
-            out.push('\n');
-        }
-        out
-    }
-
-    fn raw(&self) -> String {
-        let mut out = String::new();
-        for ((row, system), v) in &self.values {
-            let list: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
-            out.push_str(&format!("{row} / {system}: {}\n", list.join(" ")));
-        }
-        out
-    }
 }
 
 fn start_system(
@@ -205,13 +118,6 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) } as f64;
     Some(ticks / hz)
-}
-
-/// The 1, 5 and 15 minute load averages: other work on the machine shows in every number.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn rss_mib(pid: u32) -> Option<f64> {
@@ -361,7 +267,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
     eprintln!("bench failover: {runs} runs, systems {systems:?}, scenarios {scenarios:?}; {patroni_version}");
     let started = Instant::now();
-    let load_at_start = load_average();
+    let load_at_start = load_averages();
     let mut results = Results::default();
     let wanted = |s: &str| scenarios.iter().any(|x| x == s);
     let system_names: Vec<&'static str> = ["pgvigil", "patroni"]
@@ -474,7 +380,7 @@ fn main() -> anyhow::Result<()> {
         "({runs} runs each, {:.0} minutes in total; {patroni_version}; router: pgvigil router for both; \
          load average at the start {load_at_start}, at the end {})",
         started.elapsed().as_secs_f64() / 60.0,
-        load_average()
+        load_averages()
     );
     Ok(())
 }

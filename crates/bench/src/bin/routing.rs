@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nix::sys::signal::Signal;
 use pgvigil_bench::{
-    Summary, load_average, parse_pgbench_latency_ms, parse_pgbench_tps, parse_pgbench_transactions,
-    process_cpu_ns, summarize,
+    Summary, env_count, load_average, parse_pgbench_latency_ms, parse_pgbench_tps,
+    parse_pgbench_transactions, process_cpu_ns, summarize,
 };
 use pgvigil_testkit::cluster::{
     ClusterOptions, SUPERUSER, SUPERUSER_PASSWORD, TestCluster, psql_at, sibling_binary,
@@ -39,13 +39,6 @@ use pgvigil_testkit::{free_port, http, spawn_owned, wait_until};
 use tokio::runtime::Runtime;
 
 const HEALTHY: Duration = Duration::from_secs(180);
-
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A child process killed (by PID) and reaped on drop.
 struct Proc {

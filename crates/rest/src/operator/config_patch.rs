@@ -49,12 +49,9 @@ pub fn deep_compare(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::obj;
     use super::*;
     use serde_json::json;
-
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
-    }
 
     #[test]
     fn patching() {

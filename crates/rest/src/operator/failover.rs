@@ -248,20 +248,12 @@ pub fn poll_timeout(action: FailoverAction, seconds: u64) -> ApiReply {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{now, obj};
     use super::*;
-    use chrono::TimeZone;
     use pgvigil_api::cluster::RawKv;
     use pgvigil_api::rest::XlogInfo;
     use pgvigil_api::{Keys, MemberData};
     use serde_json::json;
-
-    fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2030, 1, 1, 12, 0, 0).unwrap()
-    }
-
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
-    }
 
     #[test]
     fn failover_rules_in_order() {

@@ -74,17 +74,9 @@ pub fn validate_restart(
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{now, obj};
     use super::*;
-    use chrono::TimeZone;
     use serde_json::json;
-
-    fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2030, 1, 1, 12, 0, 0).unwrap()
-    }
-
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
-    }
 
     #[test]
     fn restart_bodies() {

@@ -196,12 +196,9 @@ pub fn python_str(value: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::now;
     use super::*;
     use serde_json::json;
-
-    fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2030, 1, 1, 12, 0, 0).unwrap()
-    }
 
     #[test]
     fn timestamps() {
