@@ -209,8 +209,15 @@ fn leader_stops_accepting_writes_when_etcd_loses_quorum() {
     // etcd comes back: the cluster elects a leader again and writes work.
     cluster.etcd.start_member(1).unwrap();
     cluster.etcd.start_member(2).unwrap();
-    let leader = cluster.wait_healthy(HEALTHY).unwrap();
-    cluster.psql(leader, "INSERT INTO t VALUES (42)").unwrap();
+    // The member keys still describe the fenced leader as a running primary until it has
+    // restarted PostgreSQL (its lease outlived the outage), so "healthy" in etcd is not yet
+    // "writable": wait for a write to succeed on the leader.
+    let leader = wait_until("a writable leader after etcd returns", HEALTHY, || {
+        let leader = cluster.wait_healthy(Duration::from_secs(5)).ok()?;
+        cluster.psql(leader, "INSERT INTO t VALUES (42)").ok()?;
+        Some(leader)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
     assert_eq!(
         http::get(cluster.nodes[leader].api_port, "/primary")
             .unwrap()
