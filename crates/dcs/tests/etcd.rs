@@ -507,6 +507,8 @@ async fn external_deletion_of_our_member_key_is_repaired() {
     let mut events = a.subscribe();
     expect_event(&mut events, DcsEvent::WatchRestarted).await;
     a.touch_member(&member("running")).await.unwrap();
+    // Consume the event of our own write first, or it could pass for the deletion's below.
+    expect_event(&mut events, DcsEvent::MembersChanged).await;
     let mut r = raw(&etcd).await;
     r.delete("/service/batman/members/pg-a", None).await.unwrap();
     // The watch sees the deletion (no get_cluster in between), so the next write is not skipped.
