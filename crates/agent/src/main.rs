@@ -1,6 +1,7 @@
 //! `pgvigil CONFIG.yml`: the HA agent, a drop-in replacement for `patroni CONFIG.yml`.
 //! `pgvigil router CONFIG.yml`: the client router (crate `pgvigil-router`), same file.
 
+mod leadership;
 mod probe;
 mod runtime;
 mod wiring;
@@ -104,6 +105,11 @@ fn router_main() -> ExitCode {
 fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "router") {
         return router_main();
+    }
+    // Started by the agent itself (see `leadership::fence`): no runtime, no configuration.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "fencer") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        return leadership::fencer::main(&args);
     }
     let cli = Cli::parse();
     let loaded = match load_config("pgvigil", cli.config.as_deref(), cli.validate_config) {

@@ -1,20 +1,23 @@
-//! Building the agent's parts from the configuration and starting its tasks: etcd client, lease
-//! guardian, postmaster watcher, REST server, signal handlers, HA loop.
+//! Building the agent's parts from the configuration and starting its tasks: etcd client,
+//! `Leadership` (its own thread, etcd connection, fence and fencer process), postmaster
+//! watcher, REST server, signal handlers, HA loop.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use pgvigil_config::{Config, LogConfig};
 use pgvigil_dcs::{Dcs, Etcd3Dcs, EtcdOptions};
 use pgvigil_postgres::{PgSettings, PgUser, Postgres};
-use pgvigil_rest::{AccessControl, NodeSnapshot, PeerClient, RestContext};
+use pgvigil_rest::{AccessControl, FailsafePost, NodeSnapshot, PeerClient, RestContext};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::lease::{self, LeaseShared};
+use crate::leadership::failsafe::FailsafeProber;
+use crate::leadership::watchdog::Watchdog;
+use crate::leadership::{Leadership, LockSettings};
 use crate::runtime::{Agent, Exit, Wakeups};
 
 pub fn init_logging(log: &LogConfig) {
@@ -86,22 +89,45 @@ fn pg_settings(cfg: &Config) -> anyhow::Result<PgSettings> {
     })
 }
 
-/// Connects to etcd, retrying every few seconds like Patroni until it answers or we are told
-/// to stop.
-async fn connect_dcs(
-    cfg: &Config,
-    retry_timeout: Duration,
-    stop: &CancellationToken,
-) -> anyhow::Result<Arc<dyn Dcs>> {
-    let options = EtcdOptions {
-        endpoints: cfg.etcd3.hosts.clone(),
+/// The etcd endpoints with the ones on this host first: the agent dies with its host, so a
+/// local member is never the one that vanished under it, and a watch or a lock write going
+/// through a dead member costs a whole attempt timeout, which the fast takeover cannot spare.
+/// "On this host" means the address of our REST API or PostgreSQL, or loopback.
+fn local_endpoints_first(cfg: &Config) -> Vec<String> {
+    let host_of = |addr: &str| -> String {
+        let addr = addr.trim_start_matches("http://").trim_start_matches("https://");
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        host.trim_matches(|c| c == '[' || c == ']').to_ascii_lowercase()
+    };
+    let ours = [
+        host_of(&cfg.restapi.connect_address),
+        host_of(&cfg.postgresql.connect_address),
+    ];
+    let local = |e: &String| {
+        let h = host_of(e);
+        ours.contains(&h) || h == "localhost" || h == "::1" || h.starts_with("127.")
+    };
+    let (mut first, rest): (Vec<String>, Vec<String>) = cfg.etcd3.hosts.iter().cloned().partition(local);
+    first.extend(rest);
+    first
+}
+
+fn etcd_options(cfg: &Config, retry_timeout: Duration) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: local_endpoints_first(cfg),
         namespace: cfg.namespace.clone(),
         scope: cfg.scope.clone(),
         member_name: cfg.name.clone(),
         username: cfg.etcd3.username.clone(),
         password: cfg.etcd3.password.clone(),
         retry_timeout,
-    };
+        attempt_timeout: None,
+    }
+}
+
+/// Connects to etcd, retrying every few seconds like Patroni until it answers or we are told
+/// to stop.
+async fn connect_dcs(options: EtcdOptions, stop: &CancellationToken) -> anyhow::Result<Arc<dyn Dcs>> {
     loop {
         match Etcd3Dcs::connect(options.clone()).await {
             Ok(dcs) => return Ok(Arc::new(dcs)),
@@ -185,23 +211,40 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
     let dynamic = Agent::initial_dynamic(&cfg);
     let retry = Duration::from_secs(dynamic.retry_timeout);
     let pg = Arc::new(Postgres::new(pg_settings(&cfg)?));
-    let dcs = connect_dcs(&cfg, retry, &shutdown).await?;
+    let etcd = etcd_options(&cfg, retry);
+    let dcs = connect_dcs(etcd.clone(), &shutdown).await?;
     duplicate_name_guard(&cfg, dcs.as_ref()).await?;
 
-    let lease_shared = LeaseShared::new(Instant::now());
-    let (timing_tx, timing_rx) = watch::channel(lease::LeaseTiming {
-        ttl: Duration::from_secs(dynamic.ttl),
-        loop_wait: Duration::from_secs(dynamic.loop_wait),
-        retry_timeout: retry,
-    });
+    let peers = PeerClient::new(
+        cfg.ctl
+            .authentication
+            .clone()
+            .or_else(|| cfg.restapi.authentication.clone())
+            .map(|c| (c.username, c.password)),
+    );
+    let me = FailsafePost {
+        name: cfg.name.clone(),
+        conn_url: format!(
+            "postgres://{}/{}",
+            cfg.postgresql.connect_address, cfg.postgresql.database
+        ),
+        api_url: format!("http://{}/patroni", cfg.restapi.connect_address),
+        slots: Default::default(),
+    };
+    let lock_news = Arc::new(Notify::new());
+    let leadership = Leadership::start(
+        etcd,
+        &cfg.postgresql.data_dir,
+        Arc::new(Watchdog::new(cfg.watchdog.clone())),
+        Arc::new(FailsafeProber::new(peers.clone(), me)),
+        LockSettings {
+            ttl: Duration::from_secs(dynamic.ttl),
+            ..LockSettings::default()
+        },
+        lock_news.clone(),
+    )
+    .context("starting the leader lock")?;
     let tasks = CancellationToken::new();
-    tokio::spawn(lease::guardian(
-        dcs.clone(),
-        pg.clone(),
-        lease_shared.clone(),
-        timing_rx,
-        tasks.clone(),
-    ));
     let postmaster = watch_postmaster(pg.clone(), tasks.clone());
 
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(NodeSnapshot::initial(&cfg.scope, &cfg.name)));
@@ -213,13 +256,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
     let rest = RestContext {
         snapshot: snapshot_rx,
         dcs: dcs.clone(),
-        peers: PeerClient::new(
-            cfg.ctl
-                .authentication
-                .clone()
-                .or_else(|| cfg.restapi.authentication.clone())
-                .map(|c| (c.username, c.password)),
-        ),
+        peers: peers.clone(),
         commands: command_tx,
         access: AccessControl {
             authentication: cfg
@@ -243,6 +280,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
 
     let wake = Wakeups {
         dcs_events: dcs.subscribe(),
+        lock_keys: dcs.subscribe_lock_keys(),
+        lock_news,
         commands: command_rx,
         reload: reload_rx,
         postmaster_changed: postmaster,
@@ -253,10 +292,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
         config_path,
         dcs.clone(),
         pg,
-        lease_shared,
-        timing_tx,
+        leadership,
         snapshot_tx,
         dynamic,
+        peers,
     )
     .with_failsafe(failsafe);
     let exit = agent.run(wake).await;

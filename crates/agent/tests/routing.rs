@@ -852,12 +852,16 @@ fn both_routers_close_connections_to_a_former_primary() {
         );
     }
 
-    // B's agent freezes; its PostgreSQL stays a writable primary while the lock expires and C
-    // takes over. Both routers must drop the connections to B.
+    // B's agent freezes, and so does its fencer (as if it had died, or B ran an agent without
+    // one): its PostgreSQL stays a writable primary while the lock expires and C takes over.
+    // Both routers must drop the connections to B.
     let via_router = hold(&rt, router.primary).unwrap();
     let via_haproxy = hold(&rt, haproxy.primary).unwrap();
     assert_eq!(via_router.server_port(&rt).unwrap(), b_port);
     assert_eq!(via_haproxy.server_port(&rt).unwrap(), b_port);
+    let agent = cluster.nodes[b].agent_pid().expect("B's agent runs");
+    let fencer = pgvigil_testkit::process::fencer_of(agent).expect("B's agent started its fencer");
+    let _resume_fencer = pgvigil_testkit::process::Stopped::stop(fencer).unwrap();
     cluster.signal_agent(b, Signal::SIGSTOP).unwrap();
     let c = wait_until(
         "the router to route to a new primary",

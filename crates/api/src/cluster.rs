@@ -53,6 +53,8 @@ pub struct ClusterView {
     pub failover: Option<Versioned<FailoverValue>>,
     pub sync: Option<Versioned<SyncValue>>,
     pub failsafe: Option<Map<String, Value>>,
+    /// pgvigil's `heartbeat` key, raw (its meaning belongs to the leader lock).
+    pub heartbeat: Option<Versioned<String>>,
 }
 
 impl ClusterView {
@@ -105,6 +107,12 @@ impl ClusterView {
                     })
                 }
                 "failsafe" => view.failsafe = serde_json::from_str(&kv.value).ok(),
+                "heartbeat" => {
+                    view.heartbeat = Some(Versioned {
+                        value: kv.value.clone(),
+                        mod_revision: rev,
+                    })
+                }
                 other => {
                     if let Some(name) = other
                         .strip_prefix("members/")
@@ -139,6 +147,11 @@ impl ClusterView {
 
     pub fn is_unlocked(&self) -> bool {
         self.leader.is_none()
+    }
+
+    /// `mod_revision` of the `config` key (0 when absent).
+    pub fn config_revision(&self) -> i64 {
+        self.config.as_ref().map_or(0, |c| c.mod_revision)
     }
 
     /// The system identifier from `initialize`, when valid (at least 10 digits, §1.3.3).
@@ -215,6 +228,7 @@ mod tests {
                 kv("/service/batman/history", r#"[[1,100,"x"]]"#, 0),
                 kv("/service/batman/status", r#"{"optime":500}"#, 0),
                 kv("/service/batman/failover", "{}", 0),
+                kv("/service/batman/heartbeat", r#"{"leader":"pg2"}"#, 42),
                 kv("/service/other/leader", "zzz", 0),
             ],
         );
@@ -230,6 +244,7 @@ mod tests {
         assert_eq!(view.status.optime, 500);
         assert!(view.pending_failover().is_none());
         assert_eq!(view.leader_member().unwrap().data.role, "primary");
+        assert_eq!(view.heartbeat.as_ref().map(|h| h.mod_revision), Some(7));
     }
 
     #[test]

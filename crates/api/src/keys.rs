@@ -66,6 +66,11 @@ impl Keys {
     pub fn failsafe(&self) -> String {
         self.key("failsafe")
     }
+    /// pgvigil's leader heartbeat (not a Patroni key; Patroni ignores it): see the
+    /// `pgvigil-lock` crate.
+    pub fn heartbeat(&self) -> String {
+        self.key("heartbeat")
+    }
 
     fn key(&self, relative: &str) -> String {
         format!("{}{relative}", self.prefix)

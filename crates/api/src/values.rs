@@ -54,9 +54,18 @@ pub struct MemberData {
     /// peers wait for it before running pg_rewind against this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_after_promote: Option<bool>,
+    /// Written by pgvigil agents only (`{"version": ...}`); Patroni neither writes nor reads it.
+    /// A leader promises the fast takeover only while every member carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgvigil: Option<Value>,
 }
 
 impl MemberData {
+    /// The member runs pgvigil (not Patroni).
+    pub fn is_pgvigil(&self) -> bool {
+        self.pgvigil.is_some()
+    }
+
     pub fn role(&self) -> Option<Role> {
         Role::parse(&self.role)
     }

@@ -117,6 +117,8 @@ pub struct DynamicConfig {
     pub ignore_slots: Vec<Value>,
     /// `standby_cluster`, when present and active.
     pub standby_cluster: Option<StandbyClusterConfig>,
+    /// `pgvigil`: the fast takeover (pgvigil only).
+    pub fast_takeover: crate::takeover::FastTakeover,
     /// The value as read, unadjusted (what is stored in the DCS).
     pub raw: Value,
 }
@@ -150,6 +152,7 @@ impl Default for DynamicConfig {
             permanent_slots: Map::new(),
             ignore_slots: Vec::new(),
             standby_cluster: None,
+            fast_takeover: Default::default(),
             raw: Value::Object(Map::new()),
         }
     }
@@ -234,6 +237,7 @@ const KNOWN_TOP: &[&str] = &[
     "ignore_slots",
     "standby_cluster",
     "postgresql",
+    "pgvigil",
 ];
 
 /// Whether `key` is a top-level dynamic configuration key.
@@ -332,6 +336,8 @@ pub(crate) fn parse_dynamic(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<DynamicConf
         let sc = parse_standby_cluster(sc, ctx)?;
         d.standby_cluster = sc.is_active().then_some(sc);
     }
+    let section = o.section(ctx, "pgvigil")?;
+    d.fast_takeover = crate::takeover::parse_fast_takeover(section, ctx, d.ttl)?;
     let mut pg = o.section(ctx, "postgresql")?;
     d.use_pg_rewind = pg.bool(ctx, "use_pg_rewind")?.unwrap_or(false);
     d.use_slots = pg.bool(ctx, "use_slots")?.unwrap_or(true);

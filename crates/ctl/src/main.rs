@@ -173,6 +173,7 @@ async fn read_cluster(t: &Target, scope: &str) -> anyhow::Result<ClusterView> {
         username: t.username.clone(),
         password: t.password.clone(),
         retry_timeout: Duration::from_secs(10),
+        ..Default::default()
     })
     .await
     .with_context(|| format!("cannot connect to etcd at {}", t.endpoints.join(",")))?;

@@ -19,13 +19,12 @@ mod error;
 mod etcd;
 mod watch;
 
-use std::time::{Duration, Instant};
-
 use pgvigil_api::{ClusterView, FailoverValue, HistoryEntry, MemberData, StatusValue, SyncValue};
 use serde_json::{Map, Value};
 
 pub use error::DcsError;
 pub use etcd::{Etcd3Dcs, EtcdOptions};
+pub use pgvigil_lock::KeyState;
 
 /// What changed in the DCS, as seen by the watch (one event per changed key kind).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,22 +45,92 @@ pub enum DcsEvent {
     WatchRestarted,
 }
 
-/// Our etcd lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeaseInfo {
-    pub id: i64,
-    /// The TTL it was granted with, in seconds (what the caller asked for).
-    pub ttl: u64,
-    /// When the grant or keep-alive request that last (re)established it was *sent*: etcd expires
-    /// the lease no earlier than `sent_at + ttl`.
-    pub sent_at: Instant,
+/// A change of the leader or heartbeat key, with its value and revision, for a replica's
+/// [`pgvigil_lock::LivenessTracker`]. Sent for every write of those keys, also for re-writes
+/// of the same value (each heartbeat is one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LockKeyEvent {
+    Leader(KeyState),
+    Heartbeat(KeyState),
 }
 
-impl LeaseInfo {
-    /// The earliest instant at which etcd may expire the lease, unless it is kept alive again.
-    pub fn expires_at(&self) -> Instant {
-        self.sent_at + Duration::from_secs(self.ttl)
-    }
+/// How a term-opening write of [`LockStore::open_term`] finds the leader key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TermOpening {
+    /// The key must be absent (create-if-absent).
+    Acquire,
+    /// The key must still be at `leader_revision` and the heartbeat at `heartbeat_revision`
+    /// (a silent leader that promised the fast takeover); the `config` key must still be at
+    /// `config_revision` (0: absent), so that a pause written meanwhile stops the takeover.
+    TakeOver {
+        leader_revision: i64,
+        heartbeat_revision: i64,
+        config_revision: i64,
+    },
+    /// The key must still be at `leader_revision` and name us: our own term moving to another
+    /// lease or promise, or a key from before an agent restart being adopted.
+    Move { leader_revision: i64 },
+}
+
+/// The answer to a term-opening write or a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Applied; the leader key is now at this `mod_revision` (for heartbeats: the revision of
+    /// the heartbeat write, or 0 when nothing was written).
+    Applied(i64),
+    /// The compare failed; nothing was written.
+    Refused,
+}
+
+/// The leader key as stored: value, lease, `mod_revision`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderKey {
+    pub value: String,
+    pub lease: i64,
+    pub mod_revision: i64,
+}
+
+/// The leader lock's etcd operations, used only by the agent's `Leadership` component. Each
+/// is **one attempt** (bounded by the client's attempt timeout): the caller records the send
+/// time before calling and decides about retries, so that a deadline is never computed from
+/// an attempt other than the one that was answered. An `Err` from a write means its outcome is
+/// unknown.
+#[async_trait::async_trait]
+pub trait LockStore: Send + Sync + 'static {
+    /// Grants a lease of `ttl`; returns its id.
+    async fn grant(&self, ttl: std::time::Duration) -> Result<i64, DcsError>;
+
+    /// One keep-alive of `lease`: `Ok(true)` if etcd answered with TTL > 0, `Ok(false)` if it
+    /// said the lease does not exist.
+    async fn keep_alive(&self, lease: i64) -> Result<bool, DcsError>;
+
+    async fn revoke(&self, lease: i64) -> Result<(), DcsError>;
+
+    /// Puts `leader = <our name>` on `lease` under the condition of `how`, and in the same
+    /// transaction puts `heartbeat` (on the same lease) or deletes it when `heartbeat` is
+    /// `None`.
+    async fn open_term(
+        &self,
+        how: TermOpening,
+        lease: i64,
+        heartbeat: Option<&str>,
+    ) -> Result<Written, DcsError>;
+
+    /// If the leader key is still at `term_revision`: puts `heartbeat` on `lease`, or with
+    /// `None` writes nothing (a proof that the key is unchanged, for terms without a promise).
+    async fn heartbeat(
+        &self,
+        term_revision: i64,
+        lease: i64,
+        heartbeat: Option<&str>,
+    ) -> Result<Written, DcsError>;
+
+    /// If the leader key is still at `term_revision`: deletes it and the heartbeat. `Ok(false)`
+    /// if it had changed.
+    async fn release(&self, term_revision: i64) -> Result<bool, DcsError>;
+
+    /// Reads the leader key.
+    async fn read_leader(&self) -> Result<Option<LeaderKey>, DcsError>;
 }
 
 /// The DCS operations of the HA agent (`patroni-compat.md` §1.5).
@@ -80,33 +149,13 @@ pub trait Dcs: Send + Sync + 'static {
     /// (re-)established, the first time included: callers should then re-read.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<DcsEvent>;
 
-    /// Keeps our lease alive, granting a new one (TTL = `ttl` seconds) if there is none, it
-    /// expired, or `ttl` changed (the old lease is left to expire, not revoked: keys move to the
-    /// new lease through [`Dcs::update_leader`] and [`Dcs::touch_member`]). Returns the lease and
-    /// when the request that (re)established it was sent.
-    async fn refresh_lease(&self, ttl: u64) -> Result<LeaseInfo, DcsError>;
+    /// Changes of the leader and heartbeat keys (started with the watch by [`Dcs::subscribe`]).
+    fn subscribe_lock_keys(&self) -> tokio::sync::broadcast::Receiver<LockKeyEvent>;
 
-    fn current_lease(&self) -> Option<LeaseInfo>;
-
-    /// TXN compare `CREATE(leader) == 0` → `PUT leader=<name>` with our lease (granted first if
-    /// we have none). `Ok(false)`: someone else holds it.
-    async fn attempt_to_acquire_leader(&self) -> Result<bool, DcsError>;
-
-    /// Ensures the leader key is ours and carries our current lease. Nothing is written when
-    /// `cached_leader_lease` is our lease. Otherwise TXN `VALUE(leader) == name` → PUT with our
-    /// lease, else nested `CREATE(leader) == 0` → PUT. `Ok(false)`: the key belongs to someone
-    /// else. Does not keep the lease alive: call [`Dcs::refresh_lease`] first.
-    async fn update_leader(&self, cached_leader_lease: Option<i64>) -> Result<bool, DcsError>;
-
-    /// Unconditional `PUT leader=<name>` with our lease (end of bootstrap only).
-    async fn take_leader(&self) -> Result<(), DcsError>;
-
-    /// TXN `VALUE(leader) == name` → DELETE leader. `Ok(true)` if deleted.
-    async fn delete_leader(&self) -> Result<bool, DcsError>;
-
-    /// `PUT members/<name>` with our lease, skipped when value and lease are unchanged since our
-    /// last successful write (and the key was not seen changed or deleted since).
-    async fn touch_member(&self, data: &MemberData) -> Result<(), DcsError>;
+    /// `PUT members/<name>` on `lease` (the agent's current lease, from its `Leadership`),
+    /// skipped when value and lease are unchanged since our last successful write (and the key
+    /// was not seen changed or deleted since).
+    async fn touch_member(&self, data: &MemberData, lease: i64) -> Result<(), DcsError>;
 
     /// Bootstrap race: TXN `CREATE(initialize) == 0` → `PUT initialize=""` (no lease).
     /// `Ok(true)`: we won.
@@ -143,10 +192,6 @@ pub trait Dcs: Send + Sync + 'static {
 
     /// Deletes the whole prefix (`patronictl remove`).
     async fn delete_cluster(&self) -> Result<(), DcsError>;
-
-    /// Revokes our lease (graceful shutdown, after the leader key was released): our member key
-    /// disappears at once. Best effort: the local lease is forgotten even if the call fails.
-    async fn revoke_lease(&self) -> Result<(), DcsError>;
 }
 
 #[cfg(test)]
@@ -154,24 +199,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dcs_is_object_safe_and_options_hide_the_password() {
-        fn takes_dyn(_: Option<&dyn Dcs>) {}
-        takes_dyn(None);
+    fn dcs_and_lock_store_are_object_safe_and_options_hide_the_password() {
+        fn takes_dyn(_: Option<&dyn Dcs>, _: Option<&dyn LockStore>) {}
+        takes_dyn(None, None);
         let opts = EtcdOptions {
             password: Some("secret".into()),
             ..Default::default()
         };
         assert!(!format!("{opts:?}").contains("secret"));
-    }
-
-    #[test]
-    fn lease_expiry_is_sent_at_plus_ttl() {
-        let sent_at = Instant::now();
-        let lease = LeaseInfo {
-            id: 1,
-            ttl: 30,
-            sent_at,
-        };
-        assert_eq!(lease.expires_at(), sent_at + Duration::from_secs(30));
     }
 }

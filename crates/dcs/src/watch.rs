@@ -7,7 +7,7 @@ use etcd_client::{EventType, GetOptions, WatchOptions};
 use pgvigil_api::Keys;
 
 use crate::etcd::Inner;
-use crate::{DcsError, DcsEvent};
+use crate::{DcsError, DcsEvent, KeyState, LockKeyEvent};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -131,6 +131,15 @@ async fn session_inner(inner: &Inner, established: &mut bool) -> Result<Never, D
                 && event
                     .prev_kv()
                     .is_some_and(|prev| prev.value() == kv.value() && prev.lease() == kv.lease());
+            let state = || KeyState {
+                value: put.then(|| value.to_string()),
+                revision: kv.mod_revision(),
+            };
+            match inner.keys.relative(&key) {
+                Some("leader") => drop(inner.lock_events.send(LockKeyEvent::Leader(state()))),
+                Some("heartbeat") => drop(inner.lock_events.send(LockKeyEvent::Heartbeat(state()))),
+                _ => {}
+            }
             let kind = classify(&inner.keys, &key);
             if !no_op && !batch.contains(&kind) {
                 batch.push(kind);

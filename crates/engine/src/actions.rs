@@ -44,8 +44,24 @@ pub enum Action {
     QueryPeers,
     /// Create-if-absent transaction on the leader key, then run a new cycle at once.
     AcquireLock,
+    /// Take the key from a leader that promised the fast takeover and stayed silent past its
+    /// promise: a compare-and-swap on the revisions this node saw (leader key, heartbeat,
+    /// config), then a new cycle at once.
+    TakeOver {
+        from: String,
+        leader_revision: i64,
+        heartbeat_revision: i64,
+        config_revision: i64,
+    },
+    /// The key names us but no term of ours carries it (after an agent restart): move it to
+    /// our lease by a compare-and-swap on `leader_revision`, then a new cycle at once.
+    AdoptLock { leader_revision: i64 },
     /// Delete the leader key if it is still ours.
     ReleaseLock,
+    /// Write PostgreSQL's configuration files and reload. Never decided for a primary that
+    /// does not hold the lock: a changed `synchronous_standby_names` could release commits
+    /// only that node has (the restart/sync-safety issue).
+    ApplyConfig,
     /// Planned switchover away from this leader: checkpoint, stop cleanly, wait until a
     /// candidate (the named one, or any eligible member) has received the shutdown checkpoint,
     /// then release the lock.

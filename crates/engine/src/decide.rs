@@ -4,16 +4,50 @@ use pgvigil_api::{ClusterView, Member, Role};
 
 use crate::actions::{Action, Decision, DemoteMode, StartAs};
 use crate::divergence::{Divergence, LocalEnd, divergence};
-use crate::inputs::{ControlInfo, ControlState, DataDir, Inputs, Observed};
+use crate::inputs::{ControlInfo, ControlState, DataDir, Inputs, LockState, Observed};
 use crate::race::{RaceVerdict, race_verdict};
 
 /// Decides what this node does now.
 pub fn decide(i: &Inputs<'_>) -> Decision {
+    let mut decision = decide_role(i);
+    if config_may_be_applied(i, &decision) {
+        decision.actions.insert(0, Action::ApplyConfig);
+    }
+    decision
+}
+
+/// Whether a changed PostgreSQL configuration may be written and reloaded now. Never on a
+/// primary without the lock: a reload can shorten `synchronous_standby_names` and release
+/// commits that only this node has, after another node was promoted (they would be
+/// acknowledged, then lost in the rewind). Such a primary is stopped or demoted first; the
+/// configuration follows once it runs as a replica. Nor while the decision stops, rewinds or
+/// hands PostgreSQL over anyway.
+fn config_may_be_applied(i: &Inputs<'_>, decision: &Decision) -> bool {
+    let Some(own) = i.pg.observed.as_ref().filter(|_| i.pg.postmaster_alive) else {
+        return false;
+    };
+    if !own.in_recovery && !i.lock.is_held() {
+        return false;
+    }
+    i.config_pending
+        && !decision.actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Demote(_)
+                    | Action::Rewind { .. }
+                    | Action::Reinitialize { .. }
+                    | Action::Switchover { .. }
+                    | Action::ReleaseLock
+                    | Action::Fatal(_)
+            )
+        })
+}
+
+fn decide_role(i: &Inputs<'_>) -> Decision {
     let Some(cluster) = i.cluster else {
         return dcs_unreachable(i);
     };
-    let me = i.config.name.as_str();
-    let holds_lock = cluster.leader_name() == Some(me);
+    let holds_lock = i.lock.is_held();
 
     let control = match &i.pg.data {
         DataDir::Empty => return empty_data_dir(i, cluster, holds_lock),
@@ -60,14 +94,16 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 
     let mut decision = if !i.pg.postmaster_alive {
-        not_running(i, cluster, control, holds_lock)
+        not_running(i, cluster, control)
     } else if let Some(own) = &i.pg.observed {
-        if cluster.is_unlocked() {
-            leader_race(i, cluster, own)
-        } else if holds_lock {
-            leading(i, cluster, own)
-        } else {
-            following(i, cluster, own)
+        match i.lock {
+            LockState::Held { .. } => leading(i, cluster, own),
+            LockState::Unproven => adopting(cluster, own),
+            LockState::Lapsed => lapsed(i, own),
+            LockState::NotHeld => match race_kind(i, cluster, own) {
+                Some(race) => leader_race(i, cluster, own, race),
+                None => following(i, cluster, own),
+            },
         }
     } else {
         starting_up(i, holds_lock)
@@ -75,6 +111,51 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     prelude.append(&mut decision.actions);
     decision.actions = prelude;
     decision
+}
+
+/// How this node may race for the lock, if at all.
+#[derive(Clone, Debug, PartialEq)]
+enum Race {
+    /// Nobody holds the key.
+    Free,
+    /// The holder promised the fast takeover and has been silent past its promise.
+    TakeOver(Action),
+}
+
+fn race_kind(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Race> {
+    // Failsafe mode: a leader that vouched for itself to us within ttl still runs; we promised
+    // it not to race (fast or not).
+    if i.config.failsafe_mode && i.failsafe_leader.is_some() {
+        return None;
+    }
+    let Some(leader) = &cluster.leader else {
+        return Some(Race::Free);
+    };
+    let silence = i.silence?;
+    let gone = i.config.fast_takeover
+        && own.in_recovery
+        && silence.leader == leader.name
+        && silence.leader != i.config.name
+        && silence.leader_revision == leader.mod_revision
+        && silence.leader_gone(i.config.takeover_margin);
+    gone.then(|| {
+        Race::TakeOver(Action::TakeOver {
+            from: leader.name.clone(),
+            leader_revision: silence.leader_revision,
+            heartbeat_revision: silence.heartbeat_revision,
+            config_revision: cluster.config_revision(),
+        })
+    })
+}
+
+/// The leader to follow: the key's holder, or with the key gone, a leader that confirmed
+/// itself over failsafe within ttl.
+fn effective_leader<'c>(i: &Inputs<'_>, cluster: &'c ClusterView) -> Option<&'c Member> {
+    match cluster.leader_name() {
+        Some(name) => cluster.member(name),
+        None if i.config.failsafe_mode => i.failsafe_leader.and_then(|name| cluster.member(name)),
+        None => None,
+    }
 }
 
 fn dcs_unreachable(i: &Inputs<'_>) -> Decision {
@@ -86,14 +167,42 @@ fn dcs_unreachable(i: &Inputs<'_>) -> Decision {
         Some(own) if !own.in_recovery && i.memory.failsafe_confirmed => Decision::idle(
             "continue to run as a leader because failsafe mode is enabled and all members are accessible",
         ),
-        // The lease guardian fences a primary before its lease can expire in any case; demoting
-        // as soon as the DCS is unreadable only makes that happen earlier.
+        // The leader lock has its own connection and proves itself without this read; its
+        // fence stops PostgreSQL at the deadline in any case.
+        Some(own) if !own.in_recovery && i.lock.is_held() => Decision::idle(
+            "could not read the cluster, but the leader lock is still proven; continuing as the leader",
+        ),
         Some(own) if !own.in_recovery => Decision::new(
             "demoted self because DCS is not accessible and I was a leader",
             vec![Action::Demote(DemoteMode::Offline)],
         ),
         _ => Decision::idle("DCS is not accessible"),
     }
+}
+
+/// The key names us but no term of ours carries it: prove it before anything else. A
+/// primary keeps running meanwhile but nothing about it changes (no configuration either).
+fn adopting(cluster: &ClusterView, own: &Observed) -> Decision {
+    let revision = cluster.leader.as_ref().map_or(0, |l| l.mod_revision);
+    let role = if own.in_recovery { "replica" } else { "primary" };
+    Decision::new(
+        format!("the leader key names me; adopting it before acting (PostgreSQL runs as {role})"),
+        vec![Action::AdoptLock {
+            leader_revision: revision,
+        }],
+    )
+}
+
+/// Our term's deadline passed while etcd could not confirm it: the fence has stopped (or is
+/// stopping) PostgreSQL. A primary still running goes down; the term may be proven again.
+fn lapsed(i: &Inputs<'_>, own: &Observed) -> Decision {
+    if !own.in_recovery && !i.config.paused {
+        return Decision::new(
+            "demoting self: the leader lock could not be proven in time",
+            vec![Action::Demote(DemoteMode::ImmediateNoLock)],
+        );
+    }
+    Decision::idle("the leader lock could not be proven in time; waiting for etcd")
 }
 
 fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> Decision {
@@ -144,8 +253,24 @@ fn clone_source(i: &Inputs<'_>, cluster: &ClusterView, leader: &Member) -> Strin
         .unwrap_or_else(|| leader.name.clone())
 }
 
-fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo, holds_lock: bool) -> Decision {
+fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> Decision {
     let cfg = i.config;
+    let holds_lock = i.lock.is_held();
+    match i.lock {
+        LockState::Unproven => {
+            let revision = cluster.leader.as_ref().map_or(0, |l| l.mod_revision);
+            return Decision::new(
+                "the leader key names me; adopting it before starting postgres",
+                vec![Action::AdoptLock {
+                    leader_revision: revision,
+                }],
+            );
+        }
+        LockState::Lapsed => {
+            return Decision::idle("postgres is not running; the leader lock is waiting for etcd");
+        }
+        _ => {}
+    }
     if cluster.is_paused() {
         if holds_lock {
             return Decision::new(
@@ -156,6 +281,12 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo, hol
         return Decision::idle("postgres is not running");
     }
     if holds_lock {
+        if i.watchdog_failed {
+            return Decision::new(
+                "removed leader key: watchdog could not be activated",
+                vec![Action::ReleaseLock],
+            );
+        }
         if i.memory.start_failed {
             return Decision::new(
                 "removed leader key after trying and failing to start postgres",
@@ -183,7 +314,7 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo, hol
             vec![Action::Start(StartAs::Primary)],
         );
     }
-    let Some(leader) = cluster.leader_member() else {
+    let Some(leader) = effective_leader(i, cluster) else {
         if cluster.is_unlocked() {
             // Start read-only; the next cycle races with whatever WAL we have.
             return Decision::new(
@@ -292,7 +423,7 @@ fn starting_up(i: &Inputs<'_>, holds_lock: bool) -> Decision {
     Decision::idle("PostgreSQL is still starting up")
 }
 
-fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
+fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race) -> Decision {
     if cluster.is_paused() {
         return Decision::idle("cluster has no leader; paused, not racing");
     }
@@ -300,10 +431,25 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decisio
         RaceVerdict::NeedPeers => {
             Decision::new("asking peers before the leader race", vec![Action::QueryPeers])
         }
-        RaceVerdict::Healthiest => Decision::new(
-            "acquiring session lock as the healthiest node",
-            vec![Action::AcquireLock],
-        ),
+        RaceVerdict::Healthiest => match race {
+            Race::Free => Decision::new(
+                "acquiring session lock as the healthiest node",
+                vec![Action::AcquireLock],
+            ),
+            Race::TakeOver(action) => {
+                let (from, silent) = match (&action, i.silence) {
+                    (Action::TakeOver { from, .. }, Some(s)) => (from.clone(), s.silent_for),
+                    _ => (String::new(), Default::default()),
+                };
+                Decision::new(
+                    format!(
+                        "taking over from {from}: silent for {:.1} s, past its promise; I am the healthiest node",
+                        silent.as_secs_f64()
+                    ),
+                    vec![action],
+                )
+            }
+        },
         RaceVerdict::NotHealthiest(reason) if !own.in_recovery => Decision::new(
             format!("demoting self because i am not the healthiest node: {reason}"),
             vec![Action::Demote(DemoteMode::ImmediateNoLock)],
@@ -316,6 +462,19 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decisio
 
 fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     let me = &i.config.name;
+    if i.watchdog_failed && !cluster.is_paused() {
+        return if own.in_recovery {
+            Decision::new(
+                "not promoting self because watchdog could not be activated",
+                vec![Action::ReleaseLock],
+            )
+        } else {
+            Decision::new(
+                "demoting self because watchdog could not be activated",
+                vec![Action::Demote(DemoteMode::ImmediateNoLock), Action::ReleaseLock],
+            )
+        };
+    }
     if own.in_recovery {
         if cluster.is_paused() {
             return Decision::new(
@@ -347,9 +506,13 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
 
 fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     let me = &i.config.name;
-    let Some(leader) = cluster.leader_member() else {
+    let Some(leader) = effective_leader(i, cluster) else {
         return Decision::idle("waiting for the leader to publish its member key");
     };
+    if leader.name == *me {
+        // A read from before our release or loss of the key; the next read shows the truth.
+        return Decision::idle("the leader key still names me, but it is not mine any more");
+    }
     if !own.in_recovery {
         if cluster.is_paused() {
             return Decision::idle(format!(

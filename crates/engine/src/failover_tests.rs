@@ -1,8 +1,6 @@
 //! The `failover` key: the leader hands over or clears the request; the race honours the
 //! named candidate and keeps the old leader out.
 
-use std::time::Instant;
-
 use pgvigil_api::ClusterView;
 use pgvigil_api::cluster::Versioned;
 use serde_json::Map;
@@ -29,15 +27,14 @@ fn decide_full(
     peers: Option<&[PeerReport]>,
     due_in: Option<f64>,
 ) -> Decision {
-    decide(&Inputs {
-        now: Instant::now(),
-        config: cfg,
-        cluster: Some(view),
+    decide(&crate::tests::inputs(
+        cfg,
+        Some(view),
         pg,
-        memory: &Memory::default(),
+        &Memory::default(),
         peers,
-        failover_due_in: due_in,
-    })
+        due_in,
+    ))
 }
 
 #[test]

@@ -1,8 +1,6 @@
 //! Failsafe mode (§4.10): a primary that cannot reach the DCS goes on only when every member
 //! accepted its `POST /failsafe`; a member the leader did not list may not race.
 
-use std::time::Instant;
-
 use serde_json::{Map, json};
 
 use crate::tests::{cluster, config, decide_with, peer, running};
@@ -43,15 +41,14 @@ fn only_members_of_the_failsafe_key_race() {
     cfg.failsafe_mode = true;
     let peers = [peer("a", "replica", 900, Map::new())];
     let race = |cfg: &EngineConfig| {
-        decide(&Inputs {
-            now: Instant::now(),
-            config: cfg,
-            cluster: Some(&view),
-            pg: &pg,
-            memory: &Memory::default(),
-            peers: Some(&peers),
-            failover_due_in: None,
-        })
+        decide(&crate::tests::inputs(
+            cfg,
+            Some(&view),
+            &pg,
+            &Memory::default(),
+            Some(&peers),
+            None,
+        ))
     };
     let d = race(&cfg);
     assert!(!d.actions.contains(&Action::AcquireLock), "{d:?}");

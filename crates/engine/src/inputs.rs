@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use pgvigil_api::ClusterView;
 use pgvigil_api::rest::StatusDocument;
+pub use pgvigil_lock::{LockState, Silence};
 use serde_json::{Map, Value};
 
 /// One decision's worth of facts.
@@ -12,7 +13,23 @@ pub struct Inputs<'a> {
     pub now: Instant,
     pub config: &'a EngineConfig,
     /// The cluster as last read from the DCS, `None` when the read failed (DCS unreachable).
+    /// Its `leader` is what etcd held at the read; whether *we* hold the lock is [`Inputs::lock`].
     pub cluster: Option<&'a ClusterView>,
+    /// The leader lock as this node's `Leadership` holds it: held (proven for some time
+    /// ahead), unproven (the key names us but nothing proves it yet), lapsed, or not held.
+    pub lock: LockState,
+    /// The current leader promised the fast takeover and has been silent this long (this
+    /// node's liveness tracker). `None`: no such leader.
+    pub silence: Option<&'a Silence>,
+    /// Failsafe mode: a leader that confirmed itself to this node over `POST /failsafe` within
+    /// `ttl`; with the leader key gone, the node follows it instead of racing.
+    pub failsafe_leader: Option<&'a str>,
+    /// `watchdog.mode: required` and the watchdog cannot be activated: this node must not act
+    /// as primary.
+    pub watchdog_failed: bool,
+    /// The PostgreSQL configuration this node would write differs from what PostgreSQL runs
+    /// with (dynamic configuration, local reload, synchronous standbys).
+    pub config_pending: bool,
     pub pg: &'a LocalPg,
     pub memory: &'a Memory,
     /// The other members' answers to `GET <api_url>`, present only when the engine asked for
@@ -46,6 +63,10 @@ pub struct EngineConfig {
     pub paused: bool,
     /// `failsafe_mode` (§4.10): only members of a non-empty `failsafe` key may race.
     pub failsafe_mode: bool,
+    /// Replicas may take the key from a leader that promised the fast takeover once it has
+    /// been silent for its promise plus [`EngineConfig::takeover_margin`].
+    pub fast_takeover: bool,
+    pub takeover_margin: Duration,
 }
 
 impl EngineConfig {

@@ -30,7 +30,8 @@ pub use actions::{Action, Decision, DemoteMode, StartAs};
 pub use decide::decide;
 pub use divergence::{Divergence, LocalEnd, divergence};
 pub use inputs::{
-    ControlInfo, ControlState, DataDir, EngineConfig, Inputs, LocalPg, Memory, Observed, PeerReport,
+    ControlInfo, ControlState, DataDir, EngineConfig, Inputs, LocalPg, LockState, Memory, Observed,
+    PeerReport, Silence,
 };
 pub use race::{RaceVerdict, race_verdict};
 
@@ -40,6 +41,8 @@ mod failover_tests;
 mod failsafe_tests;
 #[cfg(test)]
 mod following_tests;
+#[cfg(test)]
+mod lock_tests;
 #[cfg(test)]
 mod properties;
 #[cfg(test)]

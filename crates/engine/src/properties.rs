@@ -3,7 +3,7 @@
 //! member take the lock, never bootstraps over existing data, and in classic synchronous mode
 //! never lets a member outside `/sync` take the lock.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgvigil_api::cluster::{Leader, Member, Versioned};
 use pgvigil_api::rest::{StatusDocument, XlogInfo};
@@ -36,6 +36,42 @@ struct Situation {
     peers: Option<Vec<Option<(bool, u64)>>>,
     dcs_up: bool,
     failover: Option<(Option<usize>, Option<usize>)>,
+}
+
+/// What the leader lock, the liveness tracker and the runtime's gates say, generated
+/// independently of the view (the engine must stay safe when they disagree with it).
+#[derive(Clone, Debug)]
+struct LockFacts {
+    /// 0 held, 1 unproven, 2 lapsed, 3 not held.
+    lock: u8,
+    /// The silent leader and for how long (ms); the promise is 3500 ms, the margin 500.
+    silence: Option<(usize, u64)>,
+    fast_takeover: bool,
+    failsafe_mode: bool,
+    failsafe_leader: Option<usize>,
+    watchdog_failed: bool,
+    config_pending: bool,
+}
+
+fn lock_facts() -> impl Strategy<Value = LockFacts> {
+    (
+        0u8..4,
+        prop::option::of((0usize..3, 0u64..8000)),
+        any::<bool>(),
+        any::<bool>(),
+        prop::option::of(0usize..3),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|f| LockFacts {
+            lock: f.0,
+            silence: f.1,
+            fast_takeover: f.2,
+            failsafe_mode: f.3,
+            failsafe_leader: f.4,
+            watchdog_failed: f.5,
+            config_pending: f.6,
+        })
 }
 
 fn situation() -> impl Strategy<Value = Situation> {
@@ -109,6 +145,8 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
         synchronous_mode: [SyncMode::Off, SyncMode::On, SyncMode::Quorum][s.mode as usize],
         paused: s.paused,
         failsafe_mode: false,
+        fast_takeover: true,
+        takeover_margin: Duration::from_millis(500),
     };
     let members = NAMES
         .iter()
@@ -183,6 +221,7 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
             mod_revision: 1,
         }),
         failsafe: None,
+        heartbeat: None,
     };
     let data = match s.data {
         0 => DataDir::Empty,
@@ -247,31 +286,65 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 5000, ..ProptestConfig::default() })]
 
     #[test]
-    fn safety_invariants(s in situation()) {
-        let (config, view, pg, peers) = build(&s);
-        let decision = decide(&Inputs {
-            now: Instant::now(),
-            config: &config,
-            cluster: s.dcs_up.then_some(&view),
-            pg: &pg,
-            memory: &Memory::default(),
-            peers: peers.as_deref(),
-            failover_due_in: None,
+    fn safety_invariants(s in situation(), f in lock_facts()) {
+        let (mut config, view, pg, peers) = build(&s);
+        config.fast_takeover = f.fast_takeover;
+        config.failsafe_mode = f.failsafe_mode;
+        let lock = match f.lock {
+            0 => LockState::Held { valid_for: Duration::from_secs(5) },
+            1 => LockState::Unproven,
+            2 => LockState::Lapsed,
+            _ => LockState::NotHeld,
+        };
+        let silence = f.silence.map(|(l, ms)| Silence {
+            leader: NAMES[l].into(),
+            leader_revision: 1,
+            heartbeat_revision: 2,
+            promise: Duration::from_millis(3500),
+            silent_for: Duration::from_millis(ms),
         });
-        let holds_lock = s.dcs_up && s.leader == Some(s.me);
+        let memory = Memory::default();
+        let mut inputs = crate::tests::inputs(&config, s.dcs_up.then_some(&view), &pg, &memory, peers.as_deref(), None);
+        inputs.lock = lock;
+        inputs.silence = silence.as_ref();
+        inputs.failsafe_leader = f.failsafe_leader.map(|i| NAMES[i]);
+        inputs.watchdog_failed = f.watchdog_failed;
+        inputs.config_pending = f.config_pending;
+        let decision = decide(&inputs);
+        let held = lock.is_held();
+        let replica = pg.observed.as_ref().is_some_and(|o| o.in_recovery);
         for action in &decision.actions {
             match action {
                 Action::Promote | Action::Start(StartAs::Primary) => {
-                    prop_assert!(holds_lock, "{action:?} without the lock: {decision:?}");
+                    prop_assert!(held, "{action:?} without the lock: {decision:?}");
+                    prop_assert!(!f.watchdog_failed, "{action:?} with a failed required watchdog: {decision:?}");
                 }
                 Action::AcquireLock => {
                     prop_assert!(s.dcs_up && s.leader.is_none(), "racing for a held lock: {decision:?}");
+                    prop_assert!(lock == LockState::NotHeld, "racing with {lock:?}: {decision:?}");
                     prop_assert!(!s.nofailover, "nofailover member racing: {decision:?}");
                     prop_assert!(!s.paused, "racing while paused: {decision:?}");
+                    prop_assert!(!(f.failsafe_mode && f.failsafe_leader.is_some()), "racing against a failsafe leader: {decision:?}");
                     let named_candidate = s.failover.and_then(|f| f.1) == Some(s.me);
                     if config.synchronous_mode == SyncMode::On && s.in_recovery && !named_candidate {
                         prop_assert!(s.sync_members[s.me] || s.me == 0, "non-sync member racing in sync mode: {decision:?}");
                     }
+                }
+                Action::TakeOver { from, .. } => {
+                    let silent = silence.as_ref().expect("a takeover needs a silence");
+                    prop_assert!(f.fast_takeover && lock == LockState::NotHeld && replica, "{decision:?}");
+                    prop_assert!(s.leader.map(|l| NAMES[l]) == Some(from.as_str()) && silent.leader == *from, "{decision:?}");
+                    prop_assert!(from != NAMES[s.me], "taking over from myself: {decision:?}");
+                    prop_assert!(silent.silent_for >= Duration::from_millis(4000), "taking over too early: {decision:?}");
+                    prop_assert!(!s.nofailover && !s.paused, "{decision:?}");
+                    prop_assert!(!(f.failsafe_mode && f.failsafe_leader.is_some()), "taking over from a failsafe leader: {decision:?}");
+                }
+                Action::AdoptLock { .. } => {
+                    prop_assert!(lock == LockState::Unproven, "adopting with {lock:?}: {decision:?}");
+                }
+                Action::ApplyConfig => {
+                    prop_assert!(f.config_pending && pg.postmaster_alive, "{decision:?}");
+                    prop_assert!(replica || held, "configuration applied to a primary without the lock: {decision:?}");
                 }
                 Action::Bootstrap => {
                     prop_assert!(matches!(pg.data, DataDir::Empty) && !s.initialized && s.leader.is_none());

@@ -1,8 +1,6 @@
 //! The synchronous replication state machine, stepped until it converges, and the sync-aware
 //! race rules.
 
-use std::time::Instant;
-
 use pgvigil_api::cluster::Versioned;
 use pgvigil_api::{ClusterView, SyncValue};
 use serde_json::Map;
@@ -201,15 +199,14 @@ fn promotion_guc_keeps_waiting_in_strict_and_quorum_modes() {
 
 fn race_with(cfg: &EngineConfig, view: &ClusterView, own: u64, peers: &[PeerReport]) -> Decision {
     let pg = running(true, 1, own, None);
-    decide(&Inputs {
-        now: Instant::now(),
-        config: cfg,
-        cluster: Some(view),
-        pg: &pg,
-        memory: &Memory::default(),
-        peers: Some(peers),
-        failover_due_in: None,
-    })
+    decide(&crate::tests::inputs(
+        cfg,
+        Some(view),
+        &pg,
+        &Memory::default(),
+        Some(peers),
+        None,
+    ))
 }
 
 #[test]

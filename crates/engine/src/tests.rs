@@ -26,6 +26,8 @@ pub(crate) fn config(name: &str) -> EngineConfig {
         synchronous_mode: crate::sync::SyncMode::Off,
         paused: false,
         failsafe_mode: false,
+        fast_takeover: true,
+        takeover_margin: Duration::from_millis(500),
     }
 }
 
@@ -144,15 +146,45 @@ pub(crate) fn decide_with(
     pg: &LocalPg,
     memory: &Memory,
 ) -> Decision {
-    decide(&Inputs {
+    decide(&inputs(cfg, cluster, pg, memory, None, None))
+}
+
+/// The inputs of one decision, with the lock as a view naming `cfg.name` implies (held) and no
+/// silence, failsafe leader, watchdog failure or pending configuration: the tests of those
+/// set them explicitly.
+pub(crate) fn inputs<'a>(
+    cfg: &'a EngineConfig,
+    cluster: Option<&'a ClusterView>,
+    pg: &'a LocalPg,
+    memory: &'a Memory,
+    peers: Option<&'a [PeerReport]>,
+    failover_due_in: Option<f64>,
+) -> Inputs<'a> {
+    Inputs {
         now: Instant::now(),
         config: cfg,
         cluster,
+        lock: lock_from_view(cfg, cluster),
+        silence: None,
+        failsafe_leader: None,
+        watchdog_failed: false,
+        config_pending: false,
         pg,
         memory,
-        peers: None,
-        failover_due_in: None,
-    })
+        peers,
+        failover_due_in,
+    }
+}
+
+/// Held when the view names `cfg.name`, as if `Leadership` had proven it.
+pub(crate) fn lock_from_view(cfg: &EngineConfig, cluster: Option<&ClusterView>) -> LockState {
+    if cluster.and_then(ClusterView::leader_name) == Some(cfg.name.as_str()) {
+        LockState::Held {
+            valid_for: Duration::from_secs(20),
+        }
+    } else {
+        LockState::NotHeld
+    }
 }
 
 pub(crate) fn peer(name: &str, role: &str, lsn: u64, tags: Map<String, Value>) -> PeerReport {
@@ -182,15 +214,14 @@ pub(crate) fn peer(name: &str, role: &str, lsn: u64, tags: Map<String, Value>) -
 
 fn race(cfg: &EngineConfig, cluster: &ClusterView, own_lsn: u64, peers: &[PeerReport]) -> Decision {
     let pg = running(true, 1, own_lsn, None);
-    decide(&Inputs {
-        now: Instant::now(),
-        config: cfg,
-        cluster: Some(cluster),
-        pg: &pg,
-        memory: &Memory::default(),
-        peers: Some(peers),
-        failover_due_in: None,
-    })
+    decide(&crate::tests::inputs(
+        cfg,
+        Some(cluster),
+        &pg,
+        &Memory::default(),
+        Some(peers),
+        None,
+    ))
 }
 
 // --- bootstrap and cloning -------------------------------------------------------------------

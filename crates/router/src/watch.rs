@@ -34,6 +34,7 @@ pub fn etcd_options(cfg: &pgvigil_config::Config) -> EtcdOptions {
         username: cfg.etcd3.username.clone(),
         password: cfg.etcd3.password.clone(),
         retry_timeout: READ_TIMEOUT,
+        attempt_timeout: None,
     }
 }
 

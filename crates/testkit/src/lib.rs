@@ -19,7 +19,7 @@ pub mod http;
 pub mod load;
 pub mod netcluster;
 pub mod netns;
-mod process;
+pub mod process;
 pub mod scenario;
 pub mod watchdog;
 

@@ -40,6 +40,45 @@ pub fn spawn_owned(mut command: Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("spawner thread is gone"))?
 }
 
+/// The `pgvigil fencer` process an agent (`agent_pid`) started, if it runs: its child whose
+/// command line is `... fencer --data-dir ...`. Tests that emulate an agent without one (the
+/// fencer died, or an older agent) stop it together with the agent.
+pub fn fencer_of(agent_pid: u32) -> Option<i32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .find(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(agent_pid) && cmdline.split(|b| *b == 0).nth(1) == Some(b"fencer".as_slice())
+        })
+}
+
+/// A process stopped with SIGSTOP that gets SIGCONT when this is dropped, also when the test
+/// fails before it could resume it (a stopped process would outlive the test).
+pub struct Stopped(i32);
+
+impl Stopped {
+    pub fn stop(pid: i32) -> io::Result<Stopped> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP)?;
+        Ok(Stopped(pid))
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
 fn spawner() -> &'static Mutex<mpsc::Sender<Request>> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
     SPAWNER.get_or_init(|| {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pgvigil_api::{ClusterView, PgState, Role};
+use pgvigil_dcs::TermOpening;
 use pgvigil_engine::{Action, DemoteMode, StartAs};
 use pgvigil_postgres::StopMode;
 
@@ -28,6 +29,10 @@ impl Agent {
         Duration::from_secs(self.dynamic.retry_timeout)
     }
 
+    pub(super) fn retry_timeout(&self) -> Duration {
+        self.retry()
+    }
+
     fn pg_ctl_timeout(&self) -> Duration {
         Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout.max(1))
     }
@@ -48,8 +53,27 @@ impl Agent {
             Action::Reinitialize { source } => self.reinitialize(view, &source).await,
             // The cycle gathers peers itself before deciding again.
             Action::QueryPeers => Ok(true),
-            Action::AcquireLock => self.acquire_lock(view).await,
+            Action::AcquireLock => self.acquire_lock(view, TermOpening::Acquire).await,
+            Action::TakeOver {
+                from,
+                leader_revision,
+                heartbeat_revision,
+                config_revision,
+            } => {
+                tracing::warn!("taking the leader key from {from}, silent past its promise");
+                let how = TermOpening::TakeOver {
+                    leader_revision,
+                    heartbeat_revision,
+                    config_revision,
+                };
+                self.acquire_lock(view, how).await
+            }
+            Action::AdoptLock { leader_revision } => self.adopt_lock(leader_revision).await,
             Action::ReleaseLock => self.release_lock().await,
+            Action::ApplyConfig => {
+                self.apply_config().await;
+                Ok(false)
+            }
             Action::WriteInitialize => self.write_initialize().await,
             Action::LeaderHousekeeping => self.leader_housekeeping(view).await,
             Action::Switchover { candidate } => self.switchover(view, candidate).await,
@@ -175,13 +199,12 @@ impl Agent {
         let config = self.cfg.bootstrap.dcs.clone();
         let written = tokio::time::timeout(retry, dcs.set_config(&config, None)).await;
         bounded("writing the dynamic configuration")(written.map(|r| r.map(|_| ())))?;
-        let timing = self.lease_timing();
-        if !super::lease::refresh(dcs.as_ref(), &self.lease, &timing).await {
-            return Err("could not obtain an etcd lease".into());
+        match tokio::time::timeout(retry, self.leadership.open(TermOpening::Acquire)).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err("taking the leader key: another member holds it".into()),
+            Ok(Err(e)) => Err(format!("taking the leader key: {e}")),
+            Err(_) => Err("taking the leader key: timed out".into()),
         }
-        bounded("taking the leader key")(tokio::time::timeout(retry, dcs.take_leader()).await)?;
-        self.lease.set_holds_lock(true);
-        Ok(())
     }
 
     /// `bootstrap.post_bootstrap`: run with a superuser connection string as its argument.
@@ -216,8 +239,7 @@ impl Agent {
         self.publish_member().await;
         self.write_pgpass()?;
         let timeout = Duration::from_secs(3600);
-        self.lease
-            .loop_alive_until(Instant::now() + timeout + self.retry());
+        self.leadership.loop_alive_for(timeout + self.retry());
         // Without a fast checkpoint pg_basebackup waits for a spread one, minutes on an idle
         // source; users who configure a checkpoint option keep theirs.
         let mut args = self.cfg.postgresql.basebackup.clone();
@@ -240,10 +262,26 @@ impl Agent {
         self.start_replica(view, leader.as_deref()).await
     }
 
+    /// Starts PostgreSQL as a primary: only with a permit from `Leadership`, asked again once
+    /// the postmaster is up and the fence knows it (the lock may have lapsed during the start).
     async fn start_primary(&mut self) -> Outcome {
+        if !self.leadership.permits_primary() {
+            return Err(Failed::Recoverable(
+                "not starting postgres as a primary: the leader lock is not proven".into(),
+            ));
+        }
         self.memory.primary_restart_since.get_or_insert_with(Instant::now);
         let files = pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), None);
-        self.start_with(files).await
+        let started = self.start_with(files).await;
+        self.leadership.set_postmaster(self.pg.postmaster_pid());
+        if !self.leadership.permits_primary() {
+            let _ = self.pg.stop(StopMode::Immediate, self.pg_ctl_timeout()).await;
+            self.state = PgState::Stopped;
+            return Err(Failed::Recoverable(
+                "stopped postgres again: the leader lock lapsed while it started".into(),
+            ));
+        }
+        started
     }
 
     async fn start_replica(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
@@ -263,8 +301,8 @@ impl Agent {
             .map_err(recoverable("writing the configuration"))?;
         self.written_parameters = Some(files.parameters.clone());
         self.state = PgState::Starting;
-        self.lease
-            .loop_alive_until(Instant::now() + self.pg_ctl_timeout() + self.retry());
+        self.leadership
+            .loop_alive_for(self.pg_ctl_timeout() + self.retry());
         // A replica starts with `primary_slot_name` set, and a standby after pg_rewind (or one
         // whose checkpoint is behind the leader) accepts connections only once it has streamed
         // up to a consistent point, through that slot. The leader creates slots for the members
@@ -287,18 +325,14 @@ impl Agent {
     }
 
     async fn promote(&mut self) -> Outcome {
-        // The lock must be in hand, with a lease that outlives the promotion's first steps.
-        if !self.lease.is_valid(&self.lease_timing(), Instant::now()) {
+        // The lock must be in hand with a deadline ahead; the fence already holds it and the
+        // postmaster, so a promotion that outlives the lock is stopped at the deadline.
+        if !self.leadership.permits_primary() {
             return Err(Failed::Recoverable(
-                "not promoting: the lease is not provably ours".into(),
+                "not promoting: the leader lock is not proven".into(),
             ));
         }
-        if !self.arm_watchdog() {
-            let _ = self.release_lock().await;
-            return Err(Failed::Recoverable(
-                "not promoting self because watchdog could not be activated".into(),
-            ));
-        }
+        self.leadership.set_postmaster(self.pg.postmaster_pid());
         self.failsafe.clear();
         // The first commits of the new primary must already wait for the standbys the old one
         // trusted (strict and quorum modes), so the GUC changes before the promotion.
@@ -308,10 +342,13 @@ impl Agent {
             let guc = pgvigil_engine::sync::before_promotion(&self.cfg.name, mode, strict, &view);
             if guc.is_some() {
                 self.sync_guc = guc;
-                self.reload_parameters_if_changed().await;
+                self.apply_config().await;
             }
         }
         let timeout = Duration::from_secs(self.dynamic.loop_wait.max(30));
+        // Promotion and the checkpoint after it are long steps: the loop reports for them.
+        self.leadership
+            .loop_alive_for(timeout + Duration::from_secs(300) + self.retry());
         self.pg
             .promote(timeout)
             .await
@@ -385,8 +422,7 @@ impl Agent {
         self.state = PgState::Stopped;
         self.write_pgpass()?;
         let timeout = Duration::from_secs(3600);
-        self.lease
-            .loop_alive_until(Instant::now() + timeout + self.retry());
+        self.leadership.loop_alive_for(timeout + self.retry());
         tracing::info!("running pg_rewind from {source}");
         if let Err(e) = self.pg.rewind(&host, port, timeout).await {
             self.memory.rewind_failed = true;
@@ -414,48 +450,62 @@ impl Agent {
         self.create_replica(view, source).await
     }
 
-    async fn acquire_lock(&mut self, view: Option<&ClusterView>) -> Outcome {
-        let timing = self.lease_timing();
+    /// Races for the key (`Acquire`) or takes it from a silent leader (`TakeOver`).
+    async fn acquire_lock(&mut self, view: Option<&ClusterView>, how: TermOpening) -> Outcome {
+        let ttl = Duration::from_secs(self.dynamic.ttl);
         // Failsafe mode: no race while a leader that posted to us within ttl may still run.
         let failsafe = self.failsafe.clone();
-        let Some(_race) = failsafe.begin_race(timing.ttl, Instant::now()) else {
+        let Some(_race) = failsafe.begin_race(ttl, Instant::now()) else {
             tracing::info!("not racing: a leader confirmed itself over failsafe within ttl");
             return Ok(false);
         };
-        if !super::lease::refresh(self.dcs.as_ref(), &self.lease, &timing).await {
-            return Err(Failed::Recoverable(
-                "no etcd lease: not racing for the lock".into(),
-            ));
-        }
-        if self
-            .dcs_call("acquiring the leader lock", self.dcs.attempt_to_acquire_leader())
-            .await?
-        {
-            self.lease.set_holds_lock(true);
-            tracing::info!("acquired the leader lock");
-            // The request that made us leader is done (a future scheduled one stays).
-            let scheduled_later = super::operator::failover_due_in(view).is_some_and(|d| d > 0.0);
-            if view.and_then(ClusterView::pending_failover).is_some() && !scheduled_later {
-                let empty = pgvigil_api::FailoverValue::default();
-                let cleared = self.dcs.set_failover(&empty, None);
-                if let Err(Failed::Recoverable(e) | Failed::Fatal(e)) =
-                    self.dcs_call("clearing the failover key", cleared).await
-                {
-                    tracing::warn!("{e}");
-                }
-            }
-            Ok(true)
-        } else {
+        let won = match tokio::time::timeout(self.retry(), self.leadership.open(how)).await {
+            Ok(Ok(won)) => won,
+            Ok(Err(e)) => return Err(Failed::Recoverable(format!("acquiring the leader lock: {e}"))),
+            Err(_) => return Err(Failed::Recoverable("acquiring the leader lock timed out".into())),
+        };
+        if !won {
             tracing::info!("failed to acquire the leader lock: another member holds it");
-            Ok(true)
+            return Ok(true);
+        }
+        tracing::info!("acquired the leader lock");
+        // The request that made us leader is done (a future scheduled one stays).
+        let scheduled_later = super::operator::failover_due_in(view).is_some_and(|d| d > 0.0);
+        if view.and_then(ClusterView::pending_failover).is_some() && !scheduled_later {
+            let empty = pgvigil_api::FailoverValue::default();
+            let cleared = self.dcs.set_failover(&empty, None);
+            if let Err(Failed::Recoverable(e) | Failed::Fatal(e)) =
+                self.dcs_call("clearing the failover key", cleared).await
+            {
+                tracing::warn!("{e}");
+            }
+        }
+        Ok(true)
+    }
+
+    /// The key names us from before an agent restart: move it to our lease.
+    async fn adopt_lock(&mut self, leader_revision: i64) -> Outcome {
+        let how = TermOpening::Move { leader_revision };
+        match tokio::time::timeout(self.retry(), self.leadership.open(how)).await {
+            Ok(Ok(true)) => {
+                tracing::info!("adopted the leader key");
+                Ok(true)
+            }
+            Ok(Ok(false)) => {
+                tracing::info!("the leader key changed before we could adopt it");
+                Ok(true)
+            }
+            Ok(Err(e)) => Err(Failed::Recoverable(format!("adopting the leader key: {e}"))),
+            Err(_) => Err(Failed::Recoverable("adopting the leader key timed out".into())),
         }
     }
 
-    async fn release_lock(&mut self) -> Outcome {
-        self.lease.set_holds_lock(false);
-        self.dcs_call("releasing the leader lock", self.dcs.delete_leader())
-            .await?;
-        Ok(true)
+    pub(super) async fn release_lock(&mut self) -> Outcome {
+        match tokio::time::timeout(self.retry(), self.leadership.release()).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) => Err(Failed::Recoverable(format!("releasing the leader lock: {e}"))),
+            Err(_) => Err(Failed::Recoverable("releasing the leader lock timed out".into())),
+        }
     }
 
     async fn write_initialize(&mut self) -> Outcome {
@@ -472,9 +522,6 @@ impl Agent {
     /// The leader's per-cycle duties: publish its position, the timeline history, and keep a
     /// replication slot for every other member.
     async fn leader_housekeeping(&mut self, view: Option<&ClusterView>) -> Outcome {
-        if !view.is_some_and(ClusterView::is_paused) && !self.arm_watchdog() {
-            return self.demote_without_watchdog().await;
-        }
         self.memory.primary_restart_since = None;
         self.memory.start_failed = false;
         let Some(st) = self.status.clone() else {
@@ -555,13 +602,15 @@ impl Agent {
         if paused {
             tracing::info!("paused: leaving PostgreSQL running and keeping the leader key");
             self.watchdog.disable();
+            self.leadership.shutdown();
             return super::Exit::Shutdown;
         }
-        let was_leader = self.lease.holds_lock();
+        let was_leader = self.leadership.holds_lock();
         if self.pg.is_running() {
             self.state = PgState::Stopping;
             self.publish_member().await;
             if let Err(e) = self.pg.stop(StopMode::Fast, self.pg_ctl_timeout()).await {
+                // The fencer process goes on enforcing the deadline once we are gone.
                 tracing::error!("could not stop PostgreSQL, keeping the leader key: {e}");
                 return super::Exit::Shutdown;
             }
@@ -569,7 +618,6 @@ impl Agent {
         self.state = PgState::Stopped;
         self.status = None;
         if was_leader {
-            self.lease.set_holds_lock(false);
             if let Ok(cd) = self.pg.controldata().await {
                 let status = pgvigil_api::StatusValue {
                     optime: cd.checkpoint_lsn,
@@ -579,10 +627,7 @@ impl Agent {
                     .dcs_call("publishing the final position", self.dcs.set_status(&status))
                     .await;
             }
-            match self
-                .dcs_call("releasing the leader lock", self.dcs.delete_leader())
-                .await
-            {
+            match self.release_lock().await {
                 Ok(_) => tracing::info!("released the leader lock"),
                 Err(Failed::Recoverable(e) | Failed::Fatal(e)) => tracing::error!("{e}"),
             }
@@ -590,6 +635,7 @@ impl Agent {
         // PostgreSQL is stopped: nothing left for a machine reset to protect.
         self.watchdog.disable();
         self.publish_member().await;
+        self.leadership.shutdown();
         super::Exit::Shutdown
     }
 }

@@ -33,11 +33,12 @@ impl Agent {
         dynamic
     }
 
-    /// Adopts a changed `config` key: new timings go to the lease guardian, new parameters are
-    /// written and reloaded. Restores the key from our cache when the leader finds it missing.
+    /// Adopts a changed `config` key (timings reach `Leadership` at the end of the cycle; new
+    /// parameters are applied when the engine decides it is safe, [`Agent::apply_config`]).
+    /// Restores the key from our cache when the leader finds it missing.
     pub(super) async fn apply_dynamic_config(&mut self, cluster: &ClusterView) {
         let Some(config) = &cluster.config else {
-            if cluster.leader_name() == Some(self.cfg.name.as_str()) {
+            if self.leadership.holds_lock() {
                 let value = self.dynamic.raw.clone();
                 let retry = Duration::from_secs(self.dynamic.retry_timeout);
                 if let Ok(Ok(_)) = tokio::time::timeout(retry, self.dcs.set_config(&value, None)).await {
@@ -65,10 +66,9 @@ impl Agent {
                 self.dynamic.loop_wait,
                 self.dynamic.retry_timeout
             );
-            self.timing.send_replace(self.lease_timing());
         }
+        self.config_dirty = true;
         self.write_dynamic_cache();
-        self.reload_parameters_if_changed().await;
     }
 
     fn write_dynamic_cache(&self) {
@@ -87,14 +87,33 @@ impl Agent {
         }
     }
 
-    /// Rewrites `postgresql.conf` and reloads when the effective parameters changed while
-    /// PostgreSQL runs.
-    pub(super) async fn reload_parameters_if_changed(&mut self) {
+    /// Whether PostgreSQL runs with a configuration other than the one we would write now:
+    /// parameters changed (dynamic configuration, synchronous standbys), or a reload or a new
+    /// dynamic configuration may have changed the files.
+    pub(super) fn config_pending(&self) -> bool {
         if !self.pg.is_running() {
-            return;
+            return false;
         }
         let (parameters, _) = super::pgconf::parameters(&self.cfg, &self.dynamic, self.sync_guc.as_deref());
-        if self.written_parameters.as_ref() == Some(&parameters) {
+        self.config_dirty || self.written_parameters.as_ref() != Some(&parameters)
+    }
+
+    /// A running primary whose lock is not proven: nothing may change its configuration. A
+    /// reload could shorten `synchronous_standby_names` and release commits that only this
+    /// node has, after another node was promoted (acknowledged, then lost in the rewind).
+    pub(super) fn primary_without_lock(&self) -> bool {
+        let primary = self.status.as_ref().is_none_or(|s| !s.in_recovery);
+        self.pg.is_running() && primary && !self.leadership.holds_lock()
+    }
+
+    /// Writes PostgreSQL's configuration files and reloads, when something changed. Refused on
+    /// a primary without the lock, whoever asks ([`Agent::primary_without_lock`]).
+    pub(super) async fn apply_config(&mut self) {
+        if !self.pg.is_running() || !self.config_pending() {
+            return;
+        }
+        if self.primary_without_lock() {
+            tracing::warn!("not changing the configuration of a primary that does not hold the leader lock");
             return;
         }
         let upstream = self.upstream_name();
@@ -115,7 +134,8 @@ impl Agent {
         match self.pg.reload().await {
             Ok(()) => {
                 tracing::info!("reloaded PostgreSQL configuration");
-                self.written_parameters = Some(parameters);
+                self.written_parameters = Some(files.parameters);
+                self.config_dirty = false;
             }
             Err(e) => tracing::error!("PostgreSQL reload failed: {e}"),
         }

@@ -2,24 +2,24 @@
 //! [`pgvigil_engine::decide`], performs the actions with timeouts, and publishes the result.
 //!
 //! Shape of one cycle (neon's `timeline_manager` and Patroni's `run_cycle`):
-//! 1. promise the lease guardian to report again soon, read the cluster (bounded by
-//!    `retry_timeout`), apply a changed dynamic configuration;
+//! 1. promise [`Leadership`] to report again soon, read the cluster (bounded by
+//!    `retry_timeout`), adopt a changed dynamic configuration;
 //! 2. observe PostgreSQL (pid file, one monitoring query, `pg_controldata` when it is down);
-//! 3. decide, querying peers if the engine asks, then perform the actions in order;
-//! 4. publish the member key and the REST snapshot;
+//! 3. decide, with the lock as `Leadership` holds it, querying peers if the engine asks, then
+//!    perform the actions in order;
+//! 4. publish the member key and the REST snapshot, tell `Leadership` the settings;
 //! 5. sleep until `loop_wait` elapses or something happens: a leader/config change in etcd, the
-//!    postmaster dying, the guardian fencing, an API command, a signal.
+//!    postmaster dying, the lock lost or the fence acting, a silent leader's promise running
+//!    out, an API command, a signal.
 
 mod actions;
 mod dynamic;
-pub mod failsafe;
+mod failsafe;
 pub mod history;
-pub mod lease;
 mod observe;
 mod operator;
 mod pgconf;
 mod sync;
-pub mod watchdog;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,15 +27,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use pgvigil_api::{ClusterView, PgState, Role};
 use pgvigil_config::{Config, DynamicConfig};
-use pgvigil_dcs::{Dcs, DcsEvent};
+use pgvigil_dcs::{Dcs, DcsEvent, LockKeyEvent};
 use pgvigil_engine::{Action, DataDir, Decision, EngineConfig, Inputs, LocalPg, Memory, PeerReport};
 use pgvigil_postgres::{DataDirState, PgStatus, Postgres};
-use pgvigil_rest::{ApiCommand, FailsafePost, FailsafeState, NodeSnapshot, PeerClient};
-use tokio::sync::{broadcast, mpsc, watch};
+use pgvigil_rest::{ApiCommand, FailsafeState, NodeSnapshot, PeerClient};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use self::lease::{LeaseShared, LeaseTiming};
 use self::observe::Identity;
+use crate::leadership::watchdog::Watchdog;
+use crate::leadership::{Leadership, LockSettings};
 
 /// Why the agent stopped.
 #[derive(Debug)]
@@ -49,6 +50,10 @@ pub enum Exit {
 /// Channels into the loop from the outside world.
 pub struct Wakeups {
     pub dcs_events: broadcast::Receiver<DcsEvent>,
+    /// Every write of the leader and heartbeat keys, for the liveness tracker.
+    pub lock_keys: broadcast::Receiver<LockKeyEvent>,
+    /// `Leadership` has news: the lock was lost, lapsed or proven, or the fence acted.
+    pub lock_news: Arc<Notify>,
     pub commands: mpsc::Receiver<ApiCommand>,
     pub reload: mpsc::Receiver<()>,
     pub postmaster_changed: watch::Receiver<Option<i32>>,
@@ -63,8 +68,7 @@ pub struct Agent {
     dynamic_revision: i64,
     dcs: Arc<dyn Dcs>,
     pg: Arc<Postgres>,
-    lease: Arc<LeaseShared>,
-    timing: watch::Sender<LeaseTiming>,
+    leadership: Leadership,
     snapshot: watch::Sender<Arc<NodeSnapshot>>,
     peers: PeerClient,
     memory: Memory,
@@ -80,6 +84,9 @@ pub struct Agent {
     configured_upstream: Option<(String, u16)>,
     /// Parameters last written to `postgresql.conf`, to reload only on change.
     written_parameters: Option<std::collections::BTreeMap<String, String>>,
+    /// The configuration files may differ from what we would write (a reload or a new dynamic
+    /// configuration since the last write).
+    config_dirty: bool,
     next_run: Instant,
     scheduled_restart: Option<operator::ScheduledRestart>,
     /// An operator asked for a reinitialize (`Some(from_leader)`), done next cycle.
@@ -92,9 +99,7 @@ pub struct Agent {
     sync_guc_changed_at: u64,
     /// Leaders' `POST /failsafe` calls, shared with the REST API.
     failsafe: Arc<FailsafeState>,
-    /// Confirms our leadership over REST when etcd is unreachable (also used by the guardian).
-    failsafe_prober: Arc<failsafe::FailsafeProber>,
-    watchdog: Arc<watchdog::Watchdog>,
+    watchdog: Arc<Watchdog>,
 }
 
 impl Agent {
@@ -104,43 +109,21 @@ impl Agent {
         config_path: Option<PathBuf>,
         dcs: Arc<dyn Dcs>,
         pg: Arc<Postgres>,
-        lease: Arc<LeaseShared>,
-        timing: watch::Sender<LeaseTiming>,
+        leadership: Leadership,
         snapshot: watch::Sender<Arc<NodeSnapshot>>,
         dynamic: DynamicConfig,
+        peers: PeerClient,
     ) -> Self {
-        let peers = PeerClient::new(
-            cfg.ctl
-                .authentication
-                .clone()
-                .or_else(|| cfg.restapi.authentication.clone())
-                .map(|c| (c.username, c.password)),
-        );
-        let watchdog = Arc::new(watchdog::Watchdog::new(cfg.watchdog.clone()));
-        lease.set_watchdog(watchdog.clone());
-        let me = FailsafePost {
-            name: cfg.name.clone(),
-            conn_url: format!(
-                "postgres://{}/{}",
-                cfg.postgresql.connect_address, cfg.postgresql.database
-            ),
-            api_url: format!("http://{}/patroni", cfg.restapi.connect_address),
-            slots: Default::default(),
-        };
-        let failsafe_prober = Arc::new(failsafe::FailsafeProber::new(peers.clone(), me));
-        lease.set_failsafe_prober(failsafe_prober.clone());
         Agent {
             failsafe: Arc::default(),
-            failsafe_prober,
-            watchdog,
+            watchdog: leadership.watchdog().clone(),
             cfg,
             config_path,
             dynamic,
             dynamic_revision: 0,
             dcs,
             pg,
-            lease,
-            timing,
+            leadership,
             snapshot,
             peers,
             memory: Memory::default(),
@@ -152,6 +135,7 @@ impl Agent {
             dcs_last_seen: None,
             configured_upstream: None,
             written_parameters: None,
+            config_dirty: false,
             next_run: Instant::now(),
             scheduled_restart: None,
             pending_reinit: None,
@@ -167,11 +151,31 @@ impl Agent {
         self
     }
 
-    fn lease_timing(&self) -> LeaseTiming {
-        LeaseTiming {
-            ttl: Duration::from_secs(self.dynamic.ttl),
-            loop_wait: Duration::from_secs(self.dynamic.loop_wait),
-            retry_timeout: Duration::from_secs(self.dynamic.retry_timeout),
+    /// How `Leadership` keeps the lock, from the dynamic configuration and what the view says
+    /// about the members. The fast-takeover promise is made only while every member is a
+    /// pgvigil agent (a Patroni member would not take over by it, and a Patroni leader never
+    /// promises), no watchdog is armed (its timeout is far longer than the promise), and the
+    /// fencer process runs (it keeps the promise if this agent freezes or dies).
+    fn lock_settings(&self, view: Option<&ClusterView>) -> LockSettings {
+        let ttl = Duration::from_secs(self.dynamic.ttl);
+        let loop_wait = Duration::from_secs(self.dynamic.loop_wait);
+        let fast = self.dynamic.fast_takeover;
+        let all_pgvigil = view.is_some_and(|v| {
+            v.members
+                .iter()
+                .all(|m| m.name == self.cfg.name || m.data.is_pgvigil())
+        });
+        let promise =
+            (fast.enabled && all_pgvigil && !self.watchdog.is_active() && self.leadership.has_fencer())
+                .then_some(fast.fence_after);
+        LockSettings {
+            ttl,
+            // At least three renewals per TTL, so one lost keep-alive never brings the lease's
+            // deadline close.
+            renew_every: loop_wait.min(ttl / 3).max(Duration::from_millis(500)),
+            heartbeat_interval: fast.heartbeat_interval,
+            promise,
+            failsafe_mode: self.dynamic.failsafe_mode,
         }
     }
 
@@ -193,6 +197,8 @@ impl Agent {
             synchronous_mode: sync::engine_mode(self.dynamic.synchronous_mode),
             paused: self.dynamic.pause,
             failsafe_mode: self.dynamic.failsafe_mode,
+            fast_takeover: self.dynamic.fast_takeover.enabled,
+            takeover_margin: self.dynamic.fast_takeover.takeover_margin,
         }
     }
 
@@ -202,6 +208,7 @@ impl Agent {
             if wake.shutdown.is_cancelled() {
                 return self.shutdown().await;
             }
+            self.drain_lock_keys(&mut wake.lock_keys);
             let rerun = match self.cycle().await {
                 Ok(rerun) => rerun,
                 Err(fatal) => {
@@ -222,18 +229,41 @@ impl Agent {
             {
                 self.next_run = self.next_run.min(now + Duration::from_secs_f64(due));
             }
+            // A silent leader's promise runs out: look again right then.
+            let takeover_in = self
+                .leadership
+                .silence()
+                .filter(|_| self.dynamic.fast_takeover.enabled)
+                .map(|s| s.gone_in(self.dynamic.fast_takeover.takeover_margin));
+            if let Some(d) = takeover_in {
+                self.next_run = self.next_run.min(now + d);
+            }
             self.publish_snapshot();
             if rerun {
                 continue;
             }
-            self.lease
-                .loop_alive_until(self.next_run + self.stall_allowance());
-            let am_leader = self.lease.holds_lock();
+            self.leadership.loop_alive_for(
+                self.next_run.saturating_duration_since(Instant::now()) + self.stall_allowance(),
+            );
+            let am_leader = self.leadership.holds_lock();
             loop {
                 tokio::select! {
                     _ = wake.shutdown.cancelled() => {}
                     _ = tokio::time::sleep_until(self.next_run.into()) => {}
-                    _ = self.lease.wake_loop.notified() => {}
+                    _ = wake.lock_news.notified() => {}
+                    key = wake.lock_keys.recv() => {
+                        match key {
+                            Ok(event) => self.leadership.observe_key(event),
+                            Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(broadcast::error::RecvError::Closed) => {
+                                tokio::time::sleep_until(self.next_run.into()).await;
+                                break;
+                            }
+                        }
+                        // A heartbeat is news for the tracker, not a reason to run a cycle;
+                        // the timer above covers its promise running out.
+                        continue;
+                    }
                     Some(()) = wake.reload.recv() => self.reload_local_config().await,
                     Some(cmd) = wake.commands.recv() => self.handle_command(cmd).await,
                     _ = wake.postmaster_changed.changed() => {}
@@ -261,27 +291,29 @@ impl Agent {
         Duration::from_secs(self.dynamic.retry_timeout * 2 + self.dynamic.loop_wait)
     }
 
+    /// Hands watch events of the leader and heartbeat keys to the liveness tracker.
+    fn drain_lock_keys(&self, keys: &mut broadcast::Receiver<LockKeyEvent>) {
+        loop {
+            match keys.try_recv() {
+                Ok(event) => self.leadership.observe_key(event),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
     /// One cycle. `Ok(true)` asks for another cycle at once.
     async fn cycle(&mut self) -> Result<bool, String> {
-        let now = Instant::now();
-        self.lease.loop_alive_until(now + self.stall_allowance());
-        if self.lease.take_fenced() {
-            tracing::warn!("PostgreSQL was fenced by the lease guardian");
-            self.state = PgState::Stopped;
-            self.role = Role::Demoted;
-        }
-        let timing = self.lease_timing();
-        let cluster = match tokio::time::timeout(timing.retry_timeout, self.dcs.get_cluster()).await {
+        self.leadership.loop_alive_for(self.stall_allowance());
+        let retry = Duration::from_secs(self.dynamic.retry_timeout);
+        let cluster = match tokio::time::timeout(retry, self.dcs.get_cluster()).await {
             Ok(Ok(c)) => Some(c),
             Ok(Err(e)) => {
                 tracing::warn!("could not read the cluster from etcd: {e}");
                 None
             }
             Err(_) => {
-                tracing::warn!(
-                    "reading the cluster from etcd timed out after {:?}",
-                    timing.retry_timeout
-                );
+                tracing::warn!("reading the cluster from etcd timed out after {retry:?}");
                 None
             }
         };
@@ -290,16 +322,22 @@ impl Agent {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .ok()
                 .map(|d| d.as_secs());
+            self.leadership.observe_view(c);
             self.apply_dynamic_config(c).await;
-            self.lease.set_paused(c.is_paused());
+            self.leadership.set_paused(c.is_paused());
         }
-        let cluster = match cluster {
-            Some(c) => Some(self.confirm_leadership(c).await),
-            None => None,
-        };
         self.cluster = cluster.clone();
 
         let mut pg = self.observe().await;
+        // A primary found running (after an agent restart): its synchronous standbys are what
+        // PostgreSQL waits for now, not the user's setting. Adopting them keeps the first
+        // configuration change from loosening them.
+        if self.dynamic.synchronous_mode.is_enabled()
+            && self.sync_guc.is_none()
+            && let Some(st) = self.status.as_ref().filter(|s| !s.in_recovery)
+        {
+            self.sync_guc = Some(st.synchronous_standby_names.clone());
+        }
         if self.pending_reinit.is_some() {
             match self.run_pending_reinit(cluster.as_ref()).await {
                 Ok(_) => pg = self.observe().await,
@@ -310,27 +348,37 @@ impl Agent {
             self.run_due_restart().await;
         }
         self.refresh_pending_restart_reason().await;
-        let cluster = self.failsafe_step(cluster).await;
+        let failsafe_leader = self.failsafe_step(cluster.as_ref()).await;
         let engine_cfg = self.engine_config();
-        let timing = self.lease_timing();
-        // Acting as leader requires a lease that provably outlives this cycle's first steps;
-        // without it the engine sees what it would see with etcd gone.
-        let view = cluster.as_ref().filter(|c| {
-            c.leader_name() != Some(self.cfg.name.as_str()) || self.lease.is_valid(&timing, Instant::now())
-        });
+        let view = cluster.as_ref();
+        let view_names_me = view.and_then(ClusterView::leader_name) == Some(self.cfg.name.as_str());
+        // A required watchdog is armed whenever this node holds the lock; the engine keeps a
+        // node whose watchdog cannot be armed from acting as primary.
+        let watchdog_failed =
+            self.leadership.holds_lock() && !view.is_some_and(ClusterView::is_paused) && !self.arm_watchdog();
+        let config_pending = self.config_pending();
+        let silence = self.leadership.silence();
         let mut peers: Option<Vec<PeerReport>> = None;
         let decision = loop {
             let decision = pgvigil_engine::decide(&Inputs {
                 now: Instant::now(),
                 config: &engine_cfg,
                 cluster: view,
+                lock: self.leadership.lock_state(view_names_me),
+                silence: silence.as_ref(),
+                failsafe_leader: failsafe_leader.as_deref(),
+                watchdog_failed,
+                config_pending,
                 pg: &pg,
                 memory: &self.memory,
                 peers: peers.as_deref(),
                 failover_due_in: operator::failover_due_in(view),
             });
             if decision.actions.first() == Some(&Action::QueryPeers) && peers.is_none() {
-                peers = Some(self.query_peers(view).await);
+                peers = Some(
+                    self.query_peers(view, silence.as_ref().map(|s| s.leader.as_str()))
+                        .await,
+                );
                 continue;
             }
             break decision;
@@ -349,40 +397,45 @@ impl Agent {
             }
         }
         self.watchdog_after_cycle();
+        self.after_actions();
+        if view.is_some() {
+            self.leadership.configure(self.lock_settings(view));
+        }
         self.publish_member().await;
         Ok(rerun)
+    }
+
+    /// Tells `Leadership` what runs now: the postmaster for the fence, and whether a primary is
+    /// left for a past term's fence or an earlier agent's fencer to stop.
+    fn after_actions(&mut self) {
+        let pid = self.pg.postmaster_pid();
+        self.leadership.set_postmaster(pid);
+        let primary = pid.is_some() && self.status.as_ref().is_none_or(|s| !s.in_recovery);
+        if !primary && !self.leadership.holds_lock() {
+            self.leadership.primary_gone();
+        }
+    }
+
+    /// End of every cycle: the watchdog stays armed only while this node holds the lock with a
+    /// running primary outside maintenance mode.
+    fn watchdog_after_cycle(&self) {
+        let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
+        let leading = self.leadership.holds_lock() && self.current_role() == Role::Primary;
+        if !leading || paused {
+            self.watchdog.disable();
+        }
+    }
+
+    /// Arms (or re-arms) the watchdog for the current `ttl`; false when it is required and
+    /// cannot be used.
+    fn arm_watchdog(&self) -> bool {
+        self.watchdog.activate(Duration::from_secs(self.dynamic.ttl))
     }
 
     fn log_decision(&self, decision: &Decision) {
         let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
         let prefix = if paused { "PAUSE: " } else { "" };
         tracing::info!("{prefix}{}", decision.message);
-    }
-
-    /// Makes the lock ours for real when the view says we hold it: the key must carry our
-    /// current lease (after an agent restart or a lease re-grant it may still carry the old
-    /// one). Returns the view with the leader removed when the lock turned out not to be ours.
-    async fn confirm_leadership(&mut self, mut cluster: ClusterView) -> ClusterView {
-        let me = self.cfg.name.as_str();
-        let Some(leader) = cluster.leader.as_ref().filter(|l| l.name == me) else {
-            self.lease.set_holds_lock(false);
-            return cluster;
-        };
-        let ours = self.dcs.current_lease().map(|l| l.id);
-        if ours != Some(leader.lease) {
-            let retry = Duration::from_secs(self.dynamic.retry_timeout);
-            match tokio::time::timeout(retry, self.dcs.update_leader(Some(leader.lease))).await {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => {
-                    tracing::warn!("the leader key is no longer ours");
-                    cluster.leader = None;
-                }
-                Ok(Err(e)) => tracing::warn!("could not move the leader key to our lease: {e}"),
-                Err(_) => tracing::warn!("moving the leader key to our lease timed out"),
-            }
-        }
-        self.lease.set_holds_lock(cluster.leader.is_some());
-        cluster
     }
 
     async fn observe(&mut self) -> LocalPg {
@@ -448,13 +501,18 @@ impl Agent {
         }
     }
 
-    async fn query_peers(&self, cluster: Option<&ClusterView>) -> Vec<PeerReport> {
+    /// Every other member's `GET api_url`, in parallel. A leader that promised the fast
+    /// takeover and stayed silent past it (`silent`) is not asked: if it is alive it has
+    /// stopped PostgreSQL already, and if its host is dead the question would cost the whole
+    /// timeout of the takeover.
+    async fn query_peers(&self, cluster: Option<&ClusterView>, silent: Option<&str>) -> Vec<PeerReport> {
         let Some(cluster) = cluster else { return Vec::new() };
         let timeout = Duration::from_secs(2);
         let calls = cluster
             .members
             .iter()
             .filter(|m| m.name != self.cfg.name && !m.data.api_url.is_empty())
+            .filter(|m| Some(m.name.as_str()) != silent)
             .map(|m| async move {
                 PeerReport {
                     name: m.name.clone(),
@@ -490,8 +548,12 @@ impl Agent {
         let mut data =
             observe::member_data(&id, self.state, self.current_role(), self.status.as_ref(), paused);
         (data.scheduled_restart, data.pending_restart_reason) = self.operator_fields();
+        let Some(lease) = self.leadership.member_lease() else {
+            tracing::debug!("no etcd lease yet; the member key waits");
+            return;
+        };
         let retry = Duration::from_secs(self.dynamic.retry_timeout);
-        match tokio::time::timeout(retry, self.dcs.touch_member(&data)).await {
+        match tokio::time::timeout(retry, self.dcs.touch_member(&data, lease)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("could not publish our member key: {e}"),
             Err(_) => tracing::warn!("publishing our member key timed out"),
@@ -535,12 +597,7 @@ impl Agent {
                 status.sync_standby = Some(true);
             }
         }
-        let timing = self.lease_timing();
-        let leader_until = if self.lease.holds_lock() {
-            self.lease.valid_until(&timing)
-        } else {
-            None
-        };
+        let leader_until = self.leadership.held_until();
         let mut snap = NodeSnapshot::initial(&self.cfg.scope, &self.cfg.name);
         snap.status = status;
         snap.cluster = self.cluster.clone();
@@ -573,9 +630,10 @@ impl Agent {
                     return;
                 }
                 self.cfg = loaded.config;
-                self.written_parameters = None;
-                tracing::info!("reloaded the local configuration");
-                self.reload_parameters_if_changed().await;
+                self.config_dirty = true;
+                tracing::info!(
+                    "reloaded the local configuration; PostgreSQL's follows when the next cycle allows"
+                );
             }
             Err(e) => tracing::error!("reload failed, keeping the previous configuration: {e}"),
         }

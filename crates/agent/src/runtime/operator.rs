@@ -146,12 +146,16 @@ impl Agent {
     }
 
     /// Stops PostgreSQL fast and starts it again in its current role. The leader keeps the
-    /// lock: the lease guardian renews it while the loop reports progress.
+    /// lock (`Leadership` proves it while the loop reports progress); a primary is started
+    /// again only with a permit, asked once more when it is up.
     pub(super) async fn restart_postgres(&mut self, timeout: Option<u64>) -> Result<(), String> {
         let was_replica = self.status.as_ref().is_some_and(|s| s.in_recovery);
+        if !was_replica && !self.leadership.permits_primary() {
+            return Err("a primary is restarted only by the holder of the leader lock".into());
+        }
         let timeout = Duration::from_secs(timeout.unwrap_or(self.dynamic.primary_start_timeout).max(10));
-        self.lease
-            .loop_alive_until(Instant::now() + timeout * 2 + Duration::from_secs(30));
+        self.leadership
+            .loop_alive_for(timeout * 2 + Duration::from_secs(30));
         self.state = PgState::Restarting;
         self.publish_member().await;
         self.pg
@@ -178,7 +182,14 @@ impl Agent {
             .write_config(&files)
             .map_err(|e| format!("writing the configuration: {e}"))?;
         self.written_parameters = Some(files.parameters.clone());
-        match self.pg.start(timeout).await {
+        let started = self.pg.start(timeout).await;
+        self.leadership.set_postmaster(self.pg.postmaster_pid());
+        if !was_replica && !self.leadership.permits_primary() {
+            let _ = self.pg.stop(StopMode::Immediate, timeout).await;
+            self.state = PgState::Stopped;
+            return Err("the leader lock lapsed during the restart; stopped postgres again".into());
+        }
+        match started {
             Ok(()) => {
                 self.state = PgState::Running;
                 tracing::info!("restarted PostgreSQL");
@@ -287,15 +298,19 @@ impl Agent {
                 .map(|m| m.name.clone())
                 .collect(),
         };
+        // A long step (checkpoint, clean stop, waiting for the candidate): the loop reports
+        // for all of it, so the lock is not let go under a checkpoint that takes a while.
+        let pg_ctl_timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout.max(1));
+        self.leadership
+            .loop_alive_for(Duration::from_secs(60 + 10) + pg_ctl_timeout + self.retry_timeout() * 2);
         // Shorter shutdown: most dirty buffers are written while clients still run.
         if let Err(e) = self.pg.execute("CHECKPOINT", Duration::from_secs(60)).await {
             tracing::warn!("checkpoint before switchover failed: {e}");
         }
         self.state = PgState::Stopping;
         self.publish_member().await;
-        let timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout.max(1));
         self.pg
-            .stop(StopMode::Fast, timeout)
+            .stop(StopMode::Fast, pg_ctl_timeout)
             .await
             .map_err(|e| Failed::Recoverable(format!("switchover stop: {e}")))?;
         self.state = PgState::Stopped;
@@ -318,8 +333,7 @@ impl Agent {
             ..cluster.status.clone()
         };
         let _ = tokio::time::timeout(retry, self.dcs.set_status(&status)).await;
-        self.lease.set_holds_lock(false);
-        match tokio::time::timeout(retry, self.dcs.delete_leader()).await {
+        match tokio::time::timeout(retry, self.leadership.release()).await {
             Ok(Ok(_)) => tracing::info!("switchover: released the leader lock"),
             Ok(Err(e)) => {
                 return Err(Failed::Recoverable(format!(

@@ -43,7 +43,7 @@ impl Agent {
         let mode = engine_mode(self.dynamic.synchronous_mode);
         if mode == SyncMode::Off && view.sync.is_none() {
             if self.sync_guc.take().is_some() {
-                self.reload_parameters_if_changed().await;
+                self.apply_config().await;
             }
             return;
         }
@@ -93,7 +93,7 @@ impl Agent {
                 SyncStep::SetGuc(guc) => {
                     tracing::info!("setting synchronous_standby_names to {guc:?}");
                     self.sync_guc = Some(guc);
-                    self.reload_parameters_if_changed().await;
+                    self.apply_config().await;
                     self.mark_guc_change().await;
                     if !self.wait_for_confirmation(deadline).await {
                         return;
@@ -107,7 +107,7 @@ impl Agent {
                         Err(_) => tracing::warn!("deleting the sync key timed out"),
                     }
                     self.sync_guc = None;
-                    self.reload_parameters_if_changed().await;
+                    self.apply_config().await;
                     return;
                 }
             }

@@ -92,6 +92,7 @@ impl Ctx {
             username: t.username.clone(),
             password: t.password.clone(),
             retry_timeout: Duration::from_secs(10),
+            ..Default::default()
         })
         .await
         .with_context(|| format!("cannot connect to etcd at {}", t.endpoints.join(",")))

@@ -11,8 +11,9 @@ use pgvigil_api::Keys;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::{DcsError, DcsEvent, LeaseInfo};
+use crate::{DcsError, DcsEvent, LockKeyEvent};
 
+mod lock;
 mod operations;
 
 /// Connection settings of [`Etcd3Dcs`].
@@ -30,6 +31,10 @@ pub struct EtcdOptions {
     pub password: Option<String>,
     /// Deadline of every DCS operation, retries included (Patroni's `retry_timeout`).
     pub retry_timeout: Duration,
+    /// Timeout of one attempt; by default `retry_timeout` divided among the endpoints (at least
+    /// 1 s). The leader lock uses a shorter one: a hung member must be left well within the
+    /// fast-takeover promise.
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl Default for EtcdOptions {
@@ -42,6 +47,7 @@ impl Default for EtcdOptions {
             username: None,
             password: None,
             retry_timeout: Duration::from_secs(10),
+            attempt_timeout: None,
         }
     }
 }
@@ -56,13 +62,11 @@ impl fmt::Debug for EtcdOptions {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("retry_timeout", &self.retry_timeout)
+            .field("attempt_timeout", &self.attempt_timeout)
             .finish()
     }
 }
 
-/// TTL used when a lease must be granted before [`Dcs::refresh_lease`](crate::Dcs::refresh_lease) was ever called
-/// (Patroni's default `ttl`).
-const DEFAULT_TTL: u64 = 30;
 /// HTTP/2 ping interval on the etcd connections. etcd (grpc-go) answers pings more frequent
 /// than `--grpc-keepalive-min-time` (5 s by default) with GOAWAY, so stay well above it.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -94,18 +98,14 @@ pub(crate) struct Inner {
     /// Counts moves to another endpoint: the watch, a long-lived stream that would not notice
     /// a member that hangs, follows the operations to the new endpoint.
     pub(crate) moves: tokio::sync::watch::Sender<u64>,
-    /// Serializes lease grants so that concurrent callers cannot create two leases.
-    lease_lock: tokio::sync::Mutex<()>,
     pub(crate) state: Mutex<State>,
     pub(crate) events: broadcast::Sender<DcsEvent>,
+    pub(crate) lock_events: broadcast::Sender<LockKeyEvent>,
     runtime: tokio::runtime::Handle,
 }
 
 #[derive(Default)]
 pub(crate) struct State {
-    lease: Option<LeaseInfo>,
-    /// TTL of the last `refresh_lease` call, for grants made by other operations.
-    ttl: Option<u64>,
     /// Value and lease of our last successful member key write.
     member_written: Option<(String, i64)>,
     status_written: Option<String>,
@@ -156,9 +156,11 @@ impl Etcd3Dcs {
             return Err(DcsError::Other("retry_timeout must be positive".into()));
         }
         let n = u32::try_from(opts.endpoints.len()).unwrap_or(u32::MAX);
-        let attempt_timeout = (opts.retry_timeout / n)
-            .max(Duration::from_secs(1))
-            .min(opts.retry_timeout);
+        let attempt_timeout = opts.attempt_timeout.unwrap_or_else(|| {
+            (opts.retry_timeout / n)
+                .max(Duration::from_secs(1))
+                .min(opts.retry_timeout)
+        });
         let mut connect_options = ConnectOptions::new()
             .with_timeout(attempt_timeout)
             .with_connect_timeout(attempt_timeout.min(Duration::from_secs(3)))
@@ -176,6 +178,8 @@ impl Etcd3Dcs {
         }
         let keys = Keys::new(&opts.namespace, &opts.scope);
         let (events, _) = broadcast::channel(256);
+        // A leader heartbeats a few times a second: room for a few seconds of them.
+        let (lock_events, _) = broadcast::channel(1024);
         let endpoints = opts.endpoints.len();
         let inner = Inner {
             opts,
@@ -185,9 +189,9 @@ impl Etcd3Dcs {
             clients: tokio::sync::Mutex::new(vec![None; endpoints]),
             current: AtomicUsize::new(0),
             moves: tokio::sync::watch::Sender::new(0),
-            lease_lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
             events,
+            lock_events,
             runtime: tokio::runtime::Handle::current(),
         };
         Ok(Etcd3Dcs {
@@ -311,6 +315,29 @@ impl Inner {
         }
     }
 
+    /// One attempt of `op` on the endpoint in use, bounded by the attempt timeout (and
+    /// `deadline`). On a failure for want of an answer the endpoint is left for the next one,
+    /// as in [`Inner::call`], but nothing is retried: the leader lock times its own attempts.
+    pub(crate) async fn call_once<T, F, Fut>(&self, what: &str, op: F) -> Result<T, DcsError>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let index = self.current.load(Ordering::SeqCst);
+        let attempt = async {
+            let client = self.client(index).await?;
+            op(client).await.map_err(DcsError::from)
+        };
+        let error = match tokio::time::timeout(self.attempt_timeout, attempt).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) if e.is_unavailable() => e,
+            Ok(Err(e)) => return Err(e.context(what)),
+            Err(_) => DcsError::Unavailable("no answer in time".into()),
+        };
+        self.endpoint_failed(index, &error).await;
+        Err(error.context(what))
+    }
+
     async fn put(
         &self,
         deadline: Instant,
@@ -352,76 +379,6 @@ impl Inner {
                     .and_then([TxnOp::put(key, value, None)]);
                 Ok(self.txn(deadline, what, txn).await?.succeeded())
             }
-        }
-    }
-
-    /// Our lease, granted (with the TTL of the last `refresh_lease`, or 30 s) if we have none.
-    async fn ensure_lease(&self, deadline: Instant) -> Result<LeaseInfo, DcsError> {
-        if let Some(lease) = self.state().lease {
-            return Ok(lease);
-        }
-        let _guard = tokio::time::timeout_at(deadline, self.lease_lock.lock())
-            .await
-            .map_err(|_| DcsError::Unavailable("waiting for a concurrent lease operation".into()))?;
-        let (lease, ttl) = {
-            let state = self.state();
-            (state.lease, state.ttl.unwrap_or(DEFAULT_TTL))
-        };
-        match lease {
-            Some(lease) => Ok(lease),
-            None => self.grant(deadline, ttl).await,
-        }
-    }
-
-    /// Grants a new lease and makes it ours. Call with `lease_lock` held.
-    async fn grant(&self, deadline: Instant, ttl: u64) -> Result<LeaseInfo, DcsError> {
-        let ttl_i64 = i64::try_from(ttl).map_err(|_| DcsError::Other(format!("ttl {ttl} too large")))?;
-        let (response, sent_at) = self
-            .call(deadline, "lease grant", |mut c| async move {
-                let sent_at = std::time::Instant::now();
-                c.lease_grant(ttl_i64, None).await.map(|r| (r, sent_at))
-            })
-            .await?;
-        if !response.error().is_empty() {
-            return Err(DcsError::Other(format!("lease grant: {}", response.error())));
-        }
-        let lease = LeaseInfo {
-            id: response.id(),
-            ttl,
-            sent_at,
-        };
-        tracing::debug!(lease = lease.id, ttl, "granted a new lease");
-        self.state().lease = Some(lease);
-        Ok(lease)
-    }
-
-    /// Forgets `lease` if it is still the current one (etcd said it does not exist).
-    fn drop_lease(&self, lease: i64) {
-        let mut state = self.state();
-        if state.lease.is_some_and(|l| l.id == lease) {
-            state.lease = None;
-        }
-    }
-
-    /// Runs `op` with our lease; if etcd answers that the lease does not exist, grants a new one
-    /// and runs `op` once more (within the same deadline).
-    async fn with_lease<T, F, Fut>(&self, deadline: Instant, mut op: F) -> Result<T, DcsError>
-    where
-        F: FnMut(LeaseInfo) -> Fut,
-        Fut: Future<Output = Result<T, DcsError>>,
-    {
-        let lease = self.ensure_lease(deadline).await?;
-        match op(lease).await {
-            Err(e) if e.is_lease_not_found() => {
-                tracing::info!(
-                    lease = lease.id,
-                    "our lease does not exist any more, granting a new one"
-                );
-                self.drop_lease(lease.id);
-                let lease = self.ensure_lease(deadline).await?;
-                op(lease).await
-            }
-            other => other,
         }
     }
 }

@@ -2,16 +2,14 @@
 //! `retry_timeout`, with the leader and member keys on this node's lease
 //! (`patroni-compat.md` §1.4-1.5).
 
-use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp};
 use pgvigil_api::cluster::RawKv;
 use pgvigil_api::{ClusterView, FailoverValue, HistoryEntry, Keys, MemberData, StatusValue, SyncValue};
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 use super::Etcd3Dcs;
-use crate::{Dcs, DcsError, DcsEvent, LeaseInfo};
+use crate::{Dcs, DcsError, DcsEvent, LockKeyEvent};
 
 fn kv_value(kv: &KeyValue) -> String {
     String::from_utf8_lossy(kv.value()).into_owned()
@@ -78,182 +76,32 @@ impl Dcs for Etcd3Dcs {
         receiver
     }
 
-    async fn refresh_lease(&self, ttl: u64) -> Result<LeaseInfo, DcsError> {
-        let inner = &*self.inner;
-        let deadline = inner.deadline();
-        let _guard = tokio::time::timeout_at(deadline, inner.lease_lock.lock())
-            .await
-            .map_err(|_| DcsError::Unavailable("waiting for a concurrent lease operation".into()))?;
-        let current = {
-            let mut state = inner.state();
-            state.ttl = Some(ttl);
-            state.lease
-        };
-        if let Some(lease) = current.filter(|l| l.ttl == ttl) {
-            let alive = inner
-                .call(deadline, "lease keep-alive", |mut c| async move {
-                    let sent_at = std::time::Instant::now();
-                    match c.lease_keep_alive(lease.id).await {
-                        // The stream is closed when keeper and stream are dropped.
-                        Ok(_) => Ok(Some(sent_at)),
-                        Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("lease not found") => {
-                            Ok(None)
-                        }
-                        Err(e) => Err(e),
-                    }
-                })
-                .await?;
-            match alive {
-                Some(sent_at) => {
-                    let refreshed = LeaseInfo { sent_at, ..lease };
-                    let mut state = inner.state();
-                    if state.lease.is_some_and(|l| l.id == lease.id) {
-                        state.lease = Some(refreshed);
-                    }
-                    return Ok(refreshed);
-                }
-                None => {
-                    tracing::info!(lease = lease.id, "our lease expired, granting a new one");
-                    inner.drop_lease(lease.id);
-                }
-            }
-        } else if let Some(lease) = current {
-            tracing::info!(
-                lease = lease.id,
-                old_ttl = lease.ttl,
-                ttl,
-                "ttl changed, granting a new lease"
-            );
-        }
-        inner.grant(deadline, ttl).await
+    fn subscribe_lock_keys(&self) -> broadcast::Receiver<LockKeyEvent> {
+        let receiver = self.inner.lock_events.subscribe();
+        // The same watch feeds both channels.
+        drop(self.subscribe());
+        receiver
     }
 
-    fn current_lease(&self) -> Option<LeaseInfo> {
-        self.inner.state().lease
-    }
-
-    async fn attempt_to_acquire_leader(&self) -> Result<bool, DcsError> {
-        let inner = &*self.inner;
-        let key = inner.keys.leader();
-        let name = inner.name();
-        let deadline = inner.deadline();
-        inner
-            .with_lease(deadline, |lease| {
-                // The failure branch reads the key, so that a retry after a lost answer still
-                // recognises our own successful write.
-                let txn = Txn::new()
-                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(
-                        key.as_str(),
-                        name,
-                        Some(PutOptions::new().with_lease(lease.id)),
-                    )])
-                    .or_else([TxnOp::get(key.as_str(), None)]);
-                async move {
-                    let response = inner.txn(deadline, "acquiring the leader key", txn).await?;
-                    if response.succeeded() {
-                        return Ok(true);
-                    }
-                    let ours = response.op_responses().into_iter().any(|r| match r {
-                        TxnOpResponse::Get(get) => get
-                            .kvs()
-                            .iter()
-                            .any(|kv| kv.value() == name.as_bytes() && kv.lease() == lease.id),
-                        _ => false,
-                    });
-                    Ok(ours)
-                }
-            })
-            .await
-    }
-
-    async fn update_leader(&self, cached_leader_lease: Option<i64>) -> Result<bool, DcsError> {
-        let inner = &*self.inner;
-        let key = inner.keys.leader();
-        let name = inner.name();
-        let deadline = inner.deadline();
-        let lease = inner.ensure_lease(deadline).await?;
-        if cached_leader_lease == Some(lease.id) {
-            return Ok(true);
-        }
-        inner
-            .with_lease(deadline, |lease| {
-                let put = || TxnOp::put(key.as_str(), name, Some(PutOptions::new().with_lease(lease.id)));
-                let recreate = Txn::new()
-                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                    .and_then([put()]);
-                let txn = Txn::new()
-                    .when([Compare::value(key.as_str(), CompareOp::Equal, name)])
-                    .and_then([put()])
-                    .or_else([TxnOp::txn(recreate)]);
-                async move {
-                    let response = inner.txn(deadline, "updating the leader key", txn).await?;
-                    if response.succeeded() {
-                        return Ok(true);
-                    }
-                    Ok(response.op_responses().into_iter().any(|r| match r {
-                        TxnOpResponse::Txn(nested) => nested.succeeded(),
-                        _ => false,
-                    }))
-                }
-            })
-            .await
-    }
-
-    async fn take_leader(&self) -> Result<(), DcsError> {
-        let inner = &*self.inner;
-        let key = inner.keys.leader();
-        let deadline = inner.deadline();
-        inner
-            .with_lease(deadline, |lease| {
-                inner.put(
-                    deadline,
-                    "taking the leader key",
-                    &key,
-                    inner.name(),
-                    Some(lease.id),
-                )
-            })
-            .await
-    }
-
-    async fn delete_leader(&self) -> Result<bool, DcsError> {
-        let inner = &*self.inner;
-        let key = inner.keys.leader();
-        let txn = Txn::new()
-            .when([Compare::value(key.as_str(), CompareOp::Equal, inner.name())])
-            .and_then([TxnOp::delete(key.as_str(), None)]);
-        let response = inner
-            .txn(inner.deadline(), "deleting the leader key", txn)
-            .await?;
-        Ok(response.succeeded()
-            && response.op_responses().into_iter().any(|r| match r {
-                TxnOpResponse::Delete(d) => d.deleted() > 0,
-                _ => false,
-            }))
-    }
-
-    async fn touch_member(&self, data: &MemberData) -> Result<(), DcsError> {
+    async fn touch_member(&self, data: &MemberData, lease: i64) -> Result<(), DcsError> {
         let inner = &*self.inner;
         let key = inner.keys.member(inner.name());
         let value = to_json(data)?;
-        let deadline = inner.deadline();
+        let unchanged = inner.state().member_written.as_ref() == Some(&(value.clone(), lease));
+        if unchanged {
+            return Ok(());
+        }
         inner
-            .with_lease(deadline, |lease| {
-                let (key, value) = (&key, &value);
-                async move {
-                    let unchanged = inner.state().member_written.as_ref() == Some(&(value.clone(), lease.id));
-                    if unchanged {
-                        return Ok(());
-                    }
-                    inner
-                        .put(deadline, "writing our member key", key, value, Some(lease.id))
-                        .await?;
-                    inner.state().member_written = Some((value.clone(), lease.id));
-                    Ok(())
-                }
-            })
-            .await
+            .put(
+                inner.deadline(),
+                "writing our member key",
+                &key,
+                &value,
+                Some(lease),
+            )
+            .await?;
+        inner.state().member_written = Some((value, lease));
+        Ok(())
     }
 
     async fn initialize_race(&self) -> Result<bool, DcsError> {
@@ -399,30 +247,5 @@ impl Dcs for Etcd3Dcs {
             .await?;
         inner.state().forget_writes();
         Ok(())
-    }
-
-    async fn revoke_lease(&self) -> Result<(), DcsError> {
-        let inner = &*self.inner;
-        let deadline = inner.deadline();
-        let _guard = tokio::time::timeout_at(deadline, inner.lease_lock.lock())
-            .await
-            .map_err(|_| DcsError::Unavailable("waiting for a concurrent lease operation".into()))?;
-        let lease = {
-            let mut state = inner.state();
-            state.member_written = None;
-            state.lease.take()
-        };
-        let Some(lease) = lease else {
-            return Ok(());
-        };
-        let result = inner
-            .call(deadline, "revoking our lease", |mut c| async move {
-                c.lease_revoke(lease.id).await
-            })
-            .await;
-        match result {
-            Err(e) if e.is_lease_not_found() => Ok(()),
-            other => other.map(drop),
-        }
     }
 }

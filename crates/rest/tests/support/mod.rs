@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use pgvigil_api::{
     ClusterView, FailoverValue, HistoryEntry, Keys, MemberData, StatusValue, SyncValue, Versioned,
 };
-use pgvigil_dcs::{Dcs, DcsError, DcsEvent, LeaseInfo};
+use pgvigil_dcs::{Dcs, DcsError, DcsEvent, LockKeyEvent};
 use serde_json::{Map, Value};
 
 pub struct FakeDcs {
@@ -90,31 +90,11 @@ impl Dcs for FakeDcs {
         tokio::sync::broadcast::channel(1).1
     }
 
-    async fn refresh_lease(&self, _ttl: u64) -> Result<LeaseInfo, DcsError> {
-        unsupported()
+    fn subscribe_lock_keys(&self) -> tokio::sync::broadcast::Receiver<LockKeyEvent> {
+        tokio::sync::broadcast::channel(1).1
     }
 
-    fn current_lease(&self) -> Option<LeaseInfo> {
-        None
-    }
-
-    async fn attempt_to_acquire_leader(&self) -> Result<bool, DcsError> {
-        unsupported()
-    }
-
-    async fn update_leader(&self, _cached_leader_lease: Option<i64>) -> Result<bool, DcsError> {
-        unsupported()
-    }
-
-    async fn take_leader(&self) -> Result<(), DcsError> {
-        unsupported()
-    }
-
-    async fn delete_leader(&self) -> Result<bool, DcsError> {
-        unsupported()
-    }
-
-    async fn touch_member(&self, _data: &MemberData) -> Result<(), DcsError> {
+    async fn touch_member(&self, _data: &MemberData, _lease: i64) -> Result<(), DcsError> {
         unsupported()
     }
 
@@ -190,9 +170,5 @@ impl Dcs for FakeDcs {
 
     async fn delete_cluster(&self) -> Result<(), DcsError> {
         unsupported()
-    }
-
-    async fn revoke_lease(&self) -> Result<(), DcsError> {
-        Ok(())
     }
 }

@@ -7,18 +7,20 @@
 //!   as primary without it: promotion is refused, and a leader whose watchdog cannot be
 //!   activated demotes; the node reports `watchdog_failed` so that others do not pick it).
 //! * Timeout `ttl - safety_margin` (`safety_margin: -1` means `ttl / 2`). Armed before
-//!   promotion and on every cycle in which this node leads with a running primary; fed after
-//!   every successful lease renewal (the guardian); disarmed (magic close) when the node stops
+//!   promotion and on every cycle in which this node leads with a running primary; fed by the
+//!   leadership driver after each accepted proof of the lock, but only when the reset it
+//!   schedules comes before the lock's deadline; disarmed (magic close) when the node stops
 //!   leading, in maintenance mode, and on a clean shutdown.
+//! * A leader with an armed watchdog does not promise the fast takeover: the watchdog's timeout
+//!   is far longer than the promise, so it could not keep it if the whole host hung.
 //! * Drivers: `default` is a Linux watchdog device (`/dev/watchdog`: `WDIOC_SETTIMEOUT`,
 //!   `WDIOC_KEEPALIVE`, `V` for magic close); `testing` is Patroni's test protocol on a FIFO or
 //!   file: `Ctimeout=N\n` to set the timeout, `1` per keep-alive, `V` on magic close (a test
 //!   harness reads the FIFO and plays the hardware).
 //!
-//! Relation to the lease: keep-alives follow renewals sent at `s`, so the machine resets at
-//! about `s + ttl - safety_margin`, before the lease can expire at `s + ttl` (and so before any
-//! other node can be promoted) as long as `safety_margin` covers the delay between sending a
-//! renewal and feeding the device.
+//! Relation to the lease: a keep-alive is fed at `f` only when `f + timeout` is not later than
+//! the lock's deadline (`pgvigil_lock::LockCore::may_feed_watchdog`), so the machine resets
+//! before the lease can expire and another node be promoted, however late the answer came.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -140,7 +142,7 @@ struct Active {
     timeout: u32,
 }
 
-/// The node's watchdog, shared by the HA loop and the lease guardian.
+/// The node's watchdog, shared by the HA loop and the leadership driver.
 pub struct Watchdog {
     cfg: WatchdogConfig,
     active: Mutex<Option<Active>>,
@@ -256,6 +258,13 @@ impl Watchdog {
         self.lock().is_some()
     }
 
+    /// The armed device's timeout.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.lock()
+            .as_ref()
+            .map(|a| Duration::from_secs(u64::from(a.timeout)))
+    }
+
     /// `watchdog_failed` in the status document: a required watchdog that is neither armed
     /// nor available (Patroni checks that the device is writable).
     pub fn failed(&self) -> bool {
@@ -266,55 +275,6 @@ impl Watchdog {
         // SAFETY: access(2) with a valid NUL-terminated path.
         let writable = path.is_some_and(|p| unsafe { nix::libc::access(p.as_ptr(), nix::libc::W_OK) } == 0);
         !writable
-    }
-}
-
-impl super::Agent {
-    /// End of every cycle: the watchdog stays armed only while this node holds the lock with a
-    /// running primary outside maintenance mode.
-    pub(super) fn watchdog_after_cycle(&self) {
-        let paused = self
-            .cluster
-            .as_ref()
-            .is_some_and(pgvigil_api::ClusterView::is_paused);
-        let leading = self.lease.holds_lock() && self.current_role() == pgvigil_api::Role::Primary;
-        if !leading || paused {
-            self.watchdog.disable();
-        }
-    }
-
-    /// Arms (or re-arms) the watchdog for the current `ttl`; false when it is required and
-    /// cannot be used.
-    pub(super) fn arm_watchdog(&self) -> bool {
-        self.watchdog.activate(Duration::from_secs(self.dynamic.ttl))
-    }
-
-    /// A leader whose required watchdog cannot be activated: stop PostgreSQL at once and give
-    /// the lock up (Patroni: "Demoting self because watchdog could not be activated").
-    pub(super) async fn demote_without_watchdog(&mut self) -> Result<bool, super::actions::Failed> {
-        tracing::error!("Demoting self because watchdog could not be activated");
-        self.state = pgvigil_api::PgState::Stopping;
-        if let Err(e) = self
-            .pg
-            .stop(pgvigil_postgres::StopMode::Immediate, Duration::from_secs(60))
-            .await
-        {
-            return Err(super::actions::Failed::Recoverable(format!(
-                "stopping PostgreSQL without a watchdog: {e}"
-            )));
-        }
-        self.state = pgvigil_api::PgState::Stopped;
-        self.role = pgvigil_api::Role::Demoted;
-        self.lease.set_holds_lock(false);
-        if let Err(e) = tokio::time::timeout(
-            Duration::from_secs(self.dynamic.retry_timeout),
-            self.dcs.delete_leader(),
-        )
-        .await
-        {
-            tracing::warn!("releasing the leader lock timed out: {e}");
-        }
-        Ok(true)
     }
 }
 

@@ -1,0 +1,22 @@
+//! The leader lock of pgvigil, without I/O.
+//!
+//! * [`clock`]: `CLOCK_BOOTTIME`, the one clock deadlines are measured on.
+//! * [`term`]: the leader's side: which write and which lease carry the key, the fencing
+//!   deadline they prove, and the timing argument that makes "a primary stops accepting writes
+//!   before anyone else may take the lock" hold.
+//! * [`liveness`]: a replica's side: how long a leader that promised the fast takeover has been
+//!   silent, and when its key may be taken.
+//! * [`heartbeat`]: the `heartbeat` key's value.
+//!
+//! The agent's `leadership` module performs the I/O around these; the deterministic
+//! simulation (`crates/sim`) drives the same code through faults with simulated time.
+
+pub mod clock;
+pub mod heartbeat;
+pub mod liveness;
+pub mod term;
+
+pub use clock::BootInstant;
+pub use heartbeat::HeartbeatValue;
+pub use liveness::{KeyState, LivenessTracker, Silence};
+pub use term::{LeaseRecord, LockCore, LockState, PendingStart, Term, TermEnd, TermStart, lease_margin};
