@@ -11,7 +11,8 @@
 #   `apt-get update` runs only when something is missing.
 # * Rust: must already be installed (rustup); ~/.cargo/bin is put on PATH if it exists.
 # * Python: the real Patroni 4.1.5 (`patronictl`), used by the integration tests to check
-#   compatibility.
+#   compatibility, and a copy the postgres user can run as an agent in a mixed cluster
+#   (/opt/pgvigil/patroni-agent).
 # * /var/run/postgresql owned by postgres (PostgreSQL's default socket and lock directory).
 set -euo pipefail
 
@@ -127,6 +128,26 @@ else
         did "pip-installed ${PIP_PACKAGES[*]} for $(command -v python3)"
     fi
     patroni_ok || die "patronictl ${PATRONI_VERSION} is still not on PATH after installing it"
+fi
+
+# --- Patroni as an agent (the mixed pgvigil/Patroni cluster test) -----------------------------
+# The integration tests start a real Patroni agent as the postgres user, who cannot read a
+# Python under /root: a virtualenv of Debian's own python3 under /opt, readable by everyone.
+AGENT_VENV=/opt/pgvigil/patroni-agent
+agent_ok() {
+    [[ -x $AGENT_VENV/bin/patroni ]] \
+        && [[ $(runuser -u postgres -- "$AGENT_VENV/bin/patroni" --version 2>/dev/null || true) == "patroni ${PATRONI_VERSION}" ]]
+}
+if agent_ok; then
+    log "patroni ${PATRONI_VERSION} agent already in $AGENT_VENV"
+else
+    [[ -x /usr/bin/python3 ]] || apt_install python3
+    /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || apt_install python3-venv
+    [[ -x $AGENT_VENV/bin/pip ]] || as_root /usr/bin/python3 -m venv "$AGENT_VENV"
+    as_root "$AGENT_VENV/bin/pip" install -q "${PIP_PACKAGES[@]}"
+    as_root chmod -R a+rX "$(dirname "$AGENT_VENV")"
+    agent_ok || die "patroni ${PATRONI_VERSION} does not run as postgres from $AGENT_VENV"
+    did "installed ${PIP_PACKAGES[*]} into $AGENT_VENV for the postgres user"
 fi
 
 if ((${#done_steps[@]})); then

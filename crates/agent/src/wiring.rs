@@ -246,6 +246,13 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
     .context("starting the leader lock")?;
     let tasks = CancellationToken::new();
     let postmaster = watch_postmaster(pg.clone(), tasks.clone());
+    let sync_watch = Arc::new(crate::runtime::sync_watch::SyncWatch::default());
+    tokio::spawn(crate::runtime::sync_watch::sample(
+        sync_watch.clone(),
+        pg.clone(),
+        lock_news.clone(),
+        tasks.clone(),
+    ));
 
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(NodeSnapshot::initial(&cfg.scope, &cfg.name)));
     let (command_tx, command_rx) = mpsc::channel(16);
@@ -296,6 +303,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
         snapshot_tx,
         dynamic,
         peers,
+        sync_watch,
     )
     .with_failsafe(failsafe);
     let exit = agent.run(wake).await;

@@ -117,8 +117,8 @@ pub struct DynamicConfig {
     pub ignore_slots: Vec<Value>,
     /// `standby_cluster`, when present and active.
     pub standby_cluster: Option<StandbyClusterConfig>,
-    /// `pgvigil`: the fast takeover (pgvigil only).
-    pub fast_takeover: crate::takeover::FastTakeover,
+    /// `pgvigil`: how fast a dead leader or synchronous standby is noticed (pgvigil only).
+    pub liveness: crate::liveness::Liveness,
     /// The value as read, unadjusted (what is stored in the DCS).
     pub raw: Value,
 }
@@ -152,7 +152,7 @@ impl Default for DynamicConfig {
             permanent_slots: Map::new(),
             ignore_slots: Vec::new(),
             standby_cluster: None,
-            fast_takeover: Default::default(),
+            liveness: Default::default(),
             raw: Value::Object(Map::new()),
         }
     }
@@ -337,7 +337,7 @@ pub(crate) fn parse_dynamic(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<DynamicConf
         d.standby_cluster = sc.is_active().then_some(sc);
     }
     let section = o.section(ctx, "pgvigil")?;
-    d.fast_takeover = crate::takeover::parse_fast_takeover(section, ctx, d.ttl)?;
+    d.liveness = crate::liveness::parse_liveness(section, ctx, d.ttl)?;
     let mut pg = o.section(ctx, "postgresql")?;
     d.use_pg_rewind = pg.bool(ctx, "use_pg_rewind")?.unwrap_or(false);
     d.use_slots = pg.bool(ctx, "use_slots")?.unwrap_or(true);

@@ -17,6 +17,7 @@ mod dynamic;
 mod env;
 mod error;
 mod gucs;
+mod liveness;
 mod load;
 mod model;
 mod options;
@@ -25,7 +26,6 @@ mod parse_pg;
 mod postgresql;
 mod router;
 mod tags;
-mod takeover;
 mod walk;
 mod yaml;
 
@@ -33,6 +33,7 @@ pub use dynamic::{DynamicConfig, StandbyClusterConfig, SyncMode};
 pub use env::CONFIGURATION_VAR;
 pub use error::ConfigError;
 pub use gucs::{controlled_gucs, effective_parameters, guc_to_string};
+pub use liveness::Liveness;
 pub use load::{Loaded, load, load_client};
 pub use model::{
     BootstrapConfig, ClientConfig, Config, Credentials, CtlConfig, Etcd3Config, LogConfig, MethodConfig,
@@ -41,7 +42,6 @@ pub use model::{
 pub use postgresql::{PgAuthentication, PgCredentials, PostgresqlConfig, RoleOverrides, split_host_port};
 pub use router::{RouterConfig, parse_size};
 pub use tags::Tags;
-pub use takeover::FastTakeover;
 
 /// A documented sample configuration (YAML) that loads without warnings.
 pub fn sample_config() -> &'static str {

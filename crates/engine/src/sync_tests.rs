@@ -270,3 +270,43 @@ fn lone_survivor_outside_the_quorum_does_not_promote() {
         vec![Action::AcquireLock]
     );
 }
+
+/// The synchronous standby's host died: its walsender still says `streaming`, but the leader's
+/// watch marks it `stalled` (no flush progress with WAL outstanding). The key lets it go first,
+/// then the GUC names the other streaming replica, which is trusted once confirmed.
+#[test]
+fn a_stalled_synchronous_standby_is_replaced_by_a_streaming_one() {
+    let view = with_key(cluster(Some("a")), &["bb"], 0);
+    let mut stalled = ws("bb", "sync", 100);
+    stalled.state = "stalled".into();
+    let senders = [stalled.clone(), ws("ccc", "async", 150)];
+    assert_eq!(
+        step(&view, SyncMode::On, false, "bb", &senders),
+        Some(SyncStep::WriteKey(SyncValue {
+            leader: Some("a".into()),
+            quorum: 0,
+            sync_standby: None
+        }))
+    );
+    let view = with_key(cluster(Some("a")), &[], 0);
+    assert_eq!(
+        step(&view, SyncMode::On, false, "bb", &senders),
+        Some(SyncStep::SetGuc("ccc".into()))
+    );
+    let confirmed = [stalled, ws("ccc", "sync", 150)];
+    assert_eq!(
+        step(&view, SyncMode::On, false, "ccc", &confirmed),
+        Some(SyncStep::WriteKey(SyncValue {
+            leader: Some("a".into()),
+            quorum: 0,
+            sync_standby: Some("ccc".into())
+        }))
+    );
+    // Strict mode with no other replica: keep waiting for the one we had, never loosen.
+    let view = with_key(cluster(Some("a")), &["bb"], 0);
+    let alone = [ws("bb", "sync", 100)].map(|mut w| {
+        w.state = "stalled".into();
+        w
+    });
+    assert_eq!(step(&view, SyncMode::On, true, "bb", &alone), None);
+}

@@ -20,6 +20,7 @@ mod observe;
 mod operator;
 mod pgconf;
 mod sync;
+pub mod sync_watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -100,6 +101,8 @@ pub struct Agent {
     /// Leaders' `POST /failsafe` calls, shared with the REST API.
     failsafe: Arc<FailsafeState>,
     watchdog: Arc<Watchdog>,
+    /// Synchronous standbys that stopped flushing (sampled by its own task on the leader).
+    sync_watch: Arc<sync_watch::SyncWatch>,
 }
 
 impl Agent {
@@ -113,8 +116,10 @@ impl Agent {
         snapshot: watch::Sender<Arc<NodeSnapshot>>,
         dynamic: DynamicConfig,
         peers: PeerClient,
+        sync_watch: Arc<sync_watch::SyncWatch>,
     ) -> Self {
         Agent {
+            sync_watch,
             failsafe: Arc::default(),
             watchdog: leadership.watchdog().clone(),
             cfg,
@@ -159,7 +164,7 @@ impl Agent {
     fn lock_settings(&self, view: Option<&ClusterView>) -> LockSettings {
         let ttl = Duration::from_secs(self.dynamic.ttl);
         let loop_wait = Duration::from_secs(self.dynamic.loop_wait);
-        let fast = self.dynamic.fast_takeover;
+        let fast = self.dynamic.liveness;
         let all_pgvigil = view.is_some_and(|v| {
             v.members
                 .iter()
@@ -197,8 +202,8 @@ impl Agent {
             synchronous_mode: sync::engine_mode(self.dynamic.synchronous_mode),
             paused: self.dynamic.pause,
             failsafe_mode: self.dynamic.failsafe_mode,
-            fast_takeover: self.dynamic.fast_takeover.enabled,
-            takeover_margin: self.dynamic.fast_takeover.takeover_margin,
+            fast_takeover: self.dynamic.liveness.enabled,
+            takeover_margin: self.dynamic.liveness.takeover_margin,
         }
     }
 
@@ -233,8 +238,8 @@ impl Agent {
             let takeover_in = self
                 .leadership
                 .silence()
-                .filter(|_| self.dynamic.fast_takeover.enabled)
-                .map(|s| s.gone_in(self.dynamic.fast_takeover.takeover_margin));
+                .filter(|_| self.dynamic.liveness.enabled)
+                .map(|s| s.gone_in(self.dynamic.liveness.takeover_margin));
             if let Some(d) = takeover_in {
                 self.next_run = self.next_run.min(now + d);
             }
@@ -398,6 +403,12 @@ impl Agent {
         }
         self.watchdog_after_cycle();
         self.after_actions();
+        // Watch the synchronous standbys while leading a primary in synchronous mode.
+        let leading = self.leadership.holds_lock() && self.current_role() == Role::Primary;
+        self.sync_watch.enable(
+            (leading && self.dynamic.synchronous_mode.is_enabled())
+                .then_some(self.dynamic.liveness.sync_standby_timeout),
+        );
         if view.is_some() {
             self.leadership.configure(self.lock_settings(view));
         }

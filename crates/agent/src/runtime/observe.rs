@@ -98,6 +98,8 @@ pub fn member_data(
         version: PATRONI_COMPAT_VERSION.to_string(),
         tags: id.tags.clone(),
         pause: paused.then_some(true),
+        // Tells a pgvigil leader that this member takes over by the fast-takeover promise.
+        pgvigil: Some(serde_json::json!({"version": env!("CARGO_PKG_VERSION")})),
         ..Default::default()
     };
     if let Some(st) = st.filter(|_| state == PgState::Running) {

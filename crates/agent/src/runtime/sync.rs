@@ -27,11 +27,18 @@ impl Agent {
             "remote_write" => |w: &pgvigil_postgres::WalSender| w.write_lsn,
             _ => |w: &pgvigil_postgres::WalSender| w.flush_lsn,
         };
+        let now = std::time::Instant::now();
         st.walsenders
             .iter()
             .map(|w| WalSender {
                 application_name: w.application_name.clone(),
-                state: w.state.clone().unwrap_or_default(),
+                // A standby that stopped flushing is not a candidate, whatever its walsender
+                // says (see `sync_watch`).
+                state: if self.sync_watch.is_stalled(&w.application_name, now) {
+                    "stalled".to_string()
+                } else {
+                    w.state.clone().unwrap_or_default()
+                },
                 sync_state: w.sync_state.clone().unwrap_or_default(),
                 lsn: pick(w).unwrap_or(0),
             })

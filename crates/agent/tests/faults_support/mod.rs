@@ -28,13 +28,45 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether this process may build network namespaces; scenarios return early (skipped) if not.
+/// Whether this process may build network namespaces. Outside CI a scenario returns early
+/// (skipped, and says so); with `CI` set it fails: CI runs as root, so a lab that cannot run
+/// there is a broken CI, not a passing test.
 pub fn can_run() -> bool {
     if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the network lab needs root, and CI must run it"
+        );
         eprintln!("skipped: the network lab needs root");
         return false;
     }
     true
+}
+
+/// Options with no timing settings in the file (Patroni's defaults: ttl 30, loop_wait 10,
+/// retry_timeout 10), synchronous mode `on` or off, and the router.
+pub fn defaults(synchronous: bool) -> NetOptions {
+    NetOptions {
+        extra_dcs: if synchronous { SYNC.into() } else { String::new() },
+        router: Some(AGENT.into()),
+        ..Default::default()
+    }
+    .with_default_timings()
+}
+
+/// The index of the member `/cluster` shows as synchronous (or quorum) standby.
+pub fn sync_standby(cluster: &NetCluster) -> Option<usize> {
+    let doc = cluster.cluster_doc()?;
+    doc.get("members")?
+        .as_array()?
+        .iter()
+        .find(|m| matches!(m["role"].as_str(), Some("sync_standby" | "quorum_standby")))
+        .and_then(|m| cluster.node_index(m["name"].as_str()?))
+}
+
+/// Whether host `i`'s agent log says it took the leader key over from a silent leader.
+pub fn took_over(cluster: &NetCluster, i: usize) -> bool {
+    std::fs::read_to_string(&cluster.nodes[i].log).is_ok_and(|log| log.contains("took over the leader key"))
 }
 
 pub fn options(extra_dcs: &str) -> NetOptions {

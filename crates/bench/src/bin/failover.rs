@@ -5,8 +5,10 @@
 //! `BENCH_RUNS` (default 5) runs each:
 //!
 //! 1. the client's write gap when the leader host dies (link down, then SIGKILL of every process
-//!    on it, etcd member included), with Patroni's default timings (ttl 30, loop_wait 10,
-//!    retry_timeout 10) and with the fast profile (ttl 20, loop_wait 2, retry_timeout 5);
+//!    on it, etcd member included), with the default timings (no `ttl`, `loop_wait` or
+//!    `retry_timeout` in the file: 30, 10, 10) while the etcd leader runs on another host, and
+//!    while it runs on the dying host itself, without and with synchronous replication; and
+//!    with the fast profile (ttl 20, loop_wait 2, retry_timeout 5);
 //! 2. the write gap of a planned switchover (`POST /switchover` to the leader), defaults, with
 //!    the client writing through the router and, separately, straight to the nodes' own ports
 //!    (a multi-host connection that picks the writable node, like libpq's
@@ -20,8 +22,8 @@
 //! ones); both clusters of a profile are up at the same time, the one not being measured idle.
 //! Run it through `bench/failover/run.sh`. Environment: `BENCH_RUNS`, `BENCH_IDLE_SECONDS`
 //! (default 60), `BENCH_SYSTEMS` (`pgvigil,patroni`), `BENCH_SCENARIOS`
-//! (`idle,list,host,switchover,switchover-direct,crash,host-fast`), `PGVIGIL_BENCH_VENV` (where
-//! `scripts/install-bench-deps.sh` put Patroni).
+//! (`idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,host-fast`),
+//! `PGVIGIL_BENCH_VENV` (where `scripts/install-bench-deps.sh` put Patroni).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,27 +41,39 @@ const HEALTHY: Duration = Duration::from_secs(300);
 #[derive(Clone, Copy, Debug)]
 struct Profile {
     name: &'static str,
-    ttl: u64,
-    loop_wait: u64,
-    retry_timeout: u64,
+    /// `(ttl, loop_wait, retry_timeout)` written into the file; `None`: left out (defaults).
+    timings: Option<(u64, u64, u64)>,
+    synchronous: bool,
+}
+
+impl Profile {
+    fn loop_wait(&self) -> u64 {
+        self.timings.map_or(10, |t| t.1)
+    }
 }
 
 const DEFAULTS: Profile = Profile {
     name: "defaults",
-    ttl: 30,
-    loop_wait: 10,
-    retry_timeout: 10,
+    timings: None,
+    synchronous: false,
+};
+const DEFAULTS_SYNC: Profile = Profile {
+    name: "defaults-sync",
+    timings: None,
+    synchronous: true,
 };
 const FAST: Profile = Profile {
     name: "fast",
-    ttl: 20,
-    loop_wait: 2,
-    retry_timeout: 5,
+    timings: Some((20, 2, 5)),
+    synchronous: false,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
-    HostDeath,
+    /// The leader's host dies; `etcd_leader_on_it`: its etcd member led raft.
+    HostDeath {
+        etcd_leader_on_it: bool,
+    },
     Switchover,
     /// A planned switchover with the client on the nodes' own ports (no router), as issue 3's
     /// benchmark asks.
@@ -80,13 +94,24 @@ fn start_system(
     profile: Profile,
     router: &Path,
 ) -> anyhow::Result<System> {
-    let options = NetOptions {
-        ttl: profile.ttl,
-        loop_wait: profile.loop_wait,
-        retry_timeout: profile.retry_timeout,
+    let mut options = NetOptions {
         router: Some(router.to_path_buf()),
         log_level: "info".into(),
+        extra_dcs: if profile.synchronous {
+            "    synchronous_mode: on\n".into()
+        } else {
+            String::new()
+        },
         ..Default::default()
+    };
+    options = match profile.timings {
+        Some((ttl, loop_wait, retry_timeout)) => NetOptions {
+            ttl,
+            loop_wait,
+            retry_timeout,
+            ..options
+        },
+        None => options.with_default_timings(),
     };
     let cluster =
         NetCluster::start(agent, options).with_context(|| format!("starting the {name} cluster"))?;
@@ -211,9 +236,17 @@ fn run_fault(s: &mut System, fault: Fault, loop_wait: u64) -> anyhow::Result<(f6
     // expires `ttl` after its last renewal), which would make the spread meaningless.
     std::thread::sleep(random_below(Duration::from_secs(loop_wait)));
     let old_name = c.nodes[leader].name.clone();
+    if let Fault::HostDeath { etcd_leader_on_it } = fault {
+        let etcd_host = if etcd_leader_on_it {
+            leader
+        } else {
+            (leader + 1) % c.nodes.len()
+        };
+        c.move_etcd_leader(etcd_host)?;
+    }
     checker.mark("fault");
     match fault {
-        Fault::HostDeath => c.kill_host(leader)?,
+        Fault::HostDeath { .. } => c.kill_host(leader)?,
         Fault::PgCrash => c.kill_postgres(leader)?,
         Fault::Switchover | Fault::SwitchoverDirect => {
             let candidate = c.nodes[(leader + 1) % c.nodes.len()].name.clone();
@@ -234,7 +267,7 @@ fn run_fault(s: &mut System, fault: Fault, loop_wait: u64) -> anyhow::Result<(f6
     let gap = report.gap_after_mark("fault").context("no mark")?;
     let now_leader = c.wait_new_leader(None, HEALTHY)?;
     let lost = report.lost(&c.ids_on(now_leader)?).len();
-    if fault == Fault::HostDeath {
+    if matches!(fault, Fault::HostDeath { .. }) {
         c.restart_host(leader)?;
     }
     c.wait_healthy(HEALTHY)?;
@@ -247,7 +280,7 @@ fn main() -> anyhow::Result<()> {
     let systems = env_list("BENCH_SYSTEMS", "pgvigil,patroni");
     let scenarios = env_list(
         "BENCH_SCENARIOS",
-        "idle,list,host,switchover,switchover-direct,crash,host-fast",
+        "idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,host-fast",
     );
     let venv = PathBuf::from(
         std::env::var("PGVIGIL_BENCH_VENV").unwrap_or_else(|_| "/opt/pgvigil-bench/venv".into()),
@@ -275,23 +308,25 @@ fn main() -> anyhow::Result<()> {
         .filter(|n| systems.iter().any(|s| s == n))
         .collect();
 
-    for profile in [DEFAULTS, FAST] {
-        let faults: Vec<(Fault, &str)> = if profile.name == "defaults" {
-            [
-                (Fault::HostDeath, "host"),
+    let elsewhere = Fault::HostDeath {
+        etcd_leader_on_it: false,
+    };
+    let on_it = Fault::HostDeath {
+        etcd_leader_on_it: true,
+    };
+    for profile in [DEFAULTS, DEFAULTS_SYNC, FAST] {
+        let all: Vec<(Fault, &str)> = match profile.name {
+            "defaults" => vec![
+                (elsewhere, "host"),
+                (on_it, "host-etcd"),
                 (Fault::Switchover, "switchover"),
                 (Fault::SwitchoverDirect, "switchover-direct"),
                 (Fault::PgCrash, "crash"),
-            ]
-            .into_iter()
-            .filter(|(_, key)| wanted(key))
-            .collect()
-        } else {
-            [(Fault::HostDeath, "host-fast")]
-                .into_iter()
-                .filter(|(_, key)| wanted(key))
-                .collect()
+            ],
+            "defaults-sync" => vec![(elsewhere, "host-sync"), (on_it, "host-etcd-sync")],
+            _ => vec![(elsewhere, "host-fast")],
         };
+        let faults: Vec<(Fault, &str)> = all.into_iter().filter(|(_, key)| wanted(key)).collect();
         let idle = profile.name == "defaults" && wanted("idle");
         let list = profile.name == "defaults" && wanted("list");
         if faults.is_empty() && !idle && !list {
@@ -334,10 +369,31 @@ fn main() -> anyhow::Result<()> {
         }
         for (fault, _) in &faults {
             let label = match (fault, profile.name) {
-                (Fault::HostDeath, "defaults") => {
-                    "Write gap, leader host dies (defaults: ttl 30, loop_wait 10, retry_timeout 10)"
-                }
-                (Fault::HostDeath, _) => {
+                (
+                    Fault::HostDeath {
+                        etcd_leader_on_it: false,
+                    },
+                    "defaults",
+                ) => "Write gap, leader host dies, etcd leader elsewhere (defaults: no timings in the file)",
+                (
+                    Fault::HostDeath {
+                        etcd_leader_on_it: true,
+                    },
+                    "defaults",
+                ) => "Write gap, leader host dies with the etcd leader (defaults)",
+                (
+                    Fault::HostDeath {
+                        etcd_leader_on_it: false,
+                    },
+                    "defaults-sync",
+                ) => "Write gap, leader host dies, etcd leader elsewhere (defaults, synchronous_mode on)",
+                (
+                    Fault::HostDeath {
+                        etcd_leader_on_it: true,
+                    },
+                    "defaults-sync",
+                ) => "Write gap, leader host dies with the etcd leader (defaults, synchronous_mode on)",
+                (Fault::HostDeath { .. }, _) => {
                     "Write gap, leader host dies (fast: ttl 20, loop_wait 2, retry_timeout 5)"
                 }
                 (Fault::Switchover, _) => "Write gap, planned switchover (defaults)",
@@ -345,6 +401,11 @@ fn main() -> anyhow::Result<()> {
                     "Write gap, planned switchover, client on the nodes' own ports (defaults)"
                 }
                 (Fault::PgCrash, _) => "Write gap, PostgreSQL crash on the leader (defaults)",
+            };
+            let lost_label = if profile.synchronous {
+                "Acknowledged writes lost, synchronous_mode on"
+            } else {
+                "Acknowledged writes lost (asynchronous fault runs)"
             };
             for run in 0..runs {
                 let order: Vec<usize> = if run % 2 == 0 {
@@ -354,7 +415,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 for i in order {
                     let s = &mut up[i];
-                    let (gap, lost) = run_fault(s, *fault, profile.loop_wait)
+                    let (gap, lost) = run_fault(s, *fault, profile.loop_wait())
                         .with_context(|| format!("{} {label}", s.name))?;
                     eprintln!(
                         "[{:>5.0}s] {} {label} run {}: gap {gap:.2}s, lost {lost}",
@@ -363,12 +424,7 @@ fn main() -> anyhow::Result<()> {
                         run + 1
                     );
                     results.add(label, "s", s.name, gap);
-                    results.add(
-                        "Acknowledged writes lost (all fault runs)",
-                        "rows",
-                        s.name,
-                        lost as f64,
-                    );
+                    results.add(lost_label, "rows", s.name, lost as f64);
                 }
             }
         }

@@ -1,5 +1,6 @@
-//! `pgvigil:` in the dynamic configuration: the fast takeover of a dead leader (not a Patroni
-//! setting; Patroni keeps unknown dynamic keys and ignores them).
+//! `pgvigil:` in the dynamic configuration: how fast pgvigil notices a dead leader or a dead
+//! synchronous standby (not Patroni settings; Patroni keeps unknown dynamic keys and ignores
+//! them).
 //!
 //! ```yaml
 //! bootstrap:
@@ -9,6 +10,8 @@
 //!       heartbeat_interval: 500ms # H: how often the leader proves the key is its own
 //!       fence_after: 3500ms       # F: a leader that proved nothing for this long stops PostgreSQL
 //!       takeover_margin: 500ms    # m: replicas take over after F + m of silence
+//!       sync_standby_timeout: 2s  # a synchronous standby that flushed nothing for this long
+//!                                 # while WAL waits for it is replaced
 //! ```
 //!
 //! Values are seconds (`3.5`) or durations with a unit (`500ms`, `3s`). The leader promises F
@@ -24,7 +27,7 @@ use crate::walk::{Ctx, Obj, describe};
 
 /// The `pgvigil` section of the dynamic configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FastTakeover {
+pub struct Liveness {
     /// `fast_takeover` (default true).
     pub enabled: bool,
     /// `heartbeat_interval` H (default 500 ms).
@@ -33,15 +36,18 @@ pub struct FastTakeover {
     pub fence_after: Duration,
     /// `takeover_margin` m, added by replicas (default 500 ms).
     pub takeover_margin: Duration,
+    /// `sync_standby_timeout` (default 2 s).
+    pub sync_standby_timeout: Duration,
 }
 
-impl Default for FastTakeover {
+impl Default for Liveness {
     fn default() -> Self {
-        FastTakeover {
+        Liveness {
             enabled: true,
             heartbeat_interval: Duration::from_millis(500),
             fence_after: Duration::from_millis(3500),
             takeover_margin: Duration::from_millis(500),
+            sync_standby_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -68,12 +74,8 @@ fn duration(v: &Value) -> Option<Duration> {
 }
 
 /// Reads the `pgvigil` section; `ttl` bounds the promise (the lease must outlast it).
-pub(crate) fn parse_fast_takeover(
-    mut o: Obj<'_>,
-    ctx: &mut Ctx,
-    ttl: u64,
-) -> Result<FastTakeover, ConfigError> {
-    let mut t = FastTakeover::default();
+pub(crate) fn parse_liveness(mut o: Obj<'_>, ctx: &mut Ctx, ttl: u64) -> Result<Liveness, ConfigError> {
+    let mut t = Liveness::default();
     if let Some(b) = o.bool(ctx, "fast_takeover")? {
         t.enabled = b;
     }
@@ -81,6 +83,7 @@ pub(crate) fn parse_fast_takeover(
         ("heartbeat_interval", &mut t.heartbeat_interval),
         ("fence_after", &mut t.fence_after),
         ("takeover_margin", &mut t.takeover_margin),
+        ("sync_standby_timeout", &mut t.sync_standby_timeout),
     ] {
         if let Some(v) = o.raw(key) {
             match duration(v) {
@@ -95,9 +98,9 @@ pub(crate) fn parse_fast_takeover(
             }
         }
     }
-    let defaults = FastTakeover {
+    let defaults = Liveness {
         enabled: t.enabled,
-        ..FastTakeover::default()
+        ..Liveness::default()
     };
     let problem = if t.fence_after < Duration::from_secs(1) || t.fence_after > Duration::from_secs(ttl) / 2 {
         Some((
@@ -113,6 +116,13 @@ pub(crate) fn parse_fast_takeover(
         Some((
             "takeover_margin",
             "must be between 100 ms and fence_after".to_string(),
+        ))
+    } else if t.sync_standby_timeout < Duration::from_secs(1)
+        || t.sync_standby_timeout > Duration::from_secs(ttl)
+    {
+        Some((
+            "sync_standby_timeout",
+            format!("must be between 1 s and ttl ({ttl} s)"),
         ))
     } else {
         None
@@ -132,16 +142,16 @@ mod tests {
     use super::*;
     use crate::yaml::Origins;
 
-    fn parse(v: Value, lenient: bool) -> (Result<FastTakeover, ConfigError>, Vec<String>) {
+    fn parse(v: Value, lenient: bool) -> (Result<Liveness, ConfigError>, Vec<String>) {
         let mut ctx = Ctx::new(Origins::new("test"));
         ctx.lenient = lenient;
-        let r = parse_fast_takeover(Obj::new("pgvigil", v.as_object()), &mut ctx, 30);
+        let r = parse_liveness(Obj::new("pgvigil", v.as_object()), &mut ctx, 30);
         (r, ctx.warnings)
     }
 
     #[test]
     fn defaults_units_and_switch() {
-        assert_eq!(parse(json!({}), false).0.unwrap(), FastTakeover::default());
+        assert_eq!(parse(json!({}), false).0.unwrap(), Liveness::default());
         let t = parse(
             json!({"fast_takeover": false, "heartbeat_interval": "250ms", "fence_after": 4, "takeover_margin": "0.3s"}),
             false,
@@ -166,11 +176,17 @@ mod tests {
         assert!(r.unwrap_err().to_string().contains("pgvigil.heartbeat_interval"));
         let (r, _) = parse(json!({"takeover_margin": "10ms"}), false);
         assert!(r.unwrap_err().to_string().contains("pgvigil.takeover_margin"));
+        let (r, _) = parse(json!({"sync_standby_timeout": "100ms"}), false);
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .contains("pgvigil.sync_standby_timeout")
+        );
         let (r, _) = parse(json!({"fast": true}), false);
         assert!(r.is_ok());
         // Lenient (a value in etcd): warning and defaults.
         let (r, w) = parse(json!({"fence_after": 20}), true);
-        assert_eq!(r.unwrap(), FastTakeover::default());
+        assert_eq!(r.unwrap(), Liveness::default());
         assert!(w.iter().any(|w| w.contains("pgvigil.fence_after")), "{w:?}");
     }
 }

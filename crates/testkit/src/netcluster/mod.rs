@@ -7,7 +7,6 @@
 //! host has its own address, so nothing clashes. The router listens on free loopback ports of
 //! the root namespace.
 
-use std::collections::HashSet;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -20,11 +19,16 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Gid, Pid, Uid, User, chown};
 use serde_json::Value;
 
-use crate::checker::{self, CheckerConfig, Report};
+use crate::checker::{self, CheckerConfig};
 use crate::cluster::{REPLICATION_PASSWORD, REPLICATION_USER, SUPERUSER, SUPERUSER_PASSWORD};
 use crate::netns::{Impairment, NetLab, kill_namespace_processes};
 use crate::watchdog::{WatchdogHardware, WatchdogState};
 use crate::{free_port, http, spawn_owned, test_tmp_root, wait_until};
+
+mod etcd_control;
+mod verify;
+
+pub use verify::Expect;
 
 pub const PG_PORT: u16 = 5432;
 pub const API_PORT: u16 = 8008;
@@ -77,6 +81,20 @@ pub struct NetOptions {
     pub watchdog: bool,
     /// `postgresql.pg_ctl_timeout` (seconds; default: not set, i.e. 60).
     pub pg_ctl_timeout: Option<u64>,
+    /// Leave `ttl`, `loop_wait` and `retry_timeout` out of the file, as most Patroni files
+    /// do (the fields above then hold Patroni's defaults, 30/10/10, for the tests to read).
+    pub default_timings: bool,
+    /// Another agent on some hosts (a mixed cluster), by host index.
+    pub agent_overrides: Vec<(usize, AgentKind)>,
+}
+
+impl NetOptions {
+    /// No timing settings in the file: Patroni's (and pgvigil's) defaults.
+    pub fn with_default_timings(mut self) -> NetOptions {
+        self.default_timings = true;
+        (self.ttl, self.loop_wait, self.retry_timeout) = (30, 10, 10);
+        self
+    }
 }
 
 impl Default for NetOptions {
@@ -93,6 +111,8 @@ impl Default for NetOptions {
             log_level: "info".into(),
             watchdog: false,
             pg_ctl_timeout: None,
+            default_timings: false,
+            agent_overrides: Vec::new(),
         }
     }
 }
@@ -273,10 +293,7 @@ etcd3:
   hosts: {hosts}
 bootstrap:
   dcs:
-    ttl: {ttl}
-    loop_wait: {loop_wait}
-    retry_timeout: {retry}
-    maximum_lag_on_failover: 1048576
+{timings}    maximum_lag_on_failover: 1048576
     postgresql:
       use_pg_rewind: true
       use_slots: true
@@ -318,9 +335,14 @@ postgresql:
             api = API_PORT,
             pg = PG_PORT,
             hosts = self.etcd_hosts(),
-            ttl = o.ttl,
-            loop_wait = o.loop_wait,
-            retry = o.retry_timeout,
+            timings = if o.default_timings {
+                String::new()
+            } else {
+                format!(
+                    "    ttl: {}\n    loop_wait: {}\n    retry_timeout: {}\n",
+                    o.ttl, o.loop_wait, o.retry_timeout
+                )
+            },
             extra_dcs = o.extra_dcs,
             data = node.data_dir.display(),
             bin_dir = bin_dir.display(),
@@ -434,13 +456,23 @@ postgresql:
         }
     }
 
+    /// The agent host `i` runs.
+    pub fn agent_of(&self, i: usize) -> &AgentKind {
+        self.options
+            .agent_overrides
+            .iter()
+            .find(|(h, _)| *h == i)
+            .map_or(&self.agent, |(_, a)| a)
+    }
+
     /// Starts (or restarts) host `i`'s agent as the postgres user, appending to its log.
     pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let (uid, gid) = self.owner;
         let node = &self.nodes[i];
         let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         chown(&node.log, Some(uid), Some(gid))?;
-        let mut cmd = self.lab.command_as(i, self.agent.program(), uid, gid);
+        let agent = self.agent_of(i).clone();
+        let mut cmd = self.lab.command_as(i, agent.program(), uid, gid);
         cmd.arg(&node.config)
             .current_dir(&node.dir)
             .env("HOME", &node.dir)
@@ -448,8 +480,7 @@ postgresql:
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child =
-            spawn_owned(cmd).with_context(|| format!("starting {}", self.agent.program().display()))?;
+        let child = spawn_owned(cmd).with_context(|| format!("starting {}", agent.program().display()))?;
         self.nodes[i].agent = Some(child);
         Ok(())
     }
@@ -669,148 +700,6 @@ postgresql:
         Ok(c)
     }
 
-    /// The current WAL timeline of host `i` (primary: from its current WAL file; replica: the
-    /// timeline it receives on).
-    fn timeline_of(&self, i: usize, primary: bool) -> anyhow::Result<u32> {
-        if primary {
-            let f = self.psql(i, "SELECT pg_walfile_name(pg_current_wal_lsn())")?;
-            Ok(u32::from_str_radix(
-                f.get(..8).context("short WAL file name")?,
-                16,
-            )?)
-        } else {
-            Ok(self
-                .psql(i, "SELECT received_tli FROM pg_stat_wal_receiver")?
-                .parse()?)
-        }
-    }
-
-    fn history_file(&self, i: usize, tli: u32) -> anyhow::Result<String> {
-        if tli <= 1 {
-            return Ok(String::new());
-        }
-        self.psql(i, &format!("SELECT pg_read_file('pg_wal/{tli:08X}.history')"))
-    }
-
-    /// One check of the end state: a running leader that is a primary, every other host a
-    /// replica streaming from the leader on the leader's timeline, with the same history file.
-    pub fn converged(&self) -> anyhow::Result<usize> {
-        let leader = self.leader().context("no running leader in /cluster")?;
-        if self.psql(leader, "SELECT pg_is_in_recovery()")? != "f" {
-            bail!("the leader is in recovery");
-        }
-        let tli = self.timeline_of(leader, true)?;
-        let history = self.history_file(leader, tli)?;
-        for i in (0..self.nodes.len()).filter(|&i| i != leader) {
-            let row = self.psql(
-                i,
-                "SELECT status || ',' || coalesce(sender_host, '') FROM pg_stat_wal_receiver",
-            )?;
-            let want = format!("streaming,{}", self.nodes[leader].ip);
-            if row != want {
-                bail!("{}: wal receiver {row:?}, want {want:?}", self.nodes[i].name);
-            }
-            let their = self.timeline_of(i, false)?;
-            if their != tli {
-                bail!(
-                    "{} receives timeline {their}, the leader is on {tli}",
-                    self.nodes[i].name
-                );
-            }
-            if self.history_file(i, tli)? != history {
-                bail!(
-                    "{} has a different history file for timeline {tli}",
-                    self.nodes[i].name
-                );
-            }
-        }
-        Ok(leader)
-    }
-
-    /// Waits (bounded) until [`NetCluster::converged`] holds; returns the leader.
-    pub fn wait_converged(&self, timeout: Duration) -> anyhow::Result<usize> {
-        let mut last = String::new();
-        let r = wait_until(
-            "every node streaming from the leader on its timeline",
-            timeout,
-            || match self.converged() {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    last = e.to_string();
-                    None
-                }
-            },
-        );
-        r.map_err(|e| anyhow::anyhow!("{e}: {last}\n{}", self.diagnostics()))
-    }
-
-    /// The ids in the checker's table on host `i`.
-    pub fn ids_on(&self, i: usize) -> anyhow::Result<HashSet<i64>> {
-        let text = self.psql(
-            i,
-            &format!(
-                "SELECT coalesce(string_agg(id::text, ','), '') FROM {}",
-                checker::WRITES_TABLE
-            ),
-        )?;
-        Ok(text.split(',').filter_map(|s| s.parse().ok()).collect())
-    }
-
-    /// Waits until every replica has replayed what the leader has written so far.
-    pub fn wait_replicas_caught_up(&self, leader: usize, timeout: Duration) -> anyhow::Result<()> {
-        let lsn = self.psql(leader, "SELECT pg_current_wal_lsn()")?;
-        for i in (0..self.nodes.len()).filter(|&i| i != leader) {
-            let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
-            wait_until(
-                &format!("{} to replay {lsn}", self.nodes[i].name),
-                timeout,
-                || (self.psql(i, &sql).ok()? == "t").then_some(()),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// The assertions every fault scenario ends with, after healing: the cluster converges
-    /// (one leader, every node streaming from it on the same timeline history); with
-    /// `zero_loss`, every acknowledged write is on every node; no sampler tick saw two nodes
-    /// acknowledge a write; unless `allow_two_primaries`, none saw two primaries. Prints the
-    /// report. Returns the final leader.
-    pub fn verify(&self, report: &Report, expect: Expect) -> anyhow::Result<usize> {
-        eprintln!("{}", report.summary());
-        eprintln!("role changes seen by the sampler:\n{}", report.role_changes());
-        let leader = self.wait_converged(Duration::from_secs(180))?;
-        self.wait_replicas_caught_up(leader, Duration::from_secs(60))?;
-        let mut problems = Vec::new();
-        for i in 0..self.nodes.len() {
-            let lost = report.lost(&self.ids_on(i)?);
-            if !lost.is_empty() {
-                let msg = format!(
-                    "{} acknowledged writes missing on {}: {:?}",
-                    lost.len(),
-                    self.nodes[i].name,
-                    &lost[..lost.len().min(20)]
-                );
-                if expect.zero_loss {
-                    problems.push(msg);
-                } else {
-                    eprintln!("(asynchronous mode) {msg}");
-                }
-            }
-        }
-        let two_w = report.ticks_with_two_writable().len();
-        if two_w > 0 {
-            problems.push(format!("{two_w} sampler ticks saw two nodes acknowledge writes"));
-        }
-        let two_p = report.ticks_with_two_primaries().len();
-        if two_p > 0 && !expect.allow_two_primaries {
-            problems.push(format!("{two_p} sampler ticks saw two primaries"));
-        }
-        if !problems.is_empty() {
-            bail!("{}\n{}", problems.join("\n"), self.diagnostics());
-        }
-        Ok(leader)
-    }
-
     /// Log tails of every agent and the cluster document, for failure messages.
     pub fn diagnostics(&self) -> String {
         let mut out = format!("cluster: {:?}\n", self.cluster_doc());
@@ -856,25 +745,6 @@ postgresql:
         // Backends, pg_basebackup, anything else a host started: by PID, per namespace.
         for i in 0..self.nodes.len() {
             let _ = self.lab.kill_all(i);
-        }
-    }
-}
-
-/// What [`NetCluster::verify`] insists on.
-#[derive(Clone, Copy, Debug)]
-pub struct Expect {
-    /// Every acknowledged write must survive (synchronous modes).
-    pub zero_loss: bool,
-    /// Two PostgreSQL primaries at one sampler tick are tolerated (a frozen agent whose
-    /// PostgreSQL keeps running, without a watchdog); two nodes acknowledging writes never are.
-    pub allow_two_primaries: bool,
-}
-
-impl Default for Expect {
-    fn default() -> Self {
-        Expect {
-            zero_loss: true,
-            allow_two_primaries: false,
         }
     }
 }

@@ -1,0 +1,95 @@
+//! The lab's etcd cluster as a thing to push around: which member leads raft, moving that
+//! leadership to a chosen host, and freezing every member for a while.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use super::{ETCD_CLIENT_PORT, NetCluster};
+use crate::wait_until;
+
+impl NetCluster {
+    fn etcdctl(&self, endpoints: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoints}"))
+            .arg("--command-timeout=5s")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running etcdctl (Debian package etcd-client)")?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn endpoint(&self, i: usize) -> String {
+        format!("{}:{ETCD_CLIENT_PORT}", self.nodes[i].ip)
+    }
+
+    /// Member id of host `i`'s etcd and the id of the raft leader it knows of.
+    fn etcd_status(&self, i: usize) -> anyhow::Result<(u64, u64)> {
+        let text = self.etcdctl(&self.endpoint(i), &["endpoint", "status", "-w", "json"])?;
+        let doc: Value = serde_json::from_str(&text).context("etcdctl endpoint status output")?;
+        let status = &doc[0]["Status"];
+        let member = status["header"]["member_id"].as_u64().context("no member_id")?;
+        let leader = status["leader"].as_u64().context("no leader")?;
+        Ok((member, leader))
+    }
+
+    /// The host whose etcd member leads raft now, as the running members agree.
+    pub fn etcd_leader(&self) -> anyhow::Result<usize> {
+        let statuses: Vec<(usize, u64, u64)> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].etcd.is_some())
+            .filter_map(|i| self.etcd_status(i).ok().map(|(m, l)| (i, m, l)))
+            .collect();
+        let leader_id = statuses.first().map(|s| s.2).context("no etcd member answers")?;
+        statuses
+            .iter()
+            .find(|s| s.1 == leader_id)
+            .map(|s| s.0)
+            .context("the raft leader is not a member that answers")
+    }
+
+    /// Makes host `to`'s etcd member the raft leader (`etcdctl move-leader`), and waits until
+    /// every member agrees.
+    pub fn move_etcd_leader(&self, to: usize) -> anyhow::Result<()> {
+        let current = self.etcd_leader()?;
+        if current != to {
+            let (target, _) = self.etcd_status(to)?;
+            self.etcdctl(&self.endpoint(current), &["move-leader", &format!("{target:x}")])?;
+        }
+        wait_until(
+            "etcd to lead from the chosen host",
+            Duration::from_secs(30),
+            || (self.etcd_leader().ok()? == to).then_some(()),
+        )
+    }
+
+    /// Freezes every etcd member (SIGSTOP) for `how_long`, then lets them run again: etcd
+    /// answers nothing meanwhile, like a cluster stalled on a slow disk.
+    pub fn stall_etcd(&self, how_long: Duration) -> anyhow::Result<()> {
+        let pids: Vec<Pid> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.etcd.as_ref().map(|c| Pid::from_raw(c.id() as i32)))
+            .collect();
+        for &pid in &pids {
+            kill(pid, Signal::SIGSTOP)?;
+        }
+        // The fault is the stall itself, so its length is a sleep, not a wait for a condition.
+        std::thread::sleep(how_long);
+        for &pid in &pids {
+            kill(pid, Signal::SIGCONT)?;
+        }
+        Ok(())
+    }
+}
