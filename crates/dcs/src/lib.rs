@@ -144,6 +144,13 @@ pub trait Dcs: Send + Sync + 'static {
     /// Linearizable range read of the whole cluster prefix.
     async fn get_cluster(&self) -> Result<ClusterView, DcsError>;
 
+    /// One cheap linearizable read (a count of the prefix) on the endpoint in use, within
+    /// `timeout`. An endpoint that does not answer in time is left for the next one, as any
+    /// failed attempt does, and the watch follows. A replica calls it when the leader falls
+    /// silent, so that its own etcd member dying with the leader's host costs `timeout`, not
+    /// the attempt timeout of the read that takes over.
+    async fn probe(&self, timeout: std::time::Duration) -> Result<(), DcsError>;
+
     /// Change events on the prefix. A background watch task (started by the first call)
     /// reconnects with backoff and sends [`DcsEvent::WatchRestarted`] each time the watch is
     /// (re-)established, the first time included: callers should then re-read.

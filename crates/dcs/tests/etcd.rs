@@ -461,3 +461,27 @@ async fn a_hung_member_is_left_for_the_next_endpoint() {
     }
     etcd.resume_member(0).unwrap();
 }
+
+/// The agent lists its own host's etcd member first. After that member was away for a moment
+/// (its host restarting), operations go back to it within half a minute instead of staying on
+/// a remote member, which could die with another host and cost a replica its fast takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_return_to_the_first_endpoint_once_it_answers_again() {
+    let mut etcd = start_etcd(3);
+    let a = client(&etcd, "pg-a", Duration::from_secs(3)).await;
+    a.get_cluster().await.unwrap();
+    tokio::task::block_in_place(|| etcd.stop_member(0));
+    a.get_cluster().await.unwrap();
+    assert_ne!(a.endpoint_in_use(), etcd.endpoint(0));
+    tokio::task::block_in_place(|| etcd.start_member(0)).unwrap();
+    wait_until_async(
+        "operations to return to the first endpoint",
+        Duration::from_secs(90),
+        || async {
+            a.get_cluster().await.ok()?;
+            (a.endpoint_in_use() == etcd.endpoint(0)).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}

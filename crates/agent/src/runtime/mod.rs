@@ -103,6 +103,8 @@ pub struct Agent {
     watchdog: Arc<Watchdog>,
     /// Synchronous standbys that stopped flushing (sampled by its own task on the leader).
     sync_watch: Arc<sync_watch::SyncWatch>,
+    /// The (leader, heartbeat) revisions whose silence already made us probe our etcd member.
+    probed_silence: Option<(i64, i64)>,
 }
 
 impl Agent {
@@ -120,6 +122,7 @@ impl Agent {
     ) -> Self {
         Agent {
             sync_watch,
+            probed_silence: None,
             failsafe: Arc::default(),
             watchdog: leadership.watchdog().clone(),
             cfg,
@@ -234,13 +237,9 @@ impl Agent {
             {
                 self.next_run = self.next_run.min(now + Duration::from_secs_f64(due));
             }
-            // A silent leader's promise runs out: look again right then.
-            let takeover_in = self
-                .leadership
-                .silence()
-                .filter(|_| self.dynamic.liveness.enabled)
-                .map(|s| s.gone_in(self.dynamic.liveness.takeover_margin));
-            if let Some(d) = takeover_in {
+            // A silent leader's promise runs out: look again right then, and earlier to check
+            // that our own etcd member still answers.
+            if let Some(d) = self.silence_wake_in() {
                 self.next_run = self.next_run.min(now + d);
             }
             self.publish_snapshot();
@@ -307,9 +306,51 @@ impl Agent {
         }
     }
 
+    /// When the silence of a leader that promised the fast takeover next needs a look: the
+    /// probe of our etcd member, then the end of the promise.
+    fn silence_wake_in(&self) -> Option<Duration> {
+        let liveness = self.dynamic.liveness;
+        let s = self.leadership.silence().filter(|_| liveness.enabled)?;
+        let probe_at = Self::probe_after(&liveness);
+        if s.silent_for < probe_at && self.probed_silence != Some((s.leader_revision, s.heartbeat_revision)) {
+            return Some(probe_at - s.silent_for);
+        }
+        Some(s.gone_in(liveness.takeover_margin))
+    }
+
+    /// Three missed heartbeats, and at most a third of the promise.
+    fn probe_after(liveness: &pgvigil_config::Liveness) -> Duration {
+        (liveness.heartbeat_interval * 3).min(liveness.fence_after / 3)
+    }
+
+    /// A leader that promised the fast takeover has been silent for a few heartbeats: make sure
+    /// it is the leader that is silent, not our etcd member. One quick read; a member that
+    /// does not answer is left for the next (the watch follows), so the read that takes over
+    /// later does not spend its attempt timeout on a member that died with the leader's host.
+    async fn probe_etcd_if_leader_silent(&mut self) {
+        let liveness = self.dynamic.liveness;
+        let Some(s) = self.leadership.silence().filter(|_| liveness.enabled) else {
+            return;
+        };
+        let key = (s.leader_revision, s.heartbeat_revision);
+        if s.silent_for < Self::probe_after(&liveness) || self.probed_silence == Some(key) {
+            return;
+        }
+        self.probed_silence = Some(key);
+        let timeout = liveness.heartbeat_interval.max(Duration::from_secs(1));
+        if let Err(e) = self.dcs.probe(timeout).await {
+            tracing::warn!(
+                "{} has been silent for {:.1} s and our etcd member does not answer ({e}); moving to another",
+                s.leader,
+                s.silent_for.as_secs_f64()
+            );
+        }
+    }
+
     /// One cycle. `Ok(true)` asks for another cycle at once.
     async fn cycle(&mut self) -> Result<bool, String> {
         self.leadership.loop_alive_for(self.stall_allowance());
+        self.probe_etcd_if_leader_silent().await;
         let retry = Duration::from_secs(self.dynamic.retry_timeout);
         let cluster = match tokio::time::timeout(retry, self.dcs.get_cluster()).await {
             Ok(Ok(c)) => Some(c),

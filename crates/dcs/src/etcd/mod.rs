@@ -71,6 +71,8 @@ impl fmt::Debug for EtcdOptions {
 /// than `--grpc-keepalive-min-time` (5 s by default) with GOAWAY, so stay well above it.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// How often one attempt tries the first endpoint again while another one is in use.
+const HOME_RETRY: Duration = Duration::from_secs(30);
 
 /// etcd v3 [`Dcs`](crate::Dcs).
 ///
@@ -98,6 +100,9 @@ pub(crate) struct Inner {
     /// Counts moves to another endpoint: the watch, a long-lived stream that would not notice
     /// a member that hangs, follows the operations to the new endpoint.
     pub(crate) moves: tokio::sync::watch::Sender<u64>,
+    /// When operations last moved off an endpoint, or an attempt last went back to the first
+    /// (preferred) endpoint while another was in use.
+    home_tried: Mutex<Option<Instant>>,
     pub(crate) state: Mutex<State>,
     pub(crate) events: broadcast::Sender<DcsEvent>,
     pub(crate) lock_events: broadcast::Sender<LockKeyEvent>,
@@ -188,6 +193,7 @@ impl Etcd3Dcs {
             attempt_timeout,
             clients: tokio::sync::Mutex::new(vec![None; endpoints]),
             current: AtomicUsize::new(0),
+            home_tried: Mutex::new(None),
             moves: tokio::sync::watch::Sender::new(0),
             state: Mutex::new(State::default()),
             events,
@@ -254,6 +260,40 @@ impl Inner {
         Ok(client)
     }
 
+    /// The endpoint for the next attempt: the one in use, except that every
+    /// [`HOME_RETRY`] one attempt goes to the first endpoint while another is in use. The agent
+    /// lists its own host's etcd member first; after that member was down for a moment (the
+    /// host restarting), operations go back to it instead of staying on a remote member that
+    /// may die with another host.
+    fn endpoint_to_try(&self) -> usize {
+        let current = self.current.load(Ordering::SeqCst);
+        if current == 0 {
+            return 0;
+        }
+        let mut tried = self.home_tried.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if tried.is_none_or(|t| now.duration_since(t) >= HOME_RETRY) {
+            *tried = Some(now);
+            return 0;
+        }
+        current
+    }
+
+    /// An attempt on `index` succeeded: back on the first endpoint if that is where it went.
+    fn answered(&self, index: usize) {
+        let current = self.current.load(Ordering::SeqCst);
+        if index == 0
+            && current != 0
+            && self
+                .current
+                .compare_exchange(current, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            self.moves.send_modify(|n| *n += 1);
+            tracing::info!(endpoint = %self.opts.endpoints[0], "back on the first etcd endpoint");
+        }
+    }
+
     /// An attempt on endpoint `index` failed for want of an answer: forget its connection
     /// (it may be half-open) and, unless another caller moved on already, use the next
     /// endpoint from now on.
@@ -266,6 +306,7 @@ impl Inner {
                 .compare_exchange(index, (index + 1) % n, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         {
+            *self.home_tried.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             self.moves.send_modify(|n| *n += 1);
             tracing::info!(
                 failed = %self.opts.endpoints[index],
@@ -293,13 +334,16 @@ impl Inner {
         loop {
             attempts += 1;
             let attempt_deadline = deadline.min(Instant::now() + self.attempt_timeout);
-            let index = self.current.load(Ordering::SeqCst);
+            let index = self.endpoint_to_try();
             let attempt = async {
                 let client = self.client(index).await?;
                 op(client).await.map_err(DcsError::from)
             };
             let error = match tokio::time::timeout_at(attempt_deadline, attempt).await {
-                Ok(Ok(value)) => return Ok(value),
+                Ok(Ok(value)) => {
+                    self.answered(index);
+                    return Ok(value);
+                }
                 Ok(Err(e)) if e.is_unavailable() => e,
                 Ok(Err(e)) => return Err(e.context(what)),
                 Err(_) => DcsError::Unavailable("no answer in time".into()),
@@ -323,13 +367,30 @@ impl Inner {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let index = self.current.load(Ordering::SeqCst);
+        self.call_once_within(what, self.attempt_timeout, op).await
+    }
+
+    /// [`Inner::call_once`] bounded by `timeout` instead of the attempt timeout.
+    pub(crate) async fn call_once_within<T, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        op: F,
+    ) -> Result<T, DcsError>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let index = self.endpoint_to_try();
         let attempt = async {
             let client = self.client(index).await?;
             op(client).await.map_err(DcsError::from)
         };
-        let error = match tokio::time::timeout(self.attempt_timeout, attempt).await {
-            Ok(Ok(value)) => return Ok(value),
+        let error = match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(value)) => {
+                self.answered(index);
+                return Ok(value);
+            }
             Ok(Err(e)) if e.is_unavailable() => e,
             Ok(Err(e)) => return Err(e.context(what)),
             Err(_) => DcsError::Unavailable("no answer in time".into()),

@@ -66,6 +66,19 @@ impl Dcs for Etcd3Dcs {
         Ok(ClusterView::from_kvs(&inner.keys, revision, kvs))
     }
 
+    async fn probe(&self, timeout: std::time::Duration) -> Result<(), DcsError> {
+        let inner = &*self.inner;
+        let prefix = inner.keys.prefix();
+        let range_end = inner.keys.range_end();
+        inner
+            .call_once_within("probing the etcd endpoint", timeout, |mut c| {
+                let options = GetOptions::new().with_range(range_end).with_count_only();
+                async move { c.get(prefix, Some(options)).await }
+            })
+            .await
+            .map(drop)
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<DcsEvent> {
         let receiver = self.inner.events.subscribe();
         let mut task = self.watch_task.lock().unwrap_or_else(|e| e.into_inner());

@@ -86,6 +86,10 @@ impl Dcs for FakeDcs {
         Ok(view)
     }
 
+    async fn probe(&self, _timeout: std::time::Duration) -> Result<(), DcsError> {
+        Ok(())
+    }
+
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<DcsEvent> {
         tokio::sync::broadcast::channel(1).1
     }
