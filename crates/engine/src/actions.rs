@@ -6,6 +6,9 @@
 pub struct Decision {
     pub actions: Vec<Action>,
     pub message: String,
+    /// Decide again after this long at the latest (a step that waits for something the
+    /// watch does not announce, such as a peer's WAL position).
+    pub recheck_in: Option<std::time::Duration>,
 }
 
 impl Decision {
@@ -13,7 +16,13 @@ impl Decision {
         Decision {
             actions,
             message: message.into(),
+            recheck_in: None,
         }
+    }
+
+    pub fn recheck_in(mut self, after: std::time::Duration) -> Self {
+        self.recheck_in = Some(after);
+        self
     }
 
     pub fn idle(message: impl Into<String>) -> Self {
@@ -62,16 +71,24 @@ pub enum Action {
     /// does not hold the lock: a changed `synchronous_standby_names` could release commits
     /// only that node has (the restart/sync-safety issue).
     ApplyConfig,
-    /// Planned switchover away from this leader: checkpoint, stop cleanly, wait until a
-    /// candidate (the named one, or any eligible member) has received the shutdown checkpoint,
-    /// then release the lock.
-    Switchover { candidate: Option<String> },
+    /// Planned switchover away from this leader: checkpoint and stop cleanly, remembering the
+    /// shutdown checkpoint ([`crate::SwitchoverStop`]); the lock is released by a later
+    /// decision, once one of `candidates` has that checkpoint or after 10 s.
+    StopForSwitchover { candidates: Vec<String> },
+    /// Publish `status` with this position (the old primary's last one, before it lets go).
+    PublishPosition { optime: u64 },
+    /// Stop PostgreSQL (fast) and start it again in its role; a primary only with the lock.
+    Restart { timeout: Option<u64> },
+    /// Answer the pending operator request without acting on it (refused, or void).
+    AnswerRequest { status: u16, message: String },
     /// Clear the `failover` key (compare-and-set on its revision).
     ClearFailover,
     /// Write our sysid into `initialize` (adopting an existing primary, or repairing the key).
     WriteInitialize,
-    /// Leader housekeeping: `status` (optime), `history` when the timeline moved, member slots.
-    LeaderHousekeeping,
+    /// Leader housekeeping: `status` (optime), `history` when the timeline moved, the
+    /// synchronous standbys, and a physical replication slot for each member of
+    /// `slot_members` (the slots of other members are dropped).
+    LeaderHousekeeping { slot_members: Vec<String> },
     /// The configuration or data cannot work; the agent exits with this message.
     Fatal(String),
 }

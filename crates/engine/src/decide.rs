@@ -4,7 +4,7 @@ use pgvigil_api::{ClusterView, Member, Role};
 
 use crate::actions::{Action, Decision, DemoteMode, StartAs};
 use crate::divergence::{Divergence, LocalEnd, divergence};
-use crate::inputs::{ControlInfo, ControlState, DataDir, Inputs, LockState, Observed};
+use crate::inputs::{ControlInfo, ControlState, DataDir, Inputs, LockState, Observed, OperatorRequest};
 use crate::race::{RaceVerdict, race_verdict};
 
 /// Decides what this node does now.
@@ -36,7 +36,8 @@ fn config_may_be_applied(i: &Inputs<'_>, decision: &Decision) -> bool {
                 Action::Demote(_)
                     | Action::Rewind { .. }
                     | Action::Reinitialize { .. }
-                    | Action::Switchover { .. }
+                    | Action::StopForSwitchover { .. }
+                    | Action::Restart { .. }
                     | Action::ReleaseLock
                     | Action::Fatal(_)
             )
@@ -94,9 +95,27 @@ fn decide_role(i: &Inputs<'_>) -> Decision {
     }
 
     let mut decision = if !i.pg.postmaster_alive {
-        not_running(i, cluster, control)
+        match i.request {
+            Some(OperatorRequest::Restart(r)) if !r.not_yet_due => Decision::new(
+                "restart requested, but postgres is not running",
+                vec![Action::AnswerRequest {
+                    status: 503,
+                    message: "postgres is not running".into(),
+                }],
+            ),
+            _ => not_running(i, cluster, control),
+        }
+    } else if let Some(stop) = i.memory.switchover.as_ref().filter(|_| i.lock.is_held()) {
+        // A switchover stopped PostgreSQL and the lock has not gone yet: nothing may run it as
+        // a primary meanwhile. (Only an outside start gets here.)
+        Decision::new(
+            "switchover in progress: stopping postgres again",
+            vec![Action::StopForSwitchover {
+                candidates: stop.candidates.clone(),
+            }],
+        )
     } else if let Some(own) = &i.pg.observed {
-        match i.lock {
+        let decision = match i.lock {
             LockState::Held { .. } => leading(i, cluster, own),
             LockState::Unproven => adopting(cluster, own),
             LockState::Lapsed => lapsed(i, own),
@@ -104,6 +123,20 @@ fn decide_role(i: &Inputs<'_>) -> Decision {
                 Some(race) => leader_race(i, cluster, own, race),
                 None => following(i, cluster, own),
             },
+        };
+        // An operator's request is taken up when nothing else is to be done with PostgreSQL.
+        let quiet = decision.actions.iter().all(|a| {
+            matches!(
+                a,
+                Action::LeaderHousekeeping { .. } | Action::ApplyConfig | Action::WriteInitialize
+            )
+        });
+        match quiet
+            .then(|| crate::operator::request_decision(i, cluster, own, i.lock.is_held()))
+            .flatten()
+        {
+            Some(request) => request,
+            None => decision,
         }
     } else {
         starting_up(i, holds_lock)
@@ -222,7 +255,7 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
                 leader.name
             ));
         }
-        let source = clone_source(i, cluster, leader);
+        let source = crate::operator::clone_source(&i.config.name, cluster, leader);
         let message = if source == leader.name {
             format!("trying to bootstrap from leader '{source}'")
         } else {
@@ -238,19 +271,6 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
         return Decision::new("bootstrapping a new cluster", vec![Action::Bootstrap]);
     }
     Decision::idle("waiting for leader to bootstrap")
-}
-
-/// A running replica tagged `clonefrom` (first by name, so the choice is reproducible), else
-/// the leader.
-fn clone_source(i: &Inputs<'_>, cluster: &ClusterView, leader: &Member) -> String {
-    cluster
-        .members
-        .iter()
-        .filter(|m| m.name != i.config.name && m.name != leader.name)
-        .filter(|m| m.data.tag_bool("clonefrom") && m.data.state == "running" && !m.data.conn_url.is_empty())
-        .map(|m| m.name.clone())
-        .next()
-        .unwrap_or_else(|| leader.name.clone())
 }
 
 fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> Decision {
@@ -279,6 +299,9 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
             );
         }
         return Decision::idle("postgres is not running");
+    }
+    if holds_lock && let Some(stop) = &i.memory.switchover {
+        return crate::operator::switchover_handover(i, stop);
     }
     if holds_lock {
         if i.watchdog_failed {
@@ -414,7 +437,8 @@ fn starting_up(i: &Inputs<'_>, holds_lock: bool) -> Decision {
         .memory
         .primary_restart_since
         .is_some_and(|since| i.now.saturating_duration_since(since) >= i.config.primary_start_timeout);
-    if holds_lock && timed_out {
+    // Maintenance mode: the operator, not the agent, decides what a slow start means.
+    if holds_lock && timed_out && !i.config.paused {
         return Decision::new(
             "released leader key: postgres did not come back within primary_start_timeout",
             vec![Action::Demote(DemoteMode::ImmediateNoLock), Action::ReleaseLock],
@@ -492,16 +516,22 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
         if !decision
             .actions
             .iter()
-            .any(|a| matches!(a, Action::Switchover { .. } | Action::QueryPeers))
+            .any(|a| matches!(a, Action::StopForSwitchover { .. } | Action::QueryPeers))
         {
-            decision.actions.insert(0, Action::LeaderHousekeeping);
+            decision.actions.insert(0, housekeeping(i, cluster));
         }
         return decision;
     }
     Decision::new(
         format!("no action. I am ({me}), the leader with the lock"),
-        vec![Action::LeaderHousekeeping],
+        vec![housekeeping(i, cluster)],
     )
+}
+
+fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView) -> Action {
+    Action::LeaderHousekeeping {
+        slot_members: crate::operator::slot_members(cluster, &i.config.name),
+    }
 }
 
 fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {

@@ -47,8 +47,8 @@ fn leader_hands_over_to_a_healthy_candidate() {
     let d = decide_full(&config("a"), &view, &pg, Some(&peers), None);
     assert_eq!(
         d.actions,
-        vec![Action::Switchover {
-            candidate: Some("bb".into())
+        vec![Action::StopForSwitchover {
+            candidates: vec!["bb".into()]
         }]
     );
 }
@@ -62,10 +62,10 @@ fn unreachable_or_lagging_candidate_cancels_the_request() {
         status: None,
     }];
     let d = decide_full(&config("a"), &view, &pg, Some(&unreachable), None);
-    assert_eq!(d.actions, vec![Action::LeaderHousekeeping, Action::ClearFailover]);
+    assert_eq!(d.actions, vec![crate::tests::housekeeping_a(), Action::ClearFailover]);
     let lagging = [peer("bb", "replica", 1000, Map::new())];
     let d = decide_full(&config("a"), &view, &pg, Some(&lagging), None);
-    assert_eq!(d.actions, vec![Action::LeaderHousekeeping, Action::ClearFailover]);
+    assert_eq!(d.actions, vec![crate::tests::housekeeping_a(), Action::ClearFailover]);
 }
 
 #[test]
@@ -80,7 +80,9 @@ fn switchover_to_any_member_needs_one_eligible() {
         peer("ccc", "replica", 1000, Map::new()),
     ];
     let d = decide_full(&config("a"), &view, &pg, Some(&peers), None);
-    assert_eq!(d.actions, vec![Action::Switchover { candidate: None }]);
+    assert_eq!(d.actions, vec![Action::StopForSwitchover {
+            candidates: vec!["ccc".into()]
+        }]);
 }
 
 #[test]
@@ -89,12 +91,12 @@ fn request_for_another_leader_or_for_myself_is_cleared() {
     let view = with_failover(cluster(Some("a")), Some("ccc"), Some("bb"));
     assert_eq!(
         decide_full(&config("a"), &view, &pg, None, None).actions,
-        vec![Action::LeaderHousekeeping, Action::ClearFailover]
+        vec![crate::tests::housekeeping_a(), Action::ClearFailover]
     );
     let view = with_failover(cluster(Some("a")), None, Some("a"));
     assert_eq!(
         decide_full(&config("a"), &view, &pg, None, None).actions,
-        vec![Action::LeaderHousekeeping, Action::ClearFailover]
+        vec![crate::tests::housekeeping_a(), Action::ClearFailover]
     );
 }
 
@@ -103,12 +105,12 @@ fn scheduled_switchover_waits_then_acts_and_stale_ones_are_cleared() {
     let view = with_failover(cluster(Some("a")), Some("a"), Some("bb"));
     let pg = running(false, 1, 1000, None);
     let d = decide_full(&config("a"), &view, &pg, None, Some(120.0));
-    assert_eq!(d.actions, vec![Action::LeaderHousekeeping]);
+    assert_eq!(d.actions, vec![crate::tests::housekeeping_a()]);
     assert!(d.message.starts_with("Awaiting switchover"), "{}", d.message);
     let d = decide_full(&config("a"), &view, &pg, None, Some(-1.0));
     assert_eq!(d.actions, vec![Action::QueryPeers]);
     let d = decide_full(&config("a"), &view, &pg, None, Some(-16.0));
-    assert_eq!(d.actions, vec![Action::LeaderHousekeeping, Action::ClearFailover]);
+    assert_eq!(d.actions, vec![crate::tests::housekeeping_a(), Action::ClearFailover]);
 }
 
 #[test]

@@ -30,6 +30,9 @@ pub struct Inputs<'a> {
     /// The PostgreSQL configuration this node would write differs from what PostgreSQL runs
     /// with (dynamic configuration, local reload, synchronous standbys).
     pub config_pending: bool,
+    /// The operator request waiting in the agent's queue (`POST /restart`, `POST /reinitialize`),
+    /// if any.
+    pub request: Option<&'a OperatorRequest>,
     pub pg: &'a LocalPg,
     pub memory: &'a Memory,
     /// The other members' answers to `GET <api_url>`, present only when the engine asked for
@@ -155,6 +158,37 @@ pub struct Observed {
     pub streaming: bool,
     /// `host:port` of the upstream in the active `primary_conninfo`, if any.
     pub upstream: Option<(String, u16)>,
+    /// `server_version_num` (150010 for 15.10).
+    pub server_version: u32,
+    /// Some setting changed that needs a restart (`pg_settings.pending_restart`).
+    pub pending_restart: bool,
+}
+
+/// A request an operator made through the REST API, waiting in the agent's queue. The engine
+/// decides what happens with it like with everything else that changes PostgreSQL.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OperatorRequest {
+    Restart(RestartRequest),
+    /// `POST /reinitialize`: wipe and clone again, from the leader or (Patroni's
+    /// `from_leader: false`) from a `clonefrom` replica if one runs.
+    Reinitialize { from_leader: bool },
+}
+
+/// `POST /restart` (now or scheduled), with Patroni's filters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RestartRequest {
+    /// Restart only a member in this role (`primary`/`master`, `replica`, `standby_leader`).
+    pub role: Option<String>,
+    /// Restart only if the running server is older than this version (`15.10`, `150010`).
+    pub postgres_version: Option<String>,
+    /// Restart only if a setting is pending a restart.
+    pub restart_pending: bool,
+    /// Seconds the start may take (Patroni's `timeout`); `None`: `primary_start_timeout`.
+    pub timeout: Option<u64>,
+    /// Scheduled for a time that has not come yet.
+    pub not_yet_due: bool,
+    /// Scheduled, and PostgreSQL was restarted by other means since: the request is void.
+    pub overtaken: bool,
 }
 
 /// Facts the runtime remembers across cycles on the engine's behalf.
@@ -170,6 +204,20 @@ pub struct Memory {
     /// Failsafe mode (§4.10): the DCS is unreachable, and every member of the last `failsafe`
     /// key accepted this primary's `POST /failsafe` in this cycle, so it may go on.
     pub failsafe_confirmed: bool,
+    /// A planned switchover stopped this leader's PostgreSQL; the lock goes once a candidate
+    /// has the shutdown checkpoint.
+    pub switchover: Option<SwitchoverStop>,
+}
+
+/// The state of a planned switchover between stopping the old primary and releasing the lock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SwitchoverStop {
+    /// When PostgreSQL was stopped.
+    pub since: Instant,
+    /// The start of the shutdown checkpoint record: a candidate past it has every commit.
+    pub shutdown_lsn: u64,
+    /// The members the request allows to take over.
+    pub candidates: Vec<String>,
 }
 
 /// One peer's answer during the leader race.

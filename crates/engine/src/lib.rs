@@ -23,6 +23,7 @@ mod decide;
 mod divergence;
 mod failover;
 mod inputs;
+pub mod operator;
 mod race;
 pub mod sync;
 
@@ -31,7 +32,7 @@ pub use decide::decide;
 pub use divergence::{Divergence, LocalEnd, divergence};
 pub use inputs::{
     ControlInfo, ControlState, DataDir, EngineConfig, Inputs, LocalPg, LockState, Memory, Observed,
-    PeerReport, Silence,
+    OperatorRequest, PeerReport, RestartRequest, Silence, SwitchoverStop,
 };
 pub use race::{RaceVerdict, race_verdict};
 
@@ -43,6 +44,8 @@ mod failsafe_tests;
 mod following_tests;
 #[cfg(test)]
 mod lock_tests;
+#[cfg(test)]
+mod operator_tests;
 #[cfg(test)]
 mod properties;
 #[cfg(test)]

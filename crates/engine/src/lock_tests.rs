@@ -252,11 +252,11 @@ fn configuration_changes_apply_to_replicas_and_to_a_primary_holding_the_lock() {
     i.config_pending = true;
     assert_eq!(
         decide(&i).actions,
-        vec![Action::ApplyConfig, Action::LeaderHousekeeping]
+        vec![Action::ApplyConfig, crate::tests::housekeeping_a()]
     );
     // Nothing pending, nothing applied.
     i.config_pending = false;
-    assert_eq!(decide(&i).actions, vec![Action::LeaderHousekeeping]);
+    assert_eq!(decide(&i).actions, vec![crate::tests::housekeeping_a()]);
 }
 
 #[test]

@@ -1,9 +1,13 @@
-//! Properties that must hold for every situation, checked over thousands of generated ones:
-//! the engine never promotes or starts a primary without the lock, never lets a `nofailover`
-//! member take the lock, never bootstraps over existing data, and in classic synchronous mode
-//! never lets a member outside `/sync` take the lock.
+//! Properties that must hold for every situation, checked over 10 000 generated ones of three
+//! decisions each: the engine never promotes or starts a primary without the lock (nor during a
+//! switchover hand-over), never lets a `nofailover` member take the lock, never races or takes
+//! over when it must not, never applies configuration to or restarts a primary without the
+//! lock, never bootstraps over existing data, and in classic synchronous mode never lets a
+//! member outside `/sync` take the lock. The generator covers the lock as `Leadership` holds
+//! it, a silent leader, failsafe, the engine's memory (restart timers, start and rewind
+//! failures, a switchover stop), scheduled failovers and pending operator requests.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgvigil_api::cluster::{Leader, Member, Versioned};
 use pgvigil_api::rest::{StatusDocument, XlogInfo};
@@ -250,6 +254,8 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
             wal_position: s.own_lsn,
             streaming: false,
             upstream: None,
+            server_version: 150010,
+            pending_restart: false,
         }),
     };
     let peers = s.peers.as_ref().map(|answers| {
@@ -282,20 +288,200 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
     (config, view, pg, peers)
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 5000, ..ProptestConfig::default() })]
+/// The engine's memory, a scheduled failover's due time and a pending operator request,
+/// generated too.
+#[derive(Clone, Debug)]
+struct Extras {
+    restarted_ago_ms: Option<u64>,
+    start_failed: bool,
+    rewind_failed: bool,
+    failsafe_confirmed: bool,
+    switchover_ago_ms: Option<u64>,
+    failover_due_in: Option<f64>,
+    /// 0 none, 1 restart now, 2 restart not due, 3 restart of a primary, 4 reinit.
+    request: u8,
+}
 
+fn extras() -> impl Strategy<Value = Extras> {
+    (
+        prop::option::of(0u64..400_000),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop::option::of(0u64..20_000),
+        prop::option::of(prop::sample::select(vec![-100.0, -5.0, 0.0, 5.0])),
+        0u8..5,
+    )
+        .prop_map(|e| Extras {
+            restarted_ago_ms: e.0,
+            start_failed: e.1,
+            rewind_failed: e.2,
+            failsafe_confirmed: e.3,
+            switchover_ago_ms: e.4,
+            failover_due_in: e.5,
+            request: e.6,
+        })
+}
+
+fn lock_of(code: u8) -> LockState {
+    match code {
+        0 => LockState::Held {
+            valid_for: Duration::from_secs(5),
+        },
+        1 => LockState::Unproven,
+        2 => LockState::Lapsed,
+        _ => LockState::NotHeld,
+    }
+}
+
+/// One node's state between decisions, as the runtime would leave it after performing them.
+#[derive(Clone, Debug)]
+struct State {
+    view: ClusterView,
+    pg: LocalPg,
+    lock: LockState,
+    memory: Memory,
+}
+
+/// The effect of a decision's actions, as far as the properties care: the lock and whether
+/// PostgreSQL runs as a primary or a replica.
+fn apply(state: &mut State, actions: &[Action], me: &str, now: Instant) {
+    for action in actions {
+        match action {
+            Action::AcquireLock | Action::TakeOver { .. } | Action::AdoptLock { .. } => {
+                state.lock = lock_of(0);
+                state.view.leader = Some(Leader {
+                    name: me.into(),
+                    lease: 9,
+                    mod_revision: 9,
+                });
+            }
+            Action::ReleaseLock => {
+                state.lock = LockState::NotHeld;
+                state.view.leader = None;
+                state.memory.switchover = None;
+            }
+            Action::Promote | Action::Start(StartAs::Primary) => set_running(&mut state.pg, false),
+            Action::Start(StartAs::Replica { .. }) | Action::Rewind { .. } => set_running(&mut state.pg, true),
+            Action::Demote(_) => {
+                state.pg.postmaster_alive = false;
+                state.pg.observed = None;
+            }
+            Action::StopForSwitchover { candidates } => {
+                state.pg.postmaster_alive = false;
+                state.pg.observed = None;
+                state.memory.switchover = Some(SwitchoverStop {
+                    since: now,
+                    shutdown_lsn: 1,
+                    candidates: candidates.clone(),
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+fn set_running(pg: &mut LocalPg, in_recovery: bool) {
+    if !matches!(pg.data, DataDir::Initialized(_)) {
+        return;
+    }
+    pg.postmaster_alive = true;
+    pg.observed = Some(Observed {
+        in_recovery,
+        sysid: "7268616322854375442".into(),
+        timeline: 1,
+        wal_position: 0,
+        streaming: false,
+        upstream: None,
+        server_version: 150010,
+        pending_restart: false,
+    });
+}
+
+/// The single-decision safety rules.
+fn check_decision(
+    s: &Situation,
+    f: &LockFacts,
+    config: &EngineConfig,
+    state: &State,
+    silence: Option<&Silence>,
+    decision: &Decision,
+) -> Result<(), TestCaseError> {
+    let lock = state.lock;
+    let held = lock.is_held();
+    let pg = &state.pg;
+    let view_leader = state.view.leader.as_ref().map(|l| l.name.clone());
+    let replica = pg.observed.as_ref().is_some_and(|o| o.in_recovery);
+    let paused = state.view.is_paused() && s.dcs_up;
+    for action in &decision.actions {
+        match action {
+            Action::Promote | Action::Start(StartAs::Primary) => {
+                prop_assert!(held, "{action:?} without the lock: {decision:?}");
+                prop_assert!(!f.watchdog_failed, "{action:?} with a failed required watchdog: {decision:?}");
+                prop_assert!(state.memory.switchover.is_none(), "{action:?} during a switchover hand-over: {decision:?}");
+            }
+            Action::AcquireLock => {
+                prop_assert!(s.dcs_up && view_leader.is_none(), "racing for a held lock: {decision:?}");
+                prop_assert!(lock == LockState::NotHeld, "racing with {lock:?}: {decision:?}");
+                prop_assert!(!s.nofailover, "nofailover member racing: {decision:?}");
+                prop_assert!(!paused, "racing while paused: {decision:?}");
+                prop_assert!(!(f.failsafe_mode && f.failsafe_leader.is_some()), "racing against a failsafe leader: {decision:?}");
+                let named_candidate = s.failover.and_then(|f| f.1) == Some(s.me);
+                if config.synchronous_mode == SyncMode::On && s.in_recovery && !named_candidate {
+                    prop_assert!(s.sync_members[s.me] || s.me == 0, "non-sync member racing in sync mode: {decision:?}");
+                }
+            }
+            Action::TakeOver { from, .. } => {
+                let silent = silence.expect("a takeover needs a silence");
+                prop_assert!(f.fast_takeover && lock == LockState::NotHeld && replica, "{decision:?}");
+                prop_assert!(view_leader.as_deref() == Some(from.as_str()) && silent.leader == *from, "{decision:?}");
+                prop_assert!(from != NAMES[s.me], "taking over from myself: {decision:?}");
+                prop_assert!(silent.silent_for >= Duration::from_millis(4000), "taking over too early: {decision:?}");
+                prop_assert!(!s.nofailover && !paused, "{decision:?}");
+                prop_assert!(!(f.failsafe_mode && f.failsafe_leader.is_some()), "taking over from a failsafe leader: {decision:?}");
+            }
+            Action::AdoptLock { .. } => {
+                prop_assert!(lock == LockState::Unproven, "adopting with {lock:?}: {decision:?}");
+            }
+            Action::ApplyConfig => {
+                prop_assert!(f.config_pending && pg.postmaster_alive, "{decision:?}");
+                prop_assert!(replica || held, "configuration applied to a primary without the lock: {decision:?}");
+            }
+            Action::Restart { .. } => {
+                prop_assert!(pg.postmaster_alive, "restart of a stopped postgres: {decision:?}");
+                prop_assert!(replica || held, "restart of a primary without the lock: {decision:?}");
+            }
+            Action::Reinitialize { .. } => {
+                prop_assert!(!held, "the leader reinitialized itself: {decision:?}");
+            }
+            Action::StopForSwitchover { candidates } => {
+                prop_assert!(held && !candidates.is_empty() && !candidates.iter().any(|c| c == NAMES[s.me]), "{decision:?}");
+            }
+            Action::Bootstrap => {
+                prop_assert!(matches!(pg.data, DataDir::Empty) && !s.initialized && view_leader.is_none());
+            }
+            _ => {}
+        }
+        if paused {
+            prop_assert!(
+                !matches!(action, Action::Promote | Action::Start(_) | Action::Demote(_) | Action::Rewind { .. }),
+                "PostgreSQL touched while paused: {decision:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
+
+    /// Three decisions in a row, each on the state the previous ones left (the lock taken or
+    /// released, PostgreSQL promoted, started or stopped), every one checked.
     #[test]
-    fn safety_invariants(s in situation(), f in lock_facts()) {
+    fn safety_invariants(s in situation(), f in lock_facts(), e in extras()) {
         let (mut config, view, pg, peers) = build(&s);
         config.fast_takeover = f.fast_takeover;
         config.failsafe_mode = f.failsafe_mode;
-        let lock = match f.lock {
-            0 => LockState::Held { valid_for: Duration::from_secs(5) },
-            1 => LockState::Unproven,
-            2 => LockState::Lapsed,
-            _ => LockState::NotHeld,
-        };
         let silence = f.silence.map(|(l, ms)| Silence {
             leader: NAMES[l].into(),
             leader_revision: 1,
@@ -303,60 +489,39 @@ proptest! {
             promise: Duration::from_millis(3500),
             silent_for: Duration::from_millis(ms),
         });
-        let memory = Memory::default();
-        let mut inputs = crate::tests::inputs(&config, s.dcs_up.then_some(&view), &pg, &memory, peers.as_deref(), None);
-        inputs.lock = lock;
-        inputs.silence = silence.as_ref();
-        inputs.failsafe_leader = f.failsafe_leader.map(|i| NAMES[i]);
-        inputs.watchdog_failed = f.watchdog_failed;
-        inputs.config_pending = f.config_pending;
-        let decision = decide(&inputs);
-        let held = lock.is_held();
-        let replica = pg.observed.as_ref().is_some_and(|o| o.in_recovery);
-        for action in &decision.actions {
-            match action {
-                Action::Promote | Action::Start(StartAs::Primary) => {
-                    prop_assert!(held, "{action:?} without the lock: {decision:?}");
-                    prop_assert!(!f.watchdog_failed, "{action:?} with a failed required watchdog: {decision:?}");
-                }
-                Action::AcquireLock => {
-                    prop_assert!(s.dcs_up && s.leader.is_none(), "racing for a held lock: {decision:?}");
-                    prop_assert!(lock == LockState::NotHeld, "racing with {lock:?}: {decision:?}");
-                    prop_assert!(!s.nofailover, "nofailover member racing: {decision:?}");
-                    prop_assert!(!s.paused, "racing while paused: {decision:?}");
-                    prop_assert!(!(f.failsafe_mode && f.failsafe_leader.is_some()), "racing against a failsafe leader: {decision:?}");
-                    let named_candidate = s.failover.and_then(|f| f.1) == Some(s.me);
-                    if config.synchronous_mode == SyncMode::On && s.in_recovery && !named_candidate {
-                        prop_assert!(s.sync_members[s.me] || s.me == 0, "non-sync member racing in sync mode: {decision:?}");
-                    }
-                }
-                Action::TakeOver { from, .. } => {
-                    let silent = silence.as_ref().expect("a takeover needs a silence");
-                    prop_assert!(f.fast_takeover && lock == LockState::NotHeld && replica, "{decision:?}");
-                    prop_assert!(s.leader.map(|l| NAMES[l]) == Some(from.as_str()) && silent.leader == *from, "{decision:?}");
-                    prop_assert!(from != NAMES[s.me], "taking over from myself: {decision:?}");
-                    prop_assert!(silent.silent_for >= Duration::from_millis(4000), "taking over too early: {decision:?}");
-                    prop_assert!(!s.nofailover && !s.paused, "{decision:?}");
-                    prop_assert!(!(f.failsafe_mode && f.failsafe_leader.is_some()), "taking over from a failsafe leader: {decision:?}");
-                }
-                Action::AdoptLock { .. } => {
-                    prop_assert!(lock == LockState::Unproven, "adopting with {lock:?}: {decision:?}");
-                }
-                Action::ApplyConfig => {
-                    prop_assert!(f.config_pending && pg.postmaster_alive, "{decision:?}");
-                    prop_assert!(replica || held, "configuration applied to a primary without the lock: {decision:?}");
-                }
-                Action::Bootstrap => {
-                    prop_assert!(matches!(pg.data, DataDir::Empty) && !s.initialized && s.leader.is_none());
-                }
-                _ => {}
-            }
-            if s.paused {
-                prop_assert!(
-                    !matches!(action, Action::Promote | Action::Start(_) | Action::Demote(_) | Action::Rewind { .. } | Action::Reinitialize { .. }),
-                    "PostgreSQL touched while paused: {decision:?}"
-                );
-            }
+        let now = Instant::now() + Duration::from_secs(1000);
+        let memory = Memory {
+            primary_restart_since: e.restarted_ago_ms.map(|ms| now - Duration::from_millis(ms)),
+            start_failed: e.start_failed,
+            rewind_failed: e.rewind_failed,
+            failsafe_confirmed: e.failsafe_confirmed,
+            switchover: e.switchover_ago_ms.map(|ms| SwitchoverStop {
+                since: now - Duration::from_millis(ms),
+                shutdown_lsn: 500,
+                candidates: vec![NAMES[(s.me + 1) % 3].into()],
+            }),
+        };
+        let request = match e.request {
+            1 => Some(OperatorRequest::Restart(RestartRequest::default())),
+            2 => Some(OperatorRequest::Restart(RestartRequest { not_yet_due: true, ..Default::default() })),
+            3 => Some(OperatorRequest::Restart(RestartRequest { role: Some("primary".into()), ..Default::default() })),
+            4 => Some(OperatorRequest::Reinitialize { from_leader: false }),
+            _ => None,
+        };
+        let mut state = State { view, pg, lock: lock_of(f.lock), memory };
+        for step in 0..3 {
+            let at = now + Duration::from_secs(step);
+            let mut inputs = crate::tests::inputs(&config, s.dcs_up.then_some(&state.view), &state.pg, &state.memory, peers.as_deref(), e.failover_due_in);
+            inputs.now = at;
+            inputs.lock = state.lock;
+            inputs.silence = silence.as_ref();
+            inputs.failsafe_leader = f.failsafe_leader.map(|i| NAMES[i]);
+            inputs.watchdog_failed = f.watchdog_failed;
+            inputs.config_pending = f.config_pending;
+            inputs.request = request.as_ref();
+            let decision = decide(&inputs);
+            check_decision(&s, &f, &config, &state, silence.as_ref(), &decision)?;
+            apply(&mut state, &decision.actions, NAMES[s.me], at);
         }
     }
 }

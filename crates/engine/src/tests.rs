@@ -128,6 +128,8 @@ pub(crate) fn running(in_recovery: bool, timeline: u64, lsn: u64, upstream: Opti
             wal_position: lsn,
             streaming: upstream.is_some(),
             upstream: upstream.map(|(h, p)| (h.to_string(), p)),
+            server_version: 150010,
+            pending_restart: false,
         }),
     }
 }
@@ -169,6 +171,7 @@ pub(crate) fn inputs<'a>(
         failsafe_leader: None,
         watchdog_failed: false,
         config_pending: false,
+        request: None,
         pg,
         memory,
         peers,
@@ -184,6 +187,13 @@ pub(crate) fn lock_from_view(cfg: &EngineConfig, cluster: Option<&ClusterView>) 
         }
     } else {
         LockState::NotHeld
+    }
+}
+
+/// The housekeeping of leader `a` in [`cluster`]: slots for the two other members.
+pub(crate) fn housekeeping_a() -> Action {
+    Action::LeaderHousekeeping {
+        slot_members: vec!["bb".into(), "ccc".into()],
     }
 }
 
@@ -472,7 +482,7 @@ fn healthy_leader_does_housekeeping() {
         &running(false, 1, 1000, None),
         &Memory::default(),
     );
-    assert_eq!(d.actions, vec![Action::LeaderHousekeeping]);
+    assert_eq!(d.actions, vec![housekeeping_a()]);
     assert_eq!(d.message, "no action. I am (a), the leader with the lock");
 }
 
