@@ -2,8 +2,10 @@
 //! `pgvigil router CONFIG.yml`: the client router (crate `pgvigil-router`), same file.
 
 mod leadership;
+mod operator;
 mod probe;
 mod runtime;
+mod supervisor;
 mod wiring;
 
 use std::collections::BTreeMap;

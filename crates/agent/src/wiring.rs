@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use crate::leadership::failsafe::FailsafeProber;
 use crate::leadership::watchdog::Watchdog;
 use crate::leadership::{Leadership, LockSettings};
-use crate::runtime::{Agent, Exit, Wakeups};
+use crate::operator::OperatorQueue;
+use crate::runtime::{Agent, Exit, Parts, Wakeups};
+use crate::supervisor::{Context as SupervisorContext, PgSupervisor, SyncWatch};
 
 pub fn init_logging(log: &LogConfig) {
     let level = match log.level.to_ascii_uppercase().as_str() {
@@ -232,10 +234,11 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
         slots: Default::default(),
     };
     let lock_news = Arc::new(Notify::new());
+    let watchdog = Arc::new(Watchdog::new(cfg.watchdog.clone()));
     let leadership = Leadership::start(
         etcd,
         &cfg.postgresql.data_dir,
-        Arc::new(Watchdog::new(cfg.watchdog.clone())),
+        watchdog.clone(),
         Arc::new(FailsafeProber::new(peers.clone(), me)),
         LockSettings {
             ttl: Duration::from_secs(dynamic.ttl),
@@ -244,10 +247,11 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
         lock_news.clone(),
     )
     .context("starting the leader lock")?;
+    let leadership = Arc::new(leadership);
     let tasks = CancellationToken::new();
     let postmaster = watch_postmaster(pg.clone(), tasks.clone());
-    let sync_watch = Arc::new(crate::runtime::sync_watch::SyncWatch::default());
-    tokio::spawn(crate::runtime::sync_watch::sample(
+    let sync_watch = Arc::new(SyncWatch::default());
+    tokio::spawn(crate::supervisor::sync_watch::sample(
         sync_watch.clone(),
         pg.clone(),
         lock_news.clone(),
@@ -294,18 +298,33 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
         postmaster_changed: postmaster,
         shutdown: shutdown.clone(),
     };
-    let agent = Agent::new(
+    let scheduled_restart = Arc::default();
+    let supervisor = PgSupervisor::new(
+        Arc::new(cfg.clone()),
+        dynamic.clone(),
+        pg,
+        SupervisorContext {
+            dcs: dcs.clone(),
+            leadership: leadership.clone(),
+            failsafe: failsafe.clone(),
+            watchdog: watchdog.clone(),
+            sync_watch,
+            scheduled_restart: Arc::clone(&scheduled_restart),
+        },
+    );
+    let agent = Agent::new(Parts {
         cfg,
         config_path,
-        dcs.clone(),
-        pg,
-        leadership,
-        snapshot_tx,
         dynamic,
+        dcs: dcs.clone(),
+        leadership,
+        supervisor,
+        operator: OperatorQueue::new(scheduled_restart),
+        snapshot: snapshot_tx,
         peers,
-        sync_watch,
-    )
-    .with_failsafe(failsafe);
+        failsafe,
+        watchdog,
+    });
     let exit = agent.run(wake).await;
     tasks.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), rest_task).await;

@@ -563,16 +563,13 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             timeline: own.timeline,
             lsn: own.wal_position,
         };
-        if let Some(decision) = check_divergence(i, cluster, leader, local)
-            && cluster.is_paused()
-            && !decision.actions.is_empty()
-        {
-            return Decision::idle(format!(
-                "paused: not touching PostgreSQL although {}",
-                decision.message
-            ));
-        }
         if let Some(decision) = check_divergence(i, cluster, leader, local) {
+            if cluster.is_paused() && !decision.actions.is_empty() {
+                return Decision::idle(format!(
+                    "paused: not touching PostgreSQL although {}",
+                    decision.message
+                ));
+            }
             // A replica that is not streaming may simply be between connections; only act when
             // the published history proves it diverged.
             if !decision.actions.is_empty() || own.timeline < leader.data.timeline.unwrap_or(0) {

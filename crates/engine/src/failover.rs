@@ -67,26 +67,26 @@ pub fn leader_decision(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) ->
     // Classic synchronous mode: only a standby PostgreSQL waited for may take over.
     let sync_only = i.config.synchronous_mode == crate::sync::SyncMode::On;
     let sync = cluster.sync.as_ref().map(|s| &s.value);
-    let eligible: Vec<String> = candidates(i, cluster, f).into_iter().filter(|name| {
-        if sync_only && !sync.is_some_and(|s| s.contains(name)) {
-            return false;
-        }
-        let Some(status) = peers
-            .iter()
-            .find(|p| p.name == *name)
-            .and_then(|p| p.status.as_ref())
-        else {
-            return false;
-        };
-        let tags = cluster
-            .member(name)
-            .map(|m| &m.data.tags)
-            .unwrap_or(&status.tags);
-        failover_priority(tags) > 0
-            && status.watchdog_failed != Some(true)
-            && !status.is_primary()
-            && own.wal_position.saturating_sub(status.wal_position()) <= i.config.maximum_lag_on_failover
-    }).collect();
+    let eligible: Vec<String> = candidates(i, cluster, f)
+        .into_iter()
+        .filter(|name| {
+            if sync_only && !sync.is_some_and(|s| s.contains(name)) {
+                return false;
+            }
+            let Some(status) = peers
+                .iter()
+                .find(|p| p.name == *name)
+                .and_then(|p| p.status.as_ref())
+            else {
+                return false;
+            };
+            let tags = cluster.member(name).map(|m| &m.data.tags).unwrap_or(&status.tags);
+            failover_priority(tags) > 0
+                && status.watchdog_failed != Some(true)
+                && !status.is_primary()
+                && own.wal_position.saturating_sub(status.wal_position()) <= i.config.maximum_lag_on_failover
+        })
+        .collect();
     let kind = if f.leader.is_some() {
         "switchover"
     } else {
@@ -95,9 +95,7 @@ pub fn leader_decision(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) ->
     if !eligible.is_empty() {
         Some(Decision::new(
             format!("{kind}: demoting myself"),
-            vec![Action::StopForSwitchover {
-                candidates: eligible,
-            }],
+            vec![Action::StopForSwitchover { candidates: eligible }],
         ))
     } else {
         clear(format!(

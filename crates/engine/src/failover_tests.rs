@@ -62,10 +62,16 @@ fn unreachable_or_lagging_candidate_cancels_the_request() {
         status: None,
     }];
     let d = decide_full(&config("a"), &view, &pg, Some(&unreachable), None);
-    assert_eq!(d.actions, vec![crate::tests::housekeeping_a(), Action::ClearFailover]);
+    assert_eq!(
+        d.actions,
+        vec![crate::tests::housekeeping_a(), Action::ClearFailover]
+    );
     let lagging = [peer("bb", "replica", 1000, Map::new())];
     let d = decide_full(&config("a"), &view, &pg, Some(&lagging), None);
-    assert_eq!(d.actions, vec![crate::tests::housekeeping_a(), Action::ClearFailover]);
+    assert_eq!(
+        d.actions,
+        vec![crate::tests::housekeeping_a(), Action::ClearFailover]
+    );
 }
 
 #[test]
@@ -80,9 +86,12 @@ fn switchover_to_any_member_needs_one_eligible() {
         peer("ccc", "replica", 1000, Map::new()),
     ];
     let d = decide_full(&config("a"), &view, &pg, Some(&peers), None);
-    assert_eq!(d.actions, vec![Action::StopForSwitchover {
+    assert_eq!(
+        d.actions,
+        vec![Action::StopForSwitchover {
             candidates: vec!["ccc".into()]
-        }]);
+        }]
+    );
 }
 
 #[test]
@@ -110,7 +119,10 @@ fn scheduled_switchover_waits_then_acts_and_stale_ones_are_cleared() {
     let d = decide_full(&config("a"), &view, &pg, None, Some(-1.0));
     assert_eq!(d.actions, vec![Action::QueryPeers]);
     let d = decide_full(&config("a"), &view, &pg, None, Some(-16.0));
-    assert_eq!(d.actions, vec![crate::tests::housekeeping_a(), Action::ClearFailover]);
+    assert_eq!(
+        d.actions,
+        vec![crate::tests::housekeeping_a(), Action::ClearFailover]
+    );
 }
 
 #[test]

@@ -171,7 +171,9 @@ pub enum OperatorRequest {
     Restart(RestartRequest),
     /// `POST /reinitialize`: wipe and clone again, from the leader or (Patroni's
     /// `from_leader: false`) from a `clonefrom` replica if one runs.
-    Reinitialize { from_leader: bool },
+    Reinitialize {
+        from_leader: bool,
+    },
 }
 
 /// `POST /restart` (now or scheduled), with Patroni's filters.

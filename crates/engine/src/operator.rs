@@ -82,13 +82,19 @@ pub fn request_decision(
                 return None;
             }
             if r.overtaken {
-                return refuse(409, "scheduled restart cancelled: PostgreSQL was restarted meanwhile");
+                return refuse(
+                    409,
+                    "scheduled restart cancelled: PostgreSQL was restarted meanwhile",
+                );
             }
             if !restart_conditions_met(r, own) {
                 return refuse(503, "restart conditions are not satisfied");
             }
             if !own.in_recovery && !holds_lock {
-                return refuse(503, "a primary is restarted only by the holder of the leader lock");
+                return refuse(
+                    503,
+                    "a primary is restarted only by the holder of the leader lock",
+                );
             }
             Some(Decision::new(
                 "restarting postgres as requested",

@@ -21,10 +21,16 @@ fn slots_for_every_other_member_but_nostream_and_cascading_ones() {
     assert_eq!(slot_members(&view, "a"), ["ccc"]);
     // ccc streams from bb, which exists: bb keeps its slot for it, the leader does not.
     view.members[1].data.tags.clear();
-    view.members[2].data.tags.insert("replicatefrom".into(), json!("bb"));
+    view.members[2]
+        .data
+        .tags
+        .insert("replicatefrom".into(), json!("bb"));
     assert_eq!(slot_members(&view, "a"), ["bb"]);
     // Its upstream is gone: it streams from the leader again.
-    view.members[2].data.tags.insert("replicatefrom".into(), json!("zz"));
+    view.members[2]
+        .data
+        .tags
+        .insert("replicatefrom".into(), json!("zz"));
     assert_eq!(slot_members(&view, "a"), ["bb", "ccc"]);
 }
 
@@ -74,9 +80,7 @@ fn a_restart_request_restarts_when_its_filters_match() {
         decide_request("bb", &view, &replica, &any).actions,
         vec![Action::Restart { timeout: Some(30) }]
     );
-    let refused = |d: Decision| {
-        matches!(d.actions.as_slice(), [Action::AnswerRequest { status: 503, message }] if message == "restart conditions are not satisfied")
-    };
+    let refused = |d: Decision| matches!(d.actions.as_slice(), [Action::AnswerRequest { status: 503, message }] if message == "restart conditions are not satisfied");
     let primaries_only = restart(RestartRequest {
         role: Some("primary".into()),
         ..Default::default()
@@ -91,7 +95,10 @@ fn a_restart_request_restarts_when_its_filters_match() {
         postgres_version: Some("15.11".into()),
         ..Default::default()
     });
-    assert_eq!(decide_request("bb", &view, &replica, &newer).actions, vec![Action::Restart { timeout: None }]);
+    assert_eq!(
+        decide_request("bb", &view, &replica, &newer).actions,
+        vec![Action::Restart { timeout: None }]
+    );
     let pending = restart(RestartRequest {
         restart_pending: true,
         ..Default::default()
@@ -113,7 +120,10 @@ fn a_restart_request_waits_for_its_time_and_is_void_when_overtaken_or_down() {
         not_yet_due: true,
         ..Default::default()
     });
-    assert_eq!(decide_request("a", &view, &leader, &later).actions, vec![housekeeping_a()]);
+    assert_eq!(
+        decide_request("a", &view, &leader, &later).actions,
+        vec![housekeeping_a()]
+    );
     let overtaken = restart(RestartRequest {
         overtaken: true,
         ..Default::default()
@@ -123,7 +133,10 @@ fn a_restart_request_waits_for_its_time_and_is_void_when_overtaken_or_down() {
         [Action::AnswerRequest { status: 409, .. }]
     ));
     let now = restart(RestartRequest::default());
-    assert_eq!(decide_request("a", &view, &leader, &now).actions, vec![Action::Restart { timeout: None }]);
+    assert_eq!(
+        decide_request("a", &view, &leader, &now).actions,
+        vec![Action::Restart { timeout: None }]
+    );
     let down = stopped(ControlState::ShutDownInRecovery);
     assert_eq!(
         decide_request("bb", &view, &down, &now).actions,
@@ -202,13 +215,22 @@ fn after_a_switchover_stop_the_lock_goes_once_a_candidate_has_the_checkpoint_or_
         decide(&i)
     };
     assert_eq!(decide_at(since, None).actions, vec![Action::QueryPeers]);
-    let behind = [peer("bb", "replica", 800, Map::new()), peer("ccc", "replica", 950, Map::new())];
+    let behind = [
+        peer("bb", "replica", 800, Map::new()),
+        peer("ccc", "replica", 950, Map::new()),
+    ];
     let d = decide_at(since + Duration::from_secs(1), Some(&behind));
-    assert!(d.actions.is_empty(), "ccc is not a candidate of this request: {d:?}");
+    assert!(
+        d.actions.is_empty(),
+        "ccc is not a candidate of this request: {d:?}"
+    );
     assert!(d.recheck_in.is_some());
     let release = vec![Action::PublishPosition { optime: 900 }, Action::ReleaseLock];
     let ready = [peer("bb", "replica", 901, Map::new())];
-    assert_eq!(decide_at(since + Duration::from_secs(1), Some(&ready)).actions, release);
+    assert_eq!(
+        decide_at(since + Duration::from_secs(1), Some(&ready)).actions,
+        release
+    );
     assert_eq!(decide_at(since + SWITCHOVER_WAIT, Some(&behind)).actions, release);
     // The stop never restarts PostgreSQL as a primary meanwhile.
     assert!(
@@ -239,5 +261,8 @@ fn a_paused_leader_slow_to_start_keeps_postgres_and_the_lock() {
     cfg.paused = false;
     view.config.as_mut().unwrap().value = json!({});
     let d = decide(&inputs(&cfg, Some(&view), &pg, &memory, None, None));
-    assert_eq!(d.actions, vec![Action::Demote(DemoteMode::ImmediateNoLock), Action::ReleaseLock]);
+    assert_eq!(
+        d.actions,
+        vec![Action::Demote(DemoteMode::ImmediateNoLock), Action::ReleaseLock]
+    );
 }

@@ -362,7 +362,9 @@ fn apply(state: &mut State, actions: &[Action], me: &str, now: Instant) {
                 state.memory.switchover = None;
             }
             Action::Promote | Action::Start(StartAs::Primary) => set_running(&mut state.pg, false),
-            Action::Start(StartAs::Replica { .. }) | Action::Rewind { .. } => set_running(&mut state.pg, true),
+            Action::Start(StartAs::Replica { .. }) | Action::Rewind { .. } => {
+                set_running(&mut state.pg, true)
+            }
             Action::Demote(_) => {
                 state.pg.postmaster_alive = false;
                 state.pg.observed = None;
@@ -417,45 +419,84 @@ fn check_decision(
         match action {
             Action::Promote | Action::Start(StartAs::Primary) => {
                 prop_assert!(held, "{action:?} without the lock: {decision:?}");
-                prop_assert!(!f.watchdog_failed, "{action:?} with a failed required watchdog: {decision:?}");
-                prop_assert!(state.memory.switchover.is_none(), "{action:?} during a switchover hand-over: {decision:?}");
+                prop_assert!(
+                    !f.watchdog_failed,
+                    "{action:?} with a failed required watchdog: {decision:?}"
+                );
+                prop_assert!(
+                    state.memory.switchover.is_none(),
+                    "{action:?} during a switchover hand-over: {decision:?}"
+                );
             }
             Action::AcquireLock => {
-                prop_assert!(s.dcs_up && view_leader.is_none(), "racing for a held lock: {decision:?}");
+                prop_assert!(
+                    s.dcs_up && view_leader.is_none(),
+                    "racing for a held lock: {decision:?}"
+                );
                 prop_assert!(lock == LockState::NotHeld, "racing with {lock:?}: {decision:?}");
                 prop_assert!(!s.nofailover, "nofailover member racing: {decision:?}");
                 prop_assert!(!paused, "racing while paused: {decision:?}");
-                prop_assert!(!(f.failsafe_mode && f.failsafe_leader.is_some()), "racing against a failsafe leader: {decision:?}");
+                prop_assert!(
+                    !(f.failsafe_mode && f.failsafe_leader.is_some()),
+                    "racing against a failsafe leader: {decision:?}"
+                );
                 let named_candidate = s.failover.and_then(|f| f.1) == Some(s.me);
                 if config.synchronous_mode == SyncMode::On && s.in_recovery && !named_candidate {
-                    prop_assert!(s.sync_members[s.me] || s.me == 0, "non-sync member racing in sync mode: {decision:?}");
+                    prop_assert!(
+                        s.sync_members[s.me] || s.me == 0,
+                        "non-sync member racing in sync mode: {decision:?}"
+                    );
                 }
             }
             Action::TakeOver { from, .. } => {
                 let silent = silence.expect("a takeover needs a silence");
-                prop_assert!(f.fast_takeover && lock == LockState::NotHeld && replica, "{decision:?}");
-                prop_assert!(view_leader.as_deref() == Some(from.as_str()) && silent.leader == *from, "{decision:?}");
+                prop_assert!(
+                    f.fast_takeover && lock == LockState::NotHeld && replica,
+                    "{decision:?}"
+                );
+                prop_assert!(
+                    view_leader.as_deref() == Some(from.as_str()) && silent.leader == *from,
+                    "{decision:?}"
+                );
                 prop_assert!(from != NAMES[s.me], "taking over from myself: {decision:?}");
-                prop_assert!(silent.silent_for >= Duration::from_millis(4000), "taking over too early: {decision:?}");
+                prop_assert!(
+                    silent.silent_for >= Duration::from_millis(4000),
+                    "taking over too early: {decision:?}"
+                );
                 prop_assert!(!s.nofailover && !paused, "{decision:?}");
-                prop_assert!(!(f.failsafe_mode && f.failsafe_leader.is_some()), "taking over from a failsafe leader: {decision:?}");
+                prop_assert!(
+                    !(f.failsafe_mode && f.failsafe_leader.is_some()),
+                    "taking over from a failsafe leader: {decision:?}"
+                );
             }
             Action::AdoptLock { .. } => {
-                prop_assert!(lock == LockState::Unproven, "adopting with {lock:?}: {decision:?}");
+                prop_assert!(
+                    lock == LockState::Unproven,
+                    "adopting with {lock:?}: {decision:?}"
+                );
             }
             Action::ApplyConfig => {
                 prop_assert!(f.config_pending && pg.postmaster_alive, "{decision:?}");
-                prop_assert!(replica || held, "configuration applied to a primary without the lock: {decision:?}");
+                prop_assert!(
+                    replica || held,
+                    "configuration applied to a primary without the lock: {decision:?}"
+                );
             }
             Action::Restart { .. } => {
                 prop_assert!(pg.postmaster_alive, "restart of a stopped postgres: {decision:?}");
-                prop_assert!(replica || held, "restart of a primary without the lock: {decision:?}");
+                prop_assert!(
+                    replica || held,
+                    "restart of a primary without the lock: {decision:?}"
+                );
             }
             Action::Reinitialize { .. } => {
                 prop_assert!(!held, "the leader reinitialized itself: {decision:?}");
             }
             Action::StopForSwitchover { candidates } => {
-                prop_assert!(held && !candidates.is_empty() && !candidates.iter().any(|c| c == NAMES[s.me]), "{decision:?}");
+                prop_assert!(
+                    held && !candidates.is_empty() && !candidates.iter().any(|c| c == NAMES[s.me]),
+                    "{decision:?}"
+                );
             }
             Action::Bootstrap => {
                 prop_assert!(matches!(pg.data, DataDir::Empty) && !s.initialized && view_leader.is_none());
@@ -464,7 +505,10 @@ fn check_decision(
         }
         if paused {
             prop_assert!(
-                !matches!(action, Action::Promote | Action::Start(_) | Action::Demote(_) | Action::Rewind { .. }),
+                !matches!(
+                    action,
+                    Action::Promote | Action::Start(_) | Action::Demote(_) | Action::Rewind { .. }
+                ),
                 "PostgreSQL touched while paused: {decision:?}"
             );
         }

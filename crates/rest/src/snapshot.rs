@@ -39,6 +39,9 @@ pub struct NodeSnapshot {
     /// The last known `failsafe` member map (kept when the DCS view goes stale); `GET /failsafe`
     /// and `patroni_failsafe_member`.
     pub failsafe_members: Option<Map<String, Value>>,
+    /// A long operation the agent is performing (a restart, a reinitialize, ...): operator
+    /// requests that conflict with it are refused with this reason instead of waiting.
+    pub busy: Option<String>,
 }
 
 impl NodeSnapshot {
@@ -73,6 +76,7 @@ impl NodeSnapshot {
             failsafe_mode_enabled: false,
             failsafe_active: false,
             failsafe_members: None,
+            busy: None,
         }
     }
 

@@ -60,7 +60,7 @@ struct Inner {
 /// The agent's fence thread and its fencer process.
 pub struct Fence {
     inner: Arc<Inner>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     data_dir: PathBuf,
     /// Fencers left by earlier runs of the agent for this data directory.
     predecessors: Mutex<Vec<Pidfd>>,
@@ -104,7 +104,7 @@ impl Fence {
             .spawn(move || run(&thread_inner))?;
         Ok(Fence {
             inner,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             data_dir: data_dir.to_path_buf(),
             predecessors: Mutex::new(predecessors),
         })
@@ -152,14 +152,14 @@ impl Fence {
     }
 
     /// Disarms both fences and ends the fencer process (clean shutdown of the agent).
-    pub fn shutdown(mut self) {
+    pub fn shutdown(&self) {
         self.order(FenceOrder::default());
         if let Some(mut p) = lock(&self.inner.external).take() {
             p.exit();
         }
         self.inner.stop.store(true, Ordering::SeqCst);
         self.inner.wake.wake();
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
     }

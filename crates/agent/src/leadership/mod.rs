@@ -117,7 +117,7 @@ impl Shared {
 pub struct Leadership {
     shared: Arc<Shared>,
     requests: mpsc::UnboundedSender<Request>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop: Arc<Notify>,
 }
 
@@ -158,7 +158,7 @@ impl Leadership {
         Ok(Leadership {
             shared,
             requests,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             stop,
         })
     }
@@ -320,23 +320,17 @@ impl Leadership {
             .map_err(|_| "the leadership driver dropped the request".to_string())?
     }
 
-    pub fn watchdog(&self) -> &Arc<Watchdog> {
-        &self.shared.watchdog
-    }
-
     pub fn failsafe(&self) -> &Arc<FailsafeProber> {
         &self.shared.failsafe
     }
 
     /// Clean shutdown: the driver stops (the lease is left to expire unless released before),
     /// both fences are disarmed and the fencer process ends.
-    pub fn shutdown(mut self) {
+    pub fn shutdown(&self) {
         self.stop.notify_one();
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
-        if let Ok(shared) = Arc::try_unwrap(self.shared) {
-            shared.fence.shutdown();
-        }
+        self.shared.fence.shutdown();
     }
 }

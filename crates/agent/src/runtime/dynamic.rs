@@ -34,7 +34,7 @@ impl Agent {
     }
 
     /// Adopts a changed `config` key (timings reach `Leadership` at the end of the cycle; new
-    /// parameters are applied when the engine decides it is safe, [`Agent::apply_config`]).
+    /// parameters reach the supervisor and are applied when the engine decides it is safe).
     /// Restores the key from our cache when the leader finds it missing.
     pub(super) async fn apply_dynamic_config(&mut self, cluster: &ClusterView) {
         let Some(config) = &cluster.config else {
@@ -67,7 +67,6 @@ impl Agent {
                 self.dynamic.retry_timeout
             );
         }
-        self.config_dirty = true;
         self.write_dynamic_cache();
     }
 
@@ -85,70 +84,5 @@ impl Agent {
         if let Err(e) = result {
             tracing::warn!("could not write {}: {e}", path.display());
         }
-    }
-
-    /// Whether PostgreSQL runs with a configuration other than the one we would write now:
-    /// parameters changed (dynamic configuration, synchronous standbys), or a reload or a new
-    /// dynamic configuration may have changed the files.
-    pub(super) fn config_pending(&self) -> bool {
-        if !self.pg.is_running() {
-            return false;
-        }
-        let (parameters, _) = super::pgconf::parameters(&self.cfg, &self.dynamic, self.sync_guc.as_deref());
-        self.config_dirty || self.written_parameters.as_ref() != Some(&parameters)
-    }
-
-    /// A running primary whose lock is not proven: nothing may change its configuration. A
-    /// reload could shorten `synchronous_standby_names` and release commits that only this
-    /// node has, after another node was promoted (acknowledged, then lost in the rewind).
-    pub(super) fn primary_without_lock(&self) -> bool {
-        let primary = self.status.as_ref().is_none_or(|s| !s.in_recovery);
-        self.pg.is_running() && primary && !self.leadership.holds_lock()
-    }
-
-    /// Writes PostgreSQL's configuration files and reloads, when something changed. Refused on
-    /// a primary without the lock, whoever asks ([`Agent::primary_without_lock`]).
-    pub(super) async fn apply_config(&mut self) {
-        if !self.pg.is_running() || !self.config_pending() {
-            return;
-        }
-        if self.primary_without_lock() {
-            tracing::warn!("not changing the configuration of a primary that does not hold the leader lock");
-            return;
-        }
-        let upstream = self.upstream_name();
-        let recovery = self.status.as_ref().filter(|s| s.in_recovery).map(|_| {
-            super::pgconf::recovery(
-                &self.pg,
-                &self.cfg,
-                &self.dynamic,
-                self.cluster.as_ref(),
-                upstream.as_deref(),
-            )
-        });
-        let files = super::pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), recovery);
-        if let Err(e) = self.pg.write_config(&files) {
-            tracing::error!("could not rewrite the PostgreSQL configuration: {e}");
-            return;
-        }
-        match self.pg.reload().await {
-            Ok(()) => {
-                tracing::info!("reloaded PostgreSQL configuration");
-                self.written_parameters = Some(files.parameters);
-                self.config_dirty = false;
-            }
-            Err(e) => tracing::error!("PostgreSQL reload failed: {e}"),
-        }
-    }
-
-    /// The member name our `primary_conninfo` currently points at, if we know it.
-    pub(super) fn upstream_name(&self) -> Option<String> {
-        let (host, port) = self.configured_upstream.as_ref()?;
-        self.cluster
-            .as_ref()?
-            .members
-            .iter()
-            .find(|m| m.data.host_port().is_some_and(|(h, p)| &h == host && p == *port))
-            .map(|m| m.name.clone())
     }
 }

@@ -21,17 +21,18 @@ use pgvigil_api::ClusterView;
 use serde_json::{Map, Value};
 
 use super::Agent;
+use crate::supervisor::PgSupervisor;
 
 impl Agent {
     /// The `failsafe` key a leader writes: every member with an `api_url`, and itself.
-    fn failsafe_map(&self, view: &ClusterView) -> Map<String, Value> {
+    fn failsafe_map(&self, view: &ClusterView, sup: &PgSupervisor) -> Map<String, Value> {
         let mut map: Map<String, Value> = view
             .members
             .iter()
             .filter(|m| !m.data.api_url.is_empty())
             .map(|m| (m.name.clone(), Value::String(m.data.api_url.clone())))
             .collect();
-        let (_, api_url, _) = self.identity();
+        let api_url = sup.identity().api_url;
         map.insert(self.cfg.name.clone(), Value::String(api_url));
         map
     }
@@ -39,10 +40,13 @@ impl Agent {
     /// The cycle's failsafe step, after the DCS read: keeps the prober's member list current,
     /// publishes the key (leader), and returns the leader that vouched for itself to us within
     /// ttl, if any.
-    pub(super) async fn failsafe_step(&mut self, cluster: Option<&ClusterView>) -> Option<String> {
+    pub(super) async fn failsafe_step(
+        &mut self,
+        cluster: Option<&ClusterView>,
+        sup: &PgSupervisor,
+    ) -> Option<String> {
         let enabled = self.dynamic.failsafe_mode;
         let prober = self.leadership.failsafe().clone();
-        self.memory.failsafe_confirmed = enabled && self.leadership.failsafe_holds();
         if !enabled {
             return None;
         }
@@ -53,7 +57,7 @@ impl Agent {
             }
             if self.leadership.holds_lock() {
                 self.failsafe.clear();
-                let map = self.failsafe_map(view);
+                let map = self.failsafe_map(view, sup);
                 if view.failsafe.as_ref() != Some(&map) {
                     let retry = Duration::from_secs(self.dynamic.retry_timeout);
                     match tokio::time::timeout(retry, self.dcs.set_failsafe(&map)).await {

@@ -1,43 +1,44 @@
-//! The runtime around the pure engine: it gathers facts (etcd, PostgreSQL, peers), asks
-//! [`pgvigil_engine::decide`], performs the actions with timeouts, and publishes the result.
+//! The HA loop: it composes the agent's parts — [`Leadership`] (the lock), the PostgreSQL
+//! [`PgSupervisor`], the [`OperatorQueue`] — around the pure engine, and never blocks on a long
+//! action.
 //!
-//! Shape of one cycle (neon's `timeline_manager` and Patroni's `run_cycle`):
-//! 1. promise [`Leadership`] to report again soon, read the cluster (bounded by
-//!    `retry_timeout`), adopt a changed dynamic configuration;
-//! 2. observe PostgreSQL (pid file, one monitoring query, `pg_controldata` when it is down);
-//! 3. decide, with the lock as `Leadership` holds it, querying peers if the engine asks, then
-//!    perform the actions in order;
-//! 4. publish the member key and the REST snapshot, tell `Leadership` the settings;
-//! 5. sleep until `loop_wait` elapses or something happens: a leader/config change in etcd, the
-//!    postmaster dying, the lock lost or the fence acting, a silent leader's promise running
-//!    out, an API command, a signal.
+//! One cycle (neon's `timeline_manager` and Patroni's `run_cycle`):
+//! 1. promise `Leadership` to report again soon; read the cluster (bounded by
+//!    `retry_timeout`); adopt a changed dynamic configuration;
+//! 2. the supervisor observes PostgreSQL (pid file, one monitoring query, `pg_controldata`
+//!    when it is down);
+//! 3. decide, with the lock as `Leadership` holds it and the operator's pending request,
+//!    querying peers if the engine asks;
+//! 4. hand the supervisor and the decision's actions to a task. While it runs the loop keeps
+//!    reading etcd, publishing what it knows, answering the REST API and refusing conflicting
+//!    requests; when the task returns the supervisor, a new cycle starts at once;
+//! 5. sleep until `loop_wait` elapses or something happens: a leader/config change in etcd,
+//!    the postmaster dying, the lock lost or the fence acting, a silent leader's promise
+//!    running out, an API command, a signal.
+//!
+//! See `docs/architecture.md` for the parts and who owns what.
 
-mod actions;
 mod dynamic;
 mod failsafe;
-pub mod history;
-mod observe;
-mod operator;
-mod pgconf;
-mod sync;
-pub mod sync_watch;
+mod publish;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use pgvigil_api::{ClusterView, PgState, Role};
+use pgvigil_api::ClusterView;
 use pgvigil_config::{Config, DynamicConfig};
 use pgvigil_dcs::{Dcs, DcsEvent, LockKeyEvent};
-use pgvigil_engine::{Action, DataDir, Decision, EngineConfig, Inputs, LocalPg, Memory, PeerReport};
-use pgvigil_postgres::{DataDirState, PgStatus, Postgres};
+use pgvigil_engine::{Action, Decision, EngineConfig, Inputs, PeerReport};
 use pgvigil_rest::{ApiCommand, FailsafeState, NodeSnapshot, PeerClient};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use self::observe::Identity;
 use crate::leadership::watchdog::Watchdog;
 use crate::leadership::{Leadership, LockSettings};
+use crate::operator::{Forward, OperatorQueue, failover_due_in};
+use crate::supervisor::{PgSupervisor, Reported};
 
 /// Why the agent stopped.
 #[derive(Debug)]
@@ -61,102 +62,81 @@ pub struct Wakeups {
     pub shutdown: CancellationToken,
 }
 
+/// A decision's actions being performed by the supervisor on a task.
+struct Running {
+    handle: JoinHandle<(PgSupervisor, Result<bool, String>)>,
+    /// What it does when that takes long (a restart, a clone, a switchover's stop), for the
+    /// snapshot and for refusing conflicting requests; `None` for routine work.
+    what: Option<String>,
+}
+
+/// The parts the loop is built from (see `wiring`).
+pub struct Parts {
+    pub cfg: Config,
+    pub config_path: Option<PathBuf>,
+    pub dynamic: DynamicConfig,
+    pub dcs: Arc<dyn Dcs>,
+    pub leadership: Arc<Leadership>,
+    pub supervisor: PgSupervisor,
+    pub operator: OperatorQueue,
+    pub snapshot: watch::Sender<Arc<NodeSnapshot>>,
+    pub peers: PeerClient,
+    pub failsafe: Arc<FailsafeState>,
+    pub watchdog: Arc<Watchdog>,
+}
+
 pub struct Agent {
-    cfg: Config,
+    cfg: Arc<Config>,
     config_path: Option<PathBuf>,
+    /// The dynamic configuration in force (the supervisor gets a copy when it is home).
     dynamic: DynamicConfig,
     /// `mod_revision` of the DCS `config` key last applied (0 = bootstrap.dcs or cache).
     dynamic_revision: i64,
     dcs: Arc<dyn Dcs>,
-    pg: Arc<Postgres>,
-    leadership: Leadership,
+    leadership: Arc<Leadership>,
+    /// Home between decisions; away on `running` while it performs one.
+    supervisor: Option<PgSupervisor>,
+    running: Option<Running>,
+    /// What the supervisor last reported (also while it is away).
+    reported: Arc<Mutex<Reported>>,
+    operator: OperatorQueue,
     snapshot: watch::Sender<Arc<NodeSnapshot>>,
     peers: PeerClient,
-    memory: Memory,
-    /// What we report as PostgreSQL's state between observations (e.g. `creating replica`).
-    state: PgState,
-    /// Our role when PostgreSQL cannot tell (stopped, uninitialized, demoted).
-    role: Role,
-    status: Option<PgStatus>,
-    control: Option<pgvigil_engine::ControlInfo>,
-    cluster: Option<ClusterView>,
-    dcs_last_seen: Option<u64>,
-    /// `host:port` our `primary_conninfo` points at, as last written.
-    configured_upstream: Option<(String, u16)>,
-    /// Parameters last written to `postgresql.conf`, to reload only on change.
-    written_parameters: Option<std::collections::BTreeMap<String, String>>,
-    /// The configuration files may differ from what we would write (a reload or a new dynamic
-    /// configuration since the last write).
-    config_dirty: bool,
-    next_run: Instant,
-    scheduled_restart: Option<operator::ScheduledRestart>,
-    /// An operator asked for a reinitialize (`Some(from_leader)`), done next cycle.
-    pending_reinit: Option<bool>,
-    /// `{guc: {old_value, new_value}}` while a restart is pending.
-    pending_restart_reason: Option<serde_json::Value>,
-    /// `synchronous_standby_names` chosen by the sync manager; `None` leaves the user's value.
-    sync_guc: Option<String>,
-    /// Our flush position when `sync_guc` last changed.
-    sync_guc_changed_at: u64,
     /// Leaders' `POST /failsafe` calls, shared with the REST API.
     failsafe: Arc<FailsafeState>,
     watchdog: Arc<Watchdog>,
-    /// Synchronous standbys that stopped flushing (sampled by its own task on the leader).
-    sync_watch: Arc<sync_watch::SyncWatch>,
+    cluster: Option<ClusterView>,
+    dcs_last_seen: Option<u64>,
+    next_run: Instant,
+    /// The decision asked to be made again this soon.
+    recheck_in: Option<Duration>,
     /// The (leader, heartbeat) revisions whose silence already made us probe our etcd member.
     probed_silence: Option<(i64, i64)>,
 }
 
 impl Agent {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        cfg: Config,
-        config_path: Option<PathBuf>,
-        dcs: Arc<dyn Dcs>,
-        pg: Arc<Postgres>,
-        leadership: Leadership,
-        snapshot: watch::Sender<Arc<NodeSnapshot>>,
-        dynamic: DynamicConfig,
-        peers: PeerClient,
-        sync_watch: Arc<sync_watch::SyncWatch>,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Agent {
         Agent {
-            sync_watch,
-            probed_silence: None,
-            failsafe: Arc::default(),
-            watchdog: leadership.watchdog().clone(),
-            cfg,
-            config_path,
-            dynamic,
+            reported: parts.supervisor.reported(),
+            cfg: Arc::new(parts.cfg),
+            config_path: parts.config_path,
+            dynamic: parts.dynamic,
             dynamic_revision: 0,
-            dcs,
-            pg,
-            leadership,
-            snapshot,
-            peers,
-            memory: Memory::default(),
-            state: PgState::Stopped,
-            role: Role::Uninitialized,
-            status: None,
-            control: None,
+            dcs: parts.dcs,
+            leadership: parts.leadership,
+            supervisor: Some(parts.supervisor),
+            running: None,
+            operator: parts.operator,
+            snapshot: parts.snapshot,
+            peers: parts.peers,
+            failsafe: parts.failsafe,
+            watchdog: parts.watchdog,
             cluster: None,
             dcs_last_seen: None,
-            configured_upstream: None,
-            written_parameters: None,
-            config_dirty: false,
             next_run: Instant::now(),
-            scheduled_restart: None,
-            pending_reinit: None,
-            pending_restart_reason: None,
-            sync_guc: None,
-            sync_guc_changed_at: 0,
+            recheck_in: None,
+            probed_silence: None,
         }
-    }
-
-    /// Shares `POST /failsafe` calls with the REST API (see [`failsafe`]).
-    pub fn with_failsafe(mut self, state: Arc<FailsafeState>) -> Self {
-        self.failsafe = state;
-        self
     }
 
     /// How `Leadership` keeps the lock, from the dynamic configuration and what the view says
@@ -196,13 +176,9 @@ impl Agent {
             maximum_lag_on_failover: self.dynamic.maximum_lag_on_failover,
             primary_start_timeout: Duration::from_secs(self.dynamic.primary_start_timeout),
             check_timeline: self.dynamic.check_timeline,
-            use_pg_rewind: self
-                .cfg
-                .postgresql
-                .use_pg_rewind
-                .unwrap_or(self.dynamic.use_pg_rewind),
+            use_pg_rewind: self.cfg.use_pg_rewind(&self.dynamic),
             can_bootstrap: true,
-            synchronous_mode: sync::engine_mode(self.dynamic.synchronous_mode),
+            synchronous_mode: crate::supervisor::sync::engine_mode(self.dynamic.synchronous_mode),
             paused: self.dynamic.pause,
             failsafe_mode: self.dynamic.failsafe_mode,
             fast_takeover: self.dynamic.liveness.enabled,
@@ -217,31 +193,19 @@ impl Agent {
                 return self.shutdown().await;
             }
             self.drain_lock_keys(&mut wake.lock_keys);
-            let rerun = match self.cycle().await {
-                Ok(rerun) => rerun,
-                Err(fatal) => {
-                    tracing::error!("{fatal}");
-                    return Exit::Fatal(fatal);
+            let rerun = if self.running.is_some() {
+                self.cycle_while_busy().await;
+                false
+            } else {
+                match self.cycle().await {
+                    Ok(rerun) => rerun,
+                    Err(fatal) => {
+                        tracing::error!("{fatal}");
+                        return Exit::Fatal(fatal);
+                    }
                 }
             };
-            let loop_wait = Duration::from_secs(self.dynamic.loop_wait);
-            let now = Instant::now();
-            self.next_run = if rerun {
-                now
-            } else {
-                (self.next_run + loop_wait).max(now)
-            };
-            // A scheduled switchover acts at its exact time, not at the next tick.
-            if let Some(due) =
-                operator::failover_due_in(self.cluster.as_ref()).filter(|d| *d > 0.0 && d.is_finite())
-            {
-                self.next_run = self.next_run.min(now + Duration::from_secs_f64(due));
-            }
-            // A silent leader's promise runs out: look again right then, and earlier to check
-            // that our own etcd member still answers.
-            if let Some(d) = self.silence_wake_in() {
-                self.next_run = self.next_run.min(now + d);
-            }
+            self.schedule_next(rerun);
             self.publish_snapshot();
             if rerun {
                 continue;
@@ -255,6 +219,14 @@ impl Agent {
                     _ = wake.shutdown.cancelled() => {}
                     _ = tokio::time::sleep_until(self.next_run.into()) => {}
                     _ = wake.lock_news.notified() => {}
+                    done = async { (&mut self.running.as_mut().expect("guarded").handle).await },
+                        if self.running.is_some() =>
+                    {
+                        if let Err(fatal) = self.task_done(done) {
+                            tracing::error!("{fatal}");
+                            return Exit::Fatal(fatal);
+                        }
+                    }
                     key = wake.lock_keys.recv() => {
                         match key {
                             Ok(event) => self.leadership.observe_key(event),
@@ -268,8 +240,14 @@ impl Agent {
                         // the timer above covers its promise running out.
                         continue;
                     }
-                    Some(()) = wake.reload.recv() => self.reload_local_config().await,
-                    Some(cmd) = wake.commands.recv() => self.handle_command(cmd).await,
+                    Some(()) = wake.reload.recv() => self.reload_local_config(),
+                    Some(cmd) = wake.commands.recv() => {
+                        let started = self.reported().status.map(|s| s.postmaster_start_time);
+                        match self.operator.command(cmd, started) {
+                            Some(Forward::Reload) => self.reload_local_config(),
+                            Some(Forward::Wake) | None => {}
+                        }
+                    }
                     _ = wake.postmaster_changed.changed() => {}
                     event = wake.dcs_events.recv() => {
                         // An uninteresting change (member keys move with every WAL position)
@@ -289,10 +267,36 @@ impl Agent {
         }
     }
 
-    /// How long past its next promised report the loop may be before the guardian stops
-    /// renewing: one DCS read and one set of bounded actions.
+    /// When to run the next cycle: at once, at the decision's recheck, at a scheduled
+    /// switchover, when a silent leader needs a look, else `loop_wait` after the last.
+    fn schedule_next(&mut self, rerun: bool) {
+        let loop_wait = Duration::from_secs(self.dynamic.loop_wait);
+        let now = Instant::now();
+        self.next_run = if rerun {
+            now
+        } else {
+            (self.next_run + loop_wait).max(now)
+        };
+        if let Some(d) = self.recheck_in.take() {
+            self.next_run = self.next_run.min(now + d);
+        }
+        // A scheduled switchover acts at its exact time, not at the next tick.
+        if let Some(due) = failover_due_in(self.cluster.as_ref()).filter(|d| *d > 0.0 && d.is_finite()) {
+            self.next_run = self.next_run.min(now + Duration::from_secs_f64(due));
+        }
+        if let Some(d) = self.silence_wake_in() {
+            self.next_run = self.next_run.min(now + d);
+        }
+    }
+
+    /// How long past its next promised report the loop may be before `Leadership` stops
+    /// proving the lock: one DCS read and one set of bounded actions.
     fn stall_allowance(&self) -> Duration {
         Duration::from_secs(self.dynamic.retry_timeout * 2 + self.dynamic.loop_wait)
+    }
+
+    fn reported(&self) -> Reported {
+        self.reported.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Hands watch events of the leader and heartbeat keys to the liveness tracker.
@@ -311,16 +315,11 @@ impl Agent {
     fn silence_wake_in(&self) -> Option<Duration> {
         let liveness = self.dynamic.liveness;
         let s = self.leadership.silence().filter(|_| liveness.enabled)?;
-        let probe_at = Self::probe_after(&liveness);
+        let probe_at = probe_after(&liveness);
         if s.silent_for < probe_at && self.probed_silence != Some((s.leader_revision, s.heartbeat_revision)) {
             return Some(probe_at - s.silent_for);
         }
         Some(s.gone_in(liveness.takeover_margin))
-    }
-
-    /// Three missed heartbeats, and at most a third of the promise.
-    fn probe_after(liveness: &pgvigil_config::Liveness) -> Duration {
-        (liveness.heartbeat_interval * 3).min(liveness.fence_after / 3)
     }
 
     /// A leader that promised the fast takeover has been silent for a few heartbeats: make sure
@@ -333,7 +332,7 @@ impl Agent {
             return;
         };
         let key = (s.leader_revision, s.heartbeat_revision);
-        if s.silent_for < Self::probe_after(&liveness) || self.probed_silence == Some(key) {
+        if s.silent_for < probe_after(&liveness) || self.probed_silence == Some(key) {
             return;
         }
         self.probed_silence = Some(key);
@@ -347,10 +346,9 @@ impl Agent {
         }
     }
 
-    /// One cycle. `Ok(true)` asks for another cycle at once.
-    async fn cycle(&mut self) -> Result<bool, String> {
-        self.leadership.loop_alive_for(self.stall_allowance());
-        self.probe_etcd_if_leader_silent().await;
+    /// Reads the cluster (bounded by `retry_timeout`) and adopts what it says about the lock's
+    /// keys, the dynamic configuration and maintenance mode.
+    async fn read_cluster(&mut self) -> Option<ClusterView> {
         let retry = Duration::from_secs(self.dynamic.retry_timeout);
         let cluster = match tokio::time::timeout(retry, self.dcs.get_cluster()).await {
             Ok(Ok(c)) => Some(c),
@@ -373,36 +371,52 @@ impl Agent {
             self.leadership.set_paused(c.is_paused());
         }
         self.cluster = cluster.clone();
+        cluster
+    }
 
-        let mut pg = self.observe().await;
-        // A primary found running (after an agent restart): its synchronous standbys are what
-        // PostgreSQL waits for now, not the user's setting. Adopting them keeps the first
-        // configuration change from loosening them.
-        if self.dynamic.synchronous_mode.is_enabled()
-            && self.sync_guc.is_none()
-            && let Some(st) = self.status.as_ref().filter(|s| !s.in_recovery)
-        {
-            self.sync_guc = Some(st.synchronous_standby_names.clone());
-        }
-        if self.pending_reinit.is_some() {
-            match self.run_pending_reinit(cluster.as_ref()).await {
-                Ok(_) => pg = self.observe().await,
-                Err(actions::Failed::Fatal(m) | actions::Failed::Recoverable(m)) => tracing::error!("{m}"),
-            }
-        }
-        if self.scheduled_restart.is_some() && !cluster.as_ref().is_some_and(ClusterView::is_paused) {
-            self.run_due_restart().await;
-        }
-        self.refresh_pending_restart_reason().await;
-        let failsafe_leader = self.failsafe_step(cluster.as_ref()).await;
-        let engine_cfg = self.engine_config();
+    /// A cycle while the supervisor is away: keep the view fresh for the REST API, keep an eye
+    /// on a silent leader, and answer requests that waited too long.
+    async fn cycle_while_busy(&mut self) {
+        self.leadership.loop_alive_for(self.stall_allowance());
+        self.probe_etcd_if_leader_silent().await;
+        self.read_cluster().await;
+        let what = self
+            .running
+            .as_ref()
+            .and_then(|r| r.what.clone())
+            .unwrap_or_else(|| "the node is busy".into());
+        self.operator.expire(&what);
+    }
+
+    /// One cycle with the supervisor home. `Ok(true)` asks for another cycle at once.
+    async fn cycle(&mut self) -> Result<bool, String> {
+        self.leadership.loop_alive_for(self.stall_allowance());
+        self.probe_etcd_if_leader_silent().await;
+        let cluster = self.read_cluster().await;
         let view = cluster.as_ref();
+        let mut sup = self
+            .supervisor
+            .take()
+            .expect("the supervisor is home between decisions");
+        if !Arc::ptr_eq(&sup.cfg, &self.cfg) {
+            sup.set_config(self.cfg.clone());
+        }
+        if sup.dynamic != self.dynamic {
+            sup.set_dynamic(self.dynamic.clone());
+        }
+        sup.set_cluster(cluster.clone());
+        let pg = sup.observe().await;
+        let failsafe_leader = self.failsafe_step(view, &sup).await;
+        sup.memory.failsafe_confirmed = self.dynamic.failsafe_mode && self.leadership.failsafe_holds();
+        let engine_cfg = self.engine_config();
         let view_names_me = view.and_then(ClusterView::leader_name) == Some(self.cfg.name.as_str());
         // A required watchdog is armed whenever this node holds the lock; the engine keeps a
         // node whose watchdog cannot be armed from acting as primary.
         let watchdog_failed =
-            self.leadership.holds_lock() && !view.is_some_and(ClusterView::is_paused) && !self.arm_watchdog();
-        let config_pending = self.config_pending();
+            self.leadership.holds_lock() && !view.is_some_and(ClusterView::is_paused) && !sup.arm_watchdog();
+        let config_pending = sup.config_pending();
+        let started = sup.status().map(|s| s.postmaster_start_time.clone());
+        let request = self.operator.request(started.as_deref());
         let silence = self.leadership.silence();
         let mut peers: Option<Vec<PeerReport>> = None;
         let decision = loop {
@@ -415,10 +429,11 @@ impl Agent {
                 failsafe_leader: failsafe_leader.as_deref(),
                 watchdog_failed,
                 config_pending,
+                request: request.as_ref(),
                 pg: &pg,
-                memory: &self.memory,
+                memory: &sup.memory,
                 peers: peers.as_deref(),
-                failover_due_in: operator::failover_due_in(view),
+                failover_due_in: failover_due_in(view),
             });
             if decision.actions.first() == Some(&Action::QueryPeers) && peers.is_none() {
                 peers = Some(
@@ -430,127 +445,55 @@ impl Agent {
             break decision;
         };
         self.log_decision(&decision);
-        let mut rerun = false;
-        for action in decision.actions {
-            match self.execute(action, view).await {
-                Ok(again) => rerun |= again,
-                Err(actions::Failed::Fatal(message)) => return Err(message),
-                Err(actions::Failed::Recoverable(message)) => {
-                    tracing::error!("{message}");
-                    rerun = false;
-                    break;
-                }
-            }
-        }
-        self.watchdog_after_cycle();
-        self.after_actions();
-        // Watch the synchronous standbys while leading a primary in synchronous mode.
-        let leading = self.leadership.holds_lock() && self.current_role() == Role::Primary;
-        self.sync_watch.enable(
-            (leading && self.dynamic.synchronous_mode.is_enabled())
-                .then_some(self.dynamic.liveness.sync_standby_timeout),
-        );
+        self.operator.decided(&decision.actions);
+        self.recheck_in = decision.recheck_in;
         if view.is_some() {
             self.leadership.configure(self.lock_settings(view));
         }
-        self.publish_member().await;
-        Ok(rerun)
-    }
-
-    /// Tells `Leadership` what runs now: the postmaster for the fence, and whether a primary is
-    /// left for a past term's fence or an earlier agent's fencer to stop.
-    fn after_actions(&mut self) {
-        let pid = self.pg.postmaster_pid();
-        self.leadership.set_postmaster(pid);
-        let primary = pid.is_some() && self.status.as_ref().is_none_or(|s| !s.in_recovery);
-        if !primary && !self.leadership.holds_lock() {
-            self.leadership.primary_gone();
+        let actions: Vec<Action> = decision
+            .actions
+            .into_iter()
+            .filter(|a| !matches!(a, Action::AnswerRequest { .. } | Action::QueryPeers))
+            .collect();
+        if actions.is_empty() {
+            sup.after_actions();
+            sup.publish_member().await;
+            self.supervisor = Some(sup);
+            return Ok(false);
         }
+        let what = describe(&actions);
+        let handle = tokio::spawn(async move {
+            let outcome = sup.perform(actions).await;
+            (sup, outcome)
+        });
+        self.running = Some(Running { handle, what });
+        Ok(false)
     }
 
-    /// End of every cycle: the watchdog stays armed only while this node holds the lock with a
-    /// running primary outside maintenance mode.
-    fn watchdog_after_cycle(&self) {
-        let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
-        let leading = self.leadership.holds_lock() && self.current_role() == Role::Primary;
-        if !leading || paused {
-            self.watchdog.disable();
+    /// The supervisor is back from a decision: `Err` for a fatal outcome.
+    fn task_done(
+        &mut self,
+        done: Result<(PgSupervisor, Result<bool, String>), tokio::task::JoinError>,
+    ) -> Result<(), String> {
+        self.running = None;
+        let (sup, outcome) = done.map_err(|e| format!("the task performing a decision failed: {e}"))?;
+        self.supervisor = Some(sup);
+        self.operator
+            .finished(&outcome.as_ref().map(drop).map_err(Clone::clone));
+        match outcome {
+            Ok(_) => {
+                // What was done changes what is true: decide again at once.
+                self.next_run = Instant::now();
+                Ok(())
+            }
+            Err(fatal) => Err(fatal),
         }
-    }
-
-    /// Arms (or re-arms) the watchdog for the current `ttl`; false when it is required and
-    /// cannot be used.
-    fn arm_watchdog(&self) -> bool {
-        self.watchdog.activate(Duration::from_secs(self.dynamic.ttl))
     }
 
     fn log_decision(&self, decision: &Decision) {
         let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
         let prefix = if paused { "PAUSE: " } else { "" };
         tracing::info!("{prefix}{}", decision.message);
-    }
-
-    async fn observe(&mut self) -> LocalPg {
-        let data = match self.pg.data_dir_state() {
-            DataDirState::Empty => DataDir::Empty,
-            DataDirState::Invalid(why) => DataDir::Invalid(why),
-            DataDirState::Initialized => DataDir::Empty, // replaced below
-        };
-        let alive = self.pg.is_running();
-        self.status = None;
-        if alive && !matches!(data, DataDir::Invalid(_)) {
-            match self
-                .pg
-                .query_state(Duration::from_secs(self.dynamic.retry_timeout.max(2) / 2))
-                .await
-            {
-                Ok(st) => {
-                    self.status = Some(st);
-                    self.state = PgState::Running;
-                }
-                Err(e) => {
-                    tracing::debug!("monitoring query failed: {e}");
-                    if self.state == PgState::Running {
-                        self.state = PgState::Starting;
-                    }
-                }
-            }
-        } else if self.state == PgState::Running || self.state == PgState::Starting {
-            self.state = PgState::Crashed;
-        }
-        let data = if matches!(self.pg.data_dir_state(), DataDirState::Initialized) {
-            if !alive || self.control.is_none() || self.status.is_none() {
-                match self.pg.controldata().await {
-                    Ok(cd) => self.control = Some(observe::control_info(&cd)),
-                    Err(e) => {
-                        return LocalPg {
-                            data: DataDir::Invalid(format!("pg_controldata failed: {e}")),
-                            postmaster_alive: alive,
-                            observed: None,
-                        };
-                    }
-                }
-            }
-            match &self.control {
-                Some(c) => DataDir::Initialized(c.clone()),
-                None => DataDir::Invalid("no control data".into()),
-            }
-        } else {
-            self.control = None;
-            data
-        };
-        if matches!(data, DataDir::Empty) {
-            self.role = Role::Uninitialized;
-        }
-        let observed = self
-            .status
-            .as_ref()
-            .map(|st| observe::observed(st, self.configured_upstream.as_ref()));
-        LocalPg {
-            data,
-            postmaster_alive: alive,
-            observed,
-        }
     }
 
     /// Every other member's `GET api_url`, in parallel. A leader that promised the fast
@@ -574,101 +517,9 @@ impl Agent {
         futures::future::join_all(calls).await
     }
 
-    fn identity(&self) -> (String, String, serde_json::Map<String, serde_json::Value>) {
-        let conn_url = format!(
-            "postgres://{}/{}",
-            self.cfg.postgresql.connect_address, self.cfg.postgresql.database
-        );
-        let api_url = format!("http://{}/patroni", self.cfg.restapi.connect_address);
-        (conn_url, api_url, self.cfg.tags.to_published())
-    }
-
-    fn current_role(&self) -> Role {
-        observe::role(self.status.as_ref(), self.role)
-    }
-
-    async fn publish_member(&mut self) {
-        let (conn_url, api_url, tags) = self.identity();
-        let id = Identity {
-            scope: &self.cfg.scope,
-            name: &self.cfg.name,
-            conn_url: &conn_url,
-            api_url: &api_url,
-            tags: &tags,
-        };
-        let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
-        let mut data =
-            observe::member_data(&id, self.state, self.current_role(), self.status.as_ref(), paused);
-        (data.scheduled_restart, data.pending_restart_reason) = self.operator_fields();
-        let Some(lease) = self.leadership.member_lease() else {
-            tracing::debug!("no etcd lease yet; the member key waits");
-            return;
-        };
-        let retry = Duration::from_secs(self.dynamic.retry_timeout);
-        match tokio::time::timeout(retry, self.dcs.touch_member(&data, lease)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("could not publish our member key: {e}"),
-            Err(_) => tracing::warn!("publishing our member key timed out"),
-        }
-    }
-
-    fn publish_snapshot(&self) {
-        let (conn_url, api_url, tags) = self.identity();
-        let id = Identity {
-            scope: &self.cfg.scope,
-            name: &self.cfg.name,
-            conn_url: &conn_url,
-            api_url: &api_url,
-            tags: &tags,
-        };
-        let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
-        let unlocked = self.cluster.as_ref().is_none_or(ClusterView::is_unlocked);
-        let mut status = observe::status_document(
-            &id,
-            self.state,
-            self.current_role(),
-            self.status.as_ref(),
-            paused,
-            unlocked,
-            self.dcs_last_seen,
-        );
-        let (scheduled, reason) = self.operator_fields();
-        if let Some(mut scheduled) = scheduled {
-            if let Some(m) = scheduled.as_object_mut() {
-                m.remove("postmaster_start_time");
-            }
-            status.scheduled_restart = Some(scheduled);
-        }
-        status.pending_restart_reason = reason;
-        if let Some(sync) = self.cluster.as_ref().and_then(|c| c.sync.as_ref())
-            && sync.value.contains(&self.cfg.name)
-        {
-            if self.dynamic.synchronous_mode == pgvigil_config::SyncMode::Quorum {
-                status.quorum_standby = Some(true);
-            } else {
-                status.sync_standby = Some(true);
-            }
-        }
-        let leader_until = self.leadership.held_until();
-        let mut snap = NodeSnapshot::initial(&self.cfg.scope, &self.cfg.name);
-        snap.status = status;
-        snap.cluster = self.cluster.clone();
-        snap.leader_until = leader_until;
-        snap.next_run = self.next_run;
-        snap.ttl = self.dynamic.ttl;
-        snap.loop_wait = self.dynamic.loop_wait;
-        snap.maximum_lag_on_failover = self.dynamic.maximum_lag_on_failover;
-        snap.paused = paused;
-        snap.tags = tags;
-        snap.failsafe_mode_enabled = self.dynamic.failsafe_mode;
-        (snap.failsafe_active, snap.failsafe_members) = self.failsafe_snapshot();
-        snap.status.failsafe_mode_is_active = snap.failsafe_active.then_some(true);
-        snap.status.watchdog_failed = self.watchdog.failed().then_some(true);
-        self.snapshot.send_replace(Arc::new(snap));
-    }
-
-    /// SIGHUP / `POST /reload`: re-read the local configuration file and apply it.
-    async fn reload_local_config(&mut self) {
+    /// SIGHUP / `POST /reload`: re-read the local configuration file. PostgreSQL's files
+    /// follow when the engine next allows it.
+    fn reload_local_config(&mut self) {
         let env: std::collections::BTreeMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with("PATRONI_"))
             .collect();
@@ -681,8 +532,7 @@ impl Agent {
                     tracing::error!("reload ignored: name and scope cannot change while running");
                     return;
                 }
-                self.cfg = loaded.config;
-                self.config_dirty = true;
+                self.cfg = Arc::new(loaded.config);
                 tracing::info!(
                     "reloaded the local configuration; PostgreSQL's follows when the next cycle allows"
                 );
@@ -690,6 +540,49 @@ impl Agent {
             Err(e) => tracing::error!("reload failed, keeping the previous configuration: {e}"),
         }
     }
+
+    /// SIGTERM: let a running task finish, then stop PostgreSQL (unless paused) and hand the
+    /// lock over; the fences are disarmed last.
+    async fn shutdown(mut self) -> Exit {
+        if let Some(running) = self.running.take() {
+            if let Some(what) = &running.what {
+                tracing::info!("{what}: waiting for it to finish before shutting down");
+            }
+            if let Ok((sup, _)) = running.handle.await {
+                self.supervisor = Some(sup);
+            }
+        }
+        if let Some(mut sup) = self.supervisor.take() {
+            sup.shutdown().await;
+        }
+        self.leadership.shutdown();
+        Exit::Shutdown
+    }
+}
+
+/// Three missed heartbeats, and at most a third of the promise.
+fn probe_after(liveness: &pgvigil_config::Liveness) -> Duration {
+    (liveness.heartbeat_interval * 3).min(liveness.fence_after / 3)
+}
+
+/// What a decision's long action is, for `busy` answers; `None` when every action is routine
+/// (housekeeping, publishing, applying configuration), which must not turn requests away.
+fn describe(actions: &[Action]) -> Option<String> {
+    actions.iter().find_map(|a| {
+        let what = match a {
+            Action::Restart { .. } => "restart in progress",
+            Action::Reinitialize { .. } => "reinitialize in progress",
+            Action::CreateReplica { .. } => "creating a replica",
+            Action::Bootstrap => "bootstrap in progress",
+            Action::StopForSwitchover { .. } => "switchover in progress",
+            Action::Rewind { .. } => "pg_rewind in progress",
+            Action::Promote => "promotion in progress",
+            Action::Start(_) => "postgres is starting",
+            Action::Demote(_) => "postgres is stopping",
+            _ => return None,
+        };
+        Some(what.to_string())
+    })
 }
 
 /// Which DCS changes end the nap early (§1.6): the leader key, the config and a failover request

@@ -102,6 +102,20 @@ impl App {
             Err(reply) => return self.text(snap, reply),
         };
         let action = request.action;
+        if let Some(busy) = &snap.busy
+            && request.scheduled_at.is_none()
+        {
+            return self.text(
+                snap,
+                ApiReply::new(
+                    503,
+                    format!(
+                        "{} not possible now: {busy}; try again when it is done",
+                        action.title()
+                    ),
+                ),
+            );
+        }
         tracing::info!(
             "received {} request with leader={:?} candidate={:?} scheduled_at={:?}",
             action.name(),

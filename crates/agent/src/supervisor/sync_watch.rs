@@ -38,6 +38,8 @@ struct Progress {
     moved_at: Instant,
     /// It had WAL outstanding at the last sample.
     behind: bool,
+    /// Its stall was already reported (once per stall, not at every sample).
+    reported: bool,
 }
 
 /// The standbys' progress, shared by the sampler and the HA loop.
@@ -74,13 +76,13 @@ impl SyncWatch {
     /// standby became stalled with it.
     pub fn record(&self, now: Instant, sample: &[(String, u64, u64)], timeout: Duration) -> bool {
         let mut standbys = self.lock();
-        let was: Vec<String> = stalled_names(&standbys, now, timeout);
         standbys.retain(|name, _| sample.iter().any(|(n, _, _)| n == name));
         for (name, sent, flushed) in sample {
             let entry = standbys.entry(name.clone()).or_insert(Progress {
                 flushed: *flushed,
                 moved_at: now,
                 behind: false,
+                reported: false,
             });
             if *flushed > entry.flushed {
                 entry.flushed = *flushed;
@@ -92,9 +94,13 @@ impl SyncWatch {
             }
             entry.behind = *sent > *flushed;
         }
-        stalled_names(&standbys, now, timeout)
-            .iter()
-            .any(|n| !was.contains(n))
+        let mut newly = false;
+        for p in standbys.values_mut() {
+            let now_stalled = stalled(p, now, timeout);
+            newly |= now_stalled && !p.reported;
+            p.reported = now_stalled;
+        }
+        newly
     }
 
     /// Whether `name` is stalled now.
@@ -111,14 +117,6 @@ impl SyncWatch {
 
 fn stalled(p: &Progress, now: Instant, timeout: Duration) -> bool {
     p.behind && now.saturating_duration_since(p.moved_at) >= timeout
-}
-
-fn stalled_names(standbys: &HashMap<String, Progress>, now: Instant, timeout: Duration) -> Vec<String> {
-    standbys
-        .iter()
-        .filter(|(_, p)| stalled(p, now, timeout))
-        .map(|(n, _)| n.clone())
-        .collect()
 }
 
 /// Samples while enabled; wakes the HA loop (`wake`) when a standby stalls.

@@ -9,8 +9,10 @@ use pgvigil_dcs::TermOpening;
 use pgvigil_engine::{Action, DemoteMode, StartAs};
 use pgvigil_postgres::StopMode;
 
-use super::{Agent, history, pgconf};
+use super::config::Recovery;
+use super::{PgSupervisor, history, pgconf};
 
+#[derive(Debug)]
 pub enum Failed {
     /// The agent must exit.
     Fatal(String),
@@ -18,19 +20,15 @@ pub enum Failed {
     Recoverable(String),
 }
 
-type Outcome = Result<bool, Failed>;
+pub(super) type Outcome = Result<bool, Failed>;
 
 fn recoverable(what: &str) -> impl FnOnce(pgvigil_postgres::PgError) -> Failed + '_ {
     move |e| Failed::Recoverable(format!("{what}: {e}"))
 }
 
-impl Agent {
-    fn retry(&self) -> Duration {
+impl PgSupervisor {
+    pub(super) fn retry(&self) -> Duration {
         Duration::from_secs(self.dynamic.retry_timeout)
-    }
-
-    pub(super) fn retry_timeout(&self) -> Duration {
-        self.retry()
     }
 
     fn pg_ctl_timeout(&self) -> Duration {
@@ -53,7 +51,7 @@ impl Agent {
             Action::Reinitialize { source } => self.reinitialize(view, &source).await,
             // The cycle gathers peers itself before deciding again.
             Action::QueryPeers => Ok(true),
-            Action::AcquireLock => self.acquire_lock(view, TermOpening::Acquire).await,
+            Action::AcquireLock => self.acquire_lock(TermOpening::Acquire).await,
             Action::TakeOver {
                 from,
                 leader_revision,
@@ -66,7 +64,7 @@ impl Agent {
                     heartbeat_revision,
                     config_revision,
                 };
-                self.acquire_lock(view, how).await
+                self.acquire_lock(how).await
             }
             Action::AdoptLock { leader_revision } => self.adopt_lock(leader_revision).await,
             Action::ReleaseLock => self.release_lock().await,
@@ -75,14 +73,24 @@ impl Agent {
                 Ok(false)
             }
             Action::WriteInitialize => self.write_initialize().await,
-            Action::LeaderHousekeeping => self.leader_housekeeping(view).await,
-            Action::Switchover { candidate } => self.switchover(view, candidate).await,
+            Action::LeaderHousekeeping { slot_members } => {
+                self.leader_housekeeping(view, &slot_members).await
+            }
+            Action::StopForSwitchover { candidates } => self.stop_for_switchover(candidates).await,
+            Action::PublishPosition { optime } => self.publish_position(view, optime).await,
+            Action::Restart { timeout } => self
+                .restart_postgres(timeout)
+                .await
+                .map(|()| true)
+                .map_err(Failed::Recoverable),
+            // The loop's operator queue answers the request before the actions run.
+            Action::AnswerRequest { .. } => Ok(false),
             Action::ClearFailover => self.clear_failover(view).await,
             Action::Fatal(message) => Err(Failed::Fatal(message)),
         }
     }
 
-    async fn dcs_call<T>(
+    pub(super) async fn dcs_call<T>(
         &self,
         what: &str,
         call: impl std::future::Future<Output = Result<T, pgvigil_dcs::DcsError>>,
@@ -160,11 +168,9 @@ impl Agent {
             std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         }
         self.write_pgpass().map_err(failed_text)?;
-        let files = pgconf::files(cfg, &self.dynamic, self.sync_guc.as_deref(), None);
-        self.pg
-            .write_config(&files)
+        let files = self.config_files(Recovery::None);
+        self.write_config(&files)
             .map_err(|e| format!("writing the configuration: {e}"))?;
-        self.written_parameters = Some(files.parameters.clone());
         self.state = PgState::Starting;
         self.pg
             .start(self.pg_ctl_timeout())
@@ -271,7 +277,7 @@ impl Agent {
             ));
         }
         self.memory.primary_restart_since.get_or_insert_with(Instant::now);
-        let files = pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), None);
+        let files = self.config_files(Recovery::None);
         let started = self.start_with(files).await;
         self.leadership.set_postmaster(self.pg.postmaster_pid());
         if !self.leadership.permits_primary() {
@@ -288,18 +294,15 @@ impl Agent {
         // From now on we are a replica, even if the start fails: peers racing for the lock
         // must not see a "primary still alive" in a node that gave the lock up.
         self.role = Role::Replica;
-        let recovery = pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, view, upstream);
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         self.write_pgpass()?;
-        let files = pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), Some(recovery));
+        let files = self.config_files(Recovery::Follow(upstream));
         self.start_with(files).await
     }
 
     async fn start_with(&mut self, files: pgvigil_postgres::ConfigFiles) -> Outcome {
-        self.pg
-            .write_config(&files)
+        self.write_config(&files)
             .map_err(recoverable("writing the configuration"))?;
-        self.written_parameters = Some(files.parameters.clone());
         self.state = PgState::Starting;
         self.leadership
             .loop_alive_for(self.pg_ctl_timeout() + self.retry());
@@ -341,7 +344,7 @@ impl Agent {
             let strict = self.dynamic.synchronous_mode_strict;
             let guc = pgvigil_engine::sync::before_promotion(&self.cfg.name, mode, strict, &view);
             if guc.is_some() {
-                self.sync_guc = guc;
+                self.standby_names = guc;
                 self.apply_config().await;
             }
         }
@@ -387,7 +390,7 @@ impl Agent {
         self.state = PgState::Stopped;
         self.role = Role::Demoted;
         self.configured_upstream = None;
-        self.sync_guc = None;
+        self.standby_names = None;
         if mode == DemoteMode::Offline {
             // Keep serving reads without an upstream until etcd is back.
             return self.start_replica(None, None).await;
@@ -396,13 +399,10 @@ impl Agent {
     }
 
     async fn follow(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
-        let recovery = pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, view, upstream);
         self.write_pgpass()?;
-        let files = pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), Some(recovery));
-        self.pg
-            .write_config(&files)
+        let files = self.config_files(Recovery::Follow(upstream));
+        self.write_config(&files)
             .map_err(recoverable("writing the configuration"))?;
-        self.written_parameters = Some(files.parameters.clone());
         self.pg
             .reload()
             .await
@@ -450,78 +450,9 @@ impl Agent {
         self.create_replica(view, source).await
     }
 
-    /// Races for the key (`Acquire`) or takes it from a silent leader (`TakeOver`).
-    async fn acquire_lock(&mut self, view: Option<&ClusterView>, how: TermOpening) -> Outcome {
-        let ttl = Duration::from_secs(self.dynamic.ttl);
-        // Failsafe mode: no race while a leader that posted to us within ttl may still run.
-        let failsafe = self.failsafe.clone();
-        let Some(_race) = failsafe.begin_race(ttl, Instant::now()) else {
-            tracing::info!("not racing: a leader confirmed itself over failsafe within ttl");
-            return Ok(false);
-        };
-        let won = match tokio::time::timeout(self.retry(), self.leadership.open(how)).await {
-            Ok(Ok(won)) => won,
-            Ok(Err(e)) => return Err(Failed::Recoverable(format!("acquiring the leader lock: {e}"))),
-            Err(_) => return Err(Failed::Recoverable("acquiring the leader lock timed out".into())),
-        };
-        if !won {
-            tracing::info!("failed to acquire the leader lock: another member holds it");
-            return Ok(true);
-        }
-        tracing::info!("acquired the leader lock");
-        // The request that made us leader is done (a future scheduled one stays).
-        let scheduled_later = super::operator::failover_due_in(view).is_some_and(|d| d > 0.0);
-        if view.and_then(ClusterView::pending_failover).is_some() && !scheduled_later {
-            let empty = pgvigil_api::FailoverValue::default();
-            let cleared = self.dcs.set_failover(&empty, None);
-            if let Err(Failed::Recoverable(e) | Failed::Fatal(e)) =
-                self.dcs_call("clearing the failover key", cleared).await
-            {
-                tracing::warn!("{e}");
-            }
-        }
-        Ok(true)
-    }
-
-    /// The key names us from before an agent restart: move it to our lease.
-    async fn adopt_lock(&mut self, leader_revision: i64) -> Outcome {
-        let how = TermOpening::Move { leader_revision };
-        match tokio::time::timeout(self.retry(), self.leadership.open(how)).await {
-            Ok(Ok(true)) => {
-                tracing::info!("adopted the leader key");
-                Ok(true)
-            }
-            Ok(Ok(false)) => {
-                tracing::info!("the leader key changed before we could adopt it");
-                Ok(true)
-            }
-            Ok(Err(e)) => Err(Failed::Recoverable(format!("adopting the leader key: {e}"))),
-            Err(_) => Err(Failed::Recoverable("adopting the leader key timed out".into())),
-        }
-    }
-
-    pub(super) async fn release_lock(&mut self) -> Outcome {
-        match tokio::time::timeout(self.retry(), self.leadership.release()).await {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(e)) => Err(Failed::Recoverable(format!("releasing the leader lock: {e}"))),
-            Err(_) => Err(Failed::Recoverable("releasing the leader lock timed out".into())),
-        }
-    }
-
-    async fn write_initialize(&mut self) -> Outcome {
-        let sysid = match (&self.status, &self.control) {
-            (Some(st), _) if !st.system_identifier.is_empty() => st.system_identifier.clone(),
-            (_, Some(c)) => c.sysid.clone(),
-            _ => return Err(Failed::Recoverable("system identifier unknown".into())),
-        };
-        self.dcs_call("writing the initialize key", self.dcs.set_initialize(&sysid))
-            .await?;
-        Ok(false)
-    }
-
-    /// The leader's per-cycle duties: publish its position, the timeline history, and keep a
-    /// replication slot for every other member.
-    async fn leader_housekeeping(&mut self, view: Option<&ClusterView>) -> Outcome {
+    /// The leader's per-cycle duties: publish its position and the timeline history, manage the
+    /// synchronous standbys, and keep a replication slot for each member the engine named.
+    async fn leader_housekeeping(&mut self, view: Option<&ClusterView>, slot_members: &[String]) -> Outcome {
         self.memory.primary_restart_since = None;
         self.memory.start_failed = false;
         let Some(st) = self.status.clone() else {
@@ -543,18 +474,9 @@ impl Agent {
         }
         self.manage_sync(view).await;
         if self.dynamic.use_slots {
-            let wanted: Vec<String> = view
-                .members
+            let wanted: Vec<String> = slot_members
                 .iter()
-                .filter(|m| m.name != self.cfg.name && !m.data.tag_bool("nostream"))
-                .filter(|m| {
-                    m.data
-                        .tags
-                        .get("replicatefrom")
-                        .and_then(|v| v.as_str())
-                        .is_none_or(|up| view.member(up).is_none())
-                })
-                .map(|m| pgvigil_postgres::Postgres::slot_name_for(&m.name))
+                .map(|m| pgvigil_postgres::Postgres::slot_name_for(m))
                 .collect();
             if let Err(e) = self.pg.ensure_physical_slots(&wanted).await {
                 tracing::warn!("could not manage replication slots: {e}");
@@ -597,13 +519,12 @@ impl Agent {
     }
 
     /// SIGTERM: stop PostgreSQL (unless paused) and hand the lock over.
-    pub(super) async fn shutdown(mut self) -> super::Exit {
+    pub async fn shutdown(&mut self) {
         let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);
         if paused {
             tracing::info!("paused: leaving PostgreSQL running and keeping the leader key");
             self.watchdog.disable();
-            self.leadership.shutdown();
-            return super::Exit::Shutdown;
+            return;
         }
         let was_leader = self.leadership.holds_lock();
         if self.pg.is_running() {
@@ -612,20 +533,14 @@ impl Agent {
             if let Err(e) = self.pg.stop(StopMode::Fast, self.pg_ctl_timeout()).await {
                 // The fencer process goes on enforcing the deadline once we are gone.
                 tracing::error!("could not stop PostgreSQL, keeping the leader key: {e}");
-                return super::Exit::Shutdown;
+                return;
             }
         }
         self.state = PgState::Stopped;
         self.status = None;
         if was_leader {
             if let Ok(cd) = self.pg.controldata().await {
-                let status = pgvigil_api::StatusValue {
-                    optime: cd.checkpoint_lsn,
-                    ..Default::default()
-                };
-                let _ = self
-                    .dcs_call("publishing the final position", self.dcs.set_status(&status))
-                    .await;
+                self.publish_position(None, cd.checkpoint_lsn).await.ok();
             }
             match self.release_lock().await {
                 Ok(_) => tracing::info!("released the leader lock"),
@@ -635,8 +550,6 @@ impl Agent {
         // PostgreSQL is stopped: nothing left for a machine reset to protect.
         self.watchdog.disable();
         self.publish_member().await;
-        self.leadership.shutdown();
-        super::Exit::Shutdown
     }
 }
 

@@ -9,7 +9,7 @@ use pgvigil_api::ClusterView;
 use pgvigil_config::SyncMode as ConfigSyncMode;
 use pgvigil_engine::sync::{SyncInput, SyncMode, SyncStep, WalSender, next_step};
 
-use super::Agent;
+use super::PgSupervisor;
 
 pub fn engine_mode(mode: ConfigSyncMode) -> SyncMode {
     match mode {
@@ -19,7 +19,7 @@ pub fn engine_mode(mode: ConfigSyncMode) -> SyncMode {
     }
 }
 
-impl Agent {
+impl PgSupervisor {
     fn walsenders(&self) -> Vec<WalSender> {
         let Some(st) = &self.status else { return Vec::new() };
         let pick = match st.synchronous_commit.as_str() {
@@ -49,21 +49,21 @@ impl Agent {
     pub(super) async fn manage_sync(&mut self, view: &ClusterView) {
         let mode = engine_mode(self.dynamic.synchronous_mode);
         if mode == SyncMode::Off && view.sync.is_none() {
-            if self.sync_guc.take().is_some() {
+            if self.standby_names.take().is_some() {
                 self.apply_config().await;
             }
             return;
         }
         let mut view = view.clone();
-        if mode != SyncMode::Off && self.sync_guc.is_none() {
+        if mode != SyncMode::Off && self.standby_names.is_none() {
             // Adopt what runs, so the first step compares against reality.
-            self.sync_guc = self.status.as_ref().map(|s| s.synchronous_standby_names.clone());
+            self.standby_names = self.status.as_ref().map(|s| s.synchronous_standby_names.clone());
         }
         let retry = Duration::from_secs(self.dynamic.retry_timeout);
         let deadline = Instant::now() + Duration::from_secs(3);
         for _ in 0..8 {
             let senders = self.walsenders();
-            let current_guc = self.sync_guc.clone().unwrap_or_default();
+            let current_guc = self.standby_names.clone().unwrap_or_default();
             let step = next_step(&SyncInput {
                 me: &self.cfg.name,
                 mode,
@@ -73,7 +73,7 @@ impl Agent {
                 cluster: &view,
                 current_guc: &current_guc,
                 walsenders: &senders,
-                guc_changed_at: self.sync_guc_changed_at,
+                guc_changed_at: self.standby_names_changed_at_lsn,
             });
             let Some(step) = step else { return };
             match step {
@@ -99,7 +99,7 @@ impl Agent {
                 }
                 SyncStep::SetGuc(guc) => {
                     tracing::info!("setting synchronous_standby_names to {guc:?}");
-                    self.sync_guc = Some(guc);
+                    self.standby_names = Some(guc);
                     self.apply_config().await;
                     self.mark_guc_change().await;
                     if !self.wait_for_confirmation(deadline).await {
@@ -113,7 +113,7 @@ impl Agent {
                         Ok(Err(e)) => tracing::warn!("could not delete the sync key: {e}"),
                         Err(_) => tracing::warn!("deleting the sync key timed out"),
                     }
-                    self.sync_guc = None;
+                    self.standby_names = None;
                     self.apply_config().await;
                     return;
                 }
@@ -132,7 +132,7 @@ impl Agent {
             tracing::warn!("could not write the marker transaction: {e}");
         }
         if let Ok(st) = self.pg.query_state(Duration::from_secs(2)).await {
-            self.sync_guc_changed_at = st.wal_flush_lsn.unwrap_or(0);
+            self.standby_names_changed_at_lsn = st.wal_flush_lsn.unwrap_or(0);
             self.status = Some(st);
         }
     }
@@ -143,7 +143,7 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(100)).await;
             match self.pg.query_state(Duration::from_secs(2)).await {
                 Ok(st) => {
-                    let target = self.sync_guc_changed_at;
+                    let target = self.standby_names_changed_at_lsn;
                     let confirmed = st.walsenders.iter().any(|w| {
                         matches!(w.sync_state.as_deref(), Some("sync" | "quorum"))
                             && w.flush_lsn.unwrap_or(0) >= target

@@ -62,16 +62,34 @@ pub fn observed(st: &PgStatus, configured_upstream: Option<&(String, u16)>) -> O
         wal_position: wal_position(st),
         streaming: st.wal_receiver_streaming,
         upstream,
+        server_version: st.server_version,
+        pending_restart: st.pending_restart,
     }
 }
 
-/// Inputs to the published documents that come from the runtime rather than PostgreSQL.
-pub struct Identity<'a> {
-    pub scope: &'a str,
-    pub name: &'a str,
-    pub conn_url: &'a str,
-    pub api_url: &'a str,
-    pub tags: &'a Map<String, Value>,
+/// Inputs to the published documents that come from the configuration rather than PostgreSQL.
+pub struct Identity {
+    pub scope: String,
+    pub name: String,
+    pub conn_url: String,
+    pub api_url: String,
+    pub tags: Map<String, Value>,
+}
+
+impl Identity {
+    /// The member's identity as published, from the configuration.
+    pub fn of(cfg: &pgvigil_config::Config) -> Identity {
+        Identity {
+            scope: cfg.scope.clone(),
+            name: cfg.name.clone(),
+            conn_url: format!(
+                "postgres://{}/{}",
+                cfg.postgresql.connect_address, cfg.postgresql.database
+            ),
+            api_url: format!("http://{}/patroni", cfg.restapi.connect_address),
+            tags: cfg.tags.to_published(),
+        }
+    }
 }
 
 /// The role we report: from PostgreSQL when it answers, else what the runtime last knew.
@@ -84,15 +102,15 @@ pub fn role(st: Option<&PgStatus>, fallback: Role) -> Role {
 }
 
 pub fn member_data(
-    id: &Identity<'_>,
+    id: &Identity,
     state: PgState,
     role: Role,
     st: Option<&PgStatus>,
     paused: bool,
 ) -> MemberData {
     let mut m = MemberData {
-        conn_url: id.conn_url.to_string(),
-        api_url: id.api_url.to_string(),
+        conn_url: id.conn_url.clone(),
+        api_url: id.api_url.clone(),
         state: state.as_str().to_string(),
         role: role.as_str().to_string(),
         version: PATRONI_COMPAT_VERSION.to_string(),
@@ -120,7 +138,7 @@ pub fn member_data(
 }
 
 pub fn status_document(
-    id: &Identity<'_>,
+    id: &Identity,
     state: PgState,
     role: Role,
     st: Option<&PgStatus>,
@@ -137,8 +155,8 @@ pub fn status_document(
         dcs_last_seen,
         patroni: PatroniInfo {
             version: PATRONI_COMPAT_VERSION.to_string(),
-            scope: id.scope.to_string(),
-            name: id.name.to_string(),
+            scope: id.scope.clone(),
+            name: id.name.clone(),
         },
         ..Default::default()
     };
@@ -147,9 +165,17 @@ pub fn status_document(
     };
     doc.postmaster_start_time = Some(st.postmaster_start_time.clone()).filter(|t| !t.is_empty());
     doc.server_version = Some(st.server_version);
-    doc.timeline = (st.timeline > 0).then_some(st.timeline);
     doc.database_system_identifier = Some(st.system_identifier.clone()).filter(|s| !s.is_empty());
     doc.pending_restart = st.pending_restart.then_some(true);
+    apply_positions(&mut doc, st);
+    doc
+}
+
+/// The parts of a status document that come from the monitoring query: timeline, WAL
+/// positions, replication. Used for the loop's snapshot and for the fresh `GET /patroni`
+/// answer (`crate::probe`), so both say the same.
+pub fn apply_positions(doc: &mut StatusDocument, st: &PgStatus) {
+    doc.timeline = (st.timeline > 0).then_some(st.timeline);
     if st.in_recovery {
         doc.xlog = Some(XlogInfo {
             location: None,
@@ -158,17 +184,16 @@ pub fn status_document(
             replayed_timestamp: st.replay_timestamp.clone(),
             paused: Some(st.replay_paused),
         });
-        if st.wal_receiver_streaming {
-            doc.replication_state = Some("streaming".into());
-        }
+        doc.replication_state = st.wal_receiver_streaming.then(|| "streaming".to_string());
+        doc.replication = None;
     } else {
         doc.xlog = Some(XlogInfo {
             location: st.wal_flush_lsn,
             ..Default::default()
         });
+        doc.replication_state = None;
         doc.replication = Some(st.replication.clone());
     }
-    doc
 }
 
 #[cfg(test)]
