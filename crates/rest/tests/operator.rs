@@ -1,4 +1,4 @@
-//! The operator endpoints in-process (`patroni-compat.md` §2.6): real HTTP requests against the
+//! The operator endpoints in-process (`docs/patroni-compat.md` §2.6): real HTTP requests against the
 //! server, an in-memory DCS, and a stand-in for the runtime that answers the commands.
 
 mod support;
