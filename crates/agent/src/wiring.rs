@@ -142,7 +142,7 @@ async fn connect_dcs(options: EtcdOptions, stop: &CancellationToken) -> anyhow::
     }
 }
 
-/// Refuses to start when another live agent already uses our name (§2.7).
+/// Refuses to start when another live agent already uses our name (`docs/patroni-compat.md` §2.7).
 async fn duplicate_name_guard(cfg: &Config, dcs: &dyn Dcs) -> anyhow::Result<()> {
     let Ok(cluster) = dcs.get_cluster().await else {
         return Ok(());

@@ -1,4 +1,4 @@
-//! The whole cluster as read from the DCS in one range request (`patroni-compat.md` §1.1).
+//! The whole cluster as read from the DCS in one range request (`docs/patroni-compat.md` §1.1).
 //!
 //! Parsing is pure and tolerant: unknown keys are ignored, unparsable values count as absent.
 

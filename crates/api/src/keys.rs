@@ -1,4 +1,4 @@
-//! The etcd key layout of one cluster (`patroni-compat.md` §1.1).
+//! The etcd key layout of one cluster (`docs/patroni-compat.md` §1.1).
 
 /// Key names of one cluster, all below `/<namespace>/<scope>/`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Documents served by the REST API (`patroni-compat.md` §2).
+//! Documents served by the REST API (`docs/patroni-compat.md` §2).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

@@ -1,4 +1,4 @@
-//! PostgreSQL states and member roles as Patroni spells them (`patroni-compat.md` §4.15).
+//! PostgreSQL states and member roles as Patroni spells them (`docs/patroni-compat.md` §4.15).
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 

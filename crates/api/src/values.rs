@@ -1,4 +1,4 @@
-//! JSON values stored in etcd (`patroni-compat.md` §1.3). All JSON is written compactly, and
+//! JSON values stored in etcd (`docs/patroni-compat.md` §1.3). All JSON is written compactly, and
 //! readers are tolerant: a value that does not parse is treated as absent.
 
 use serde::ser::SerializeSeq;

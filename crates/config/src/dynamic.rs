@@ -1,7 +1,7 @@
-//! The dynamic configuration (§3.3): the DCS `config` key, or `bootstrap.dcs` before the cluster
-//! exists. Values other implementations wrote are read leniently: a bad value is a warning and
-//! the default is used, never an error. `bootstrap.dcs` in the local file is checked strictly
-//! at load time instead (see `parse.rs`).
+//! The dynamic configuration (`docs/patroni-compat.md` §3.3): the DCS `config` key, or
+//! `bootstrap.dcs` before the cluster exists. Values other implementations wrote are read
+//! leniently: a bad value is a warning and the default is used, never an error. `bootstrap.dcs` in
+//! the local file is checked strictly at load time instead (see `parse.rs`).
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,6 @@
-//! `PATRONI_*` environment overrides (§3.8), merged over the file. Values stay strings except
-//! lists and mappings, which are parsed here (YAML or comma syntax); booleans and integers are
-//! checked by the typed walk, whose errors then name the variable.
+//! `PATRONI_*` environment overrides (`docs/patroni-compat.md` §3.8), merged over the file. Values
+//! stay strings except lists and mappings, which are parsed here (YAML or comma syntax); booleans
+//! and integers are checked by the typed walk, whose errors then name the variable.
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,6 @@
-//! The GUCs pgvigil writes to `postgresql.conf` (§3.9): dynamic `postgresql.parameters`
-//! overlaid by the local ones, except the Patroni-controlled GUCs, which come from the dynamic
-//! configuration only and are validated against minimums.
+//! The GUCs pgvigil writes to `postgresql.conf` (`docs/patroni-compat.md` §3.9): dynamic
+//! `postgresql.parameters` overlaid by the local ones, except the Patroni-controlled GUCs, which
+//! come from the dynamic configuration only and are validated against minimums.
 
 use std::collections::BTreeMap;
 

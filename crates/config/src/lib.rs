@@ -1,4 +1,4 @@
-//! pgvigil's configuration, in Patroni's format (`patroni-compat.md` §3).
+//! pgvigil's configuration, in Patroni's format (`docs/patroni-compat.md` §3).
 //!
 //! * [`load`] reads the agent's local configuration: a YAML file or a directory of YAML files
 //!   (or `PATRONI_CONFIGURATION`), with `PATRONI_*` environment overrides merged over it. Every

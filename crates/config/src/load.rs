@@ -27,9 +27,9 @@ pub struct Loaded {
 ///
 /// `path` is a YAML file or a directory (its `*.yml`/`*.yaml` files are deep-merged in sorted
 /// order, later files win). If `path` is `None` or does not exist, the YAML in
-/// `PATRONI_CONFIGURATION` is used, and without that the configuration comes from the
-/// environment alone. The `PATRONI_*` variables of `env` (§3.8) are then merged over it.
-/// `env` may contain other variables; `HOME` is used for the default `pgpass` location.
+/// `PATRONI_CONFIGURATION` is used, and without that the configuration comes from the environment
+/// alone. The `PATRONI_*` variables of `env` (`docs/patroni-compat.md` §3.8) are then merged over
+/// it. `env` may contain other variables; `HOME` is used for the default `pgpass` location.
 pub fn load(path: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Loaded, ConfigError> {
     let (root, origins, warnings) = assemble(path, env)?;
     let mut ctx = Ctx::new(origins);

@@ -1,4 +1,4 @@
-//! The local configuration (YAML file + `PATRONI_*` environment), `patroni-compat.md` §3.2, §3.6,
+//! The local configuration (YAML file + `PATRONI_*` environment), `docs/patroni-compat.md` §3.2, §3.6,
 //! §3.7. Field docs give the YAML key and the default. Parsing lives in `parse.rs`.
 
 use std::collections::BTreeMap;

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use crate::error::ConfigError;
 use crate::walk::{Ctx, as_string, describe};
 
-/// initdb options pgvigil sets itself (§3.5).
+/// initdb options pgvigil sets itself (`docs/patroni-compat.md` §3.5).
 pub(crate) const INITDB_FORBIDDEN: &[&str] = &["pgdata", "nosync", "pwfile", "sync-only", "version"];
 /// pg_basebackup options pgvigil sets itself (§5.4). `compress` is handled separately.
 pub(crate) const BASEBACKUP_FORBIDDEN: &[&str] = &[

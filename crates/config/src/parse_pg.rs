@@ -1,4 +1,4 @@
-//! Reading the `postgresql` section (§3.6) and custom method sections.
+//! Reading the `postgresql` section (`docs/patroni-compat.md` §3.6) and custom method sections.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The `postgresql` section (§3.6).
+//! The `postgresql` section (`docs/patroni-compat.md` §3.6).
 
 use std::collections::BTreeMap;
 use std::fmt;

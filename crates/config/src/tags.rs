@@ -1,5 +1,5 @@
-//! `tags` (§3.7): the member's tags, and the form in which they are published in the DCS member
-//! key and the REST status document.
+//! `tags` (`docs/patroni-compat.md` §3.7): the member's tags, and the form in which they are
+//! published in the DCS member key and the REST status document.
 
 use serde_json::{Map, Value};
 

@@ -1,4 +1,4 @@
-//! The dynamic configuration (§3.3) and the timing rule (§3.4).
+//! The dynamic configuration (`docs/patroni-compat.md` §3.3) and the timing rule (§3.4).
 
 use pgvigil_config::{DynamicConfig, SyncMode};
 use serde_json::{Value, json};

@@ -1,4 +1,4 @@
-//! `PATRONI_*` environment overrides (§3.8).
+//! `PATRONI_*` environment overrides (`docs/patroni-compat.md` §3.8).
 
 mod common;
 

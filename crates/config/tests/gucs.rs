@@ -1,4 +1,4 @@
-//! GUC computation (§3.9).
+//! GUC computation (`docs/patroni-compat.md` §3.9).
 
 mod common;
 

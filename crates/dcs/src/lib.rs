@@ -1,6 +1,6 @@
 //! The DCS (distributed configuration store) interface of pgvigil and its etcd v3 implementation.
 //!
-//! The key layout, values and atomic operations are Patroni's (`patroni-compat.md` §1), so Python
+//! The key layout, values and atomic operations are Patroni's (`docs/patroni-compat.md` §1), so Python
 //! Patroni nodes, `patronictl`, vip-manager and HAProxy/confd templates see the same data.
 //!
 //! * [`Dcs`]: the one interface the HA runtime talks to.
@@ -133,7 +133,7 @@ pub trait LockStore: Send + Sync + 'static {
     async fn read_leader(&self) -> Result<Option<LeaderKey>, DcsError>;
 }
 
-/// The DCS operations of the HA agent (`patroni-compat.md` §1.5).
+/// The DCS operations of the HA agent (`docs/patroni-compat.md` §1.5).
 ///
 /// Errors: [`DcsError::Unavailable`] means the DCS could not be reached (or has no quorum)
 /// within the deadline; the outcome of a write that failed that way is unknown.

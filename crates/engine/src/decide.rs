@@ -1,4 +1,4 @@
-//! One HA cycle's decision (`patroni-compat.md` §4.2), as a pure function.
+//! One HA cycle's decision (`docs/patroni-compat.md` §4.2), as a pure function.
 
 use pgvigil_api::{ClusterView, Member, Role};
 

@@ -3,7 +3,7 @@
 //! A node can stream from the leader only if its WAL is a prefix of the leader's history. The
 //! leader publishes its timeline switches in the `history` key (`[parent_tl, switch_lsn, ...]`),
 //! so the check needs no replication connection: find the switch away from our timeline and
-//! compare our position with it (`patroni-compat.md` §5.5).
+//! compare our position with it (`docs/patroni-compat.md` §5.5).
 
 use pgvigil_api::HistoryEntry;
 

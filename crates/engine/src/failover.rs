@@ -1,4 +1,4 @@
-//! Manual failover and switchover (`patroni-compat.md` §4.3, §4.5): what the leader does with a
+//! Manual failover and switchover (`docs/patroni-compat.md` §4.3, §4.5): what the leader does with a
 //! pending `failover` key, and how the key steers the race when the leader is gone.
 
 use pgvigil_api::values::failover_priority;

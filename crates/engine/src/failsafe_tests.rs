@@ -1,5 +1,5 @@
-//! Failsafe mode (§4.10): a primary that cannot reach the DCS goes on only when every member
-//! accepted its `POST /failsafe`; a member the leader did not list may not race.
+//! Failsafe mode (`docs/patroni-compat.md` §4.10): a primary that cannot reach the DCS goes on only
+//! when every member accepted its `POST /failsafe`; a member the leader did not list may not race.
 
 use serde_json::{Map, json};
 

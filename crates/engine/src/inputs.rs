@@ -64,7 +64,8 @@ pub struct EngineConfig {
     pub synchronous_mode: crate::sync::SyncMode,
     /// Maintenance mode as last read from the DCS; it still holds while the DCS is unreachable.
     pub paused: bool,
-    /// `failsafe_mode` (§4.10): only members of a non-empty `failsafe` key may race.
+    /// `failsafe_mode` (`docs/patroni-compat.md` §4.10): only members of a non-empty `failsafe` key
+    /// may race.
     pub failsafe_mode: bool,
     /// Replicas may take the key from a leader that promised the fast takeover once it has
     /// been silent for its promise plus [`EngineConfig::takeover_margin`].

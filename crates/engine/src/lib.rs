@@ -15,7 +15,7 @@
 //! that changes the cluster (taking the lock, promoting, starting PostgreSQL) the runtime runs
 //! another cycle at once instead of waiting for the next tick.
 //!
-//! The rules follow Patroni's `Ha._run_cycle` (`patroni-compat.md` §4.2-§4.7), restricted to
+//! The rules follow Patroni's `Ha._run_cycle` (`docs/patroni-compat.md` §4.2-§4.7), restricted to
 //! what pgvigil implements so far; each rule has a unit test in `tests.rs`.
 
 mod actions;

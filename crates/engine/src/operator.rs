@@ -1,6 +1,6 @@
 //! What the leader keeps up and what operators ask for: the members that get a replication slot
 //! on the leader, restart and reinitialize requests, and the hand-over after a planned
-//! switchover stopped the old primary (`patroni-compat.md` §4.5, §5.8, §5.10).
+//! switchover stopped the old primary (`docs/patroni-compat.md` §4.5, §5.8, §5.10).
 
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
-//! The leader race: may this node take the lock now that nobody holds it (§4.3)?
+//! The leader race: may this node take the lock now that nobody holds it (`docs/patroni-compat.md`
+//! §4.3)?
 
 use pgvigil_api::values::failover_priority;
 use pgvigil_api::{ClusterView, HistoryEntry, SyncValue};

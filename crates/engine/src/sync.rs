@@ -1,4 +1,4 @@
-//! Synchronous replication on the leader (`patroni-compat.md` §4.9): which standbys PostgreSQL
+//! Synchronous replication on the leader (`docs/patroni-compat.md` §4.9): which standbys PostgreSQL
 //! waits for (`synchronous_standby_names`, "the GUC") and which ones the `sync` key names as
 //! safe to promote. Pure: the runtime gathers the facts and performs one step at a time.
 //!

@@ -30,7 +30,8 @@ pub(crate) struct ToolOutput {
 
 /// The environment handed to every process we start: ours without Patroni/pgvigil settings (they
 /// may carry passwords), Kubernetes service variables and `NOTIFY_SOCKET` (postgres would talk to
-/// systemd on our behalf); `PG_MALLOC_ARENA_MAX` becomes `MALLOC_ARENA_MAX` (§5.1).
+/// systemd on our behalf); `PG_MALLOC_ARENA_MAX` becomes `MALLOC_ARENA_MAX`
+/// (`docs/patroni-compat.md` §5.1).
 pub(crate) fn child_env() -> Vec<(OsString, OsString)> {
     filter_env(std::env::vars_os())
 }

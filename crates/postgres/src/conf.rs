@@ -1,5 +1,5 @@
-//! Configuration files pgvigil writes (§5.2, §5.7): `postgresql.conf` (an include of the
-//! original file plus the managed parameters and the recovery block), `pg_hba.conf`,
+//! Configuration files pgvigil writes (`docs/patroni-compat.md` §5.2, §5.7): `postgresql.conf` (an
+//! include of the original file plus the managed parameters and the recovery block), `pg_hba.conf`,
 //! `standby.signal`, a cleaned `postgresql.auto.conf`.
 
 use std::collections::BTreeMap;

@@ -1,5 +1,6 @@
-//! Connection strings and the pgpass file (§5.2, §5.7): `primary_conninfo`, DSNs for the libpq
-//! tools (never with a password), and the passfile they read.
+//! Connection strings and the pgpass file (`docs/patroni-compat.md` §5.2, §5.7):
+//! `primary_conninfo`, DSNs for the libpq tools (never with a password), and the passfile they
+//! read.
 
 use std::fs;
 

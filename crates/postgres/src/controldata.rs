@@ -1,4 +1,4 @@
-//! `pg_controldata`, run with `LANG=C LC_ALL=C` and parsed (§5.1).
+//! `pg_controldata`, run with `LANG=C LC_ALL=C` and parsed (`docs/patroni-compat.md` §5.1).
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};

@@ -1,5 +1,5 @@
 //! The data directory as a set of files: is it empty, initialized, what version; wiping it;
-//! saving and restoring configuration copies (§5.2); atomic file writes.
+//! saving and restoring configuration copies (`docs/patroni-compat.md` §5.2); atomic file writes.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;

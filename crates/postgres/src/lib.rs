@@ -1,4 +1,4 @@
-//! Everything pgvigil does to the local PostgreSQL (`patroni-compat.md` §5): start, stop, reload
+//! Everything pgvigil does to the local PostgreSQL (`docs/patroni-compat.md` §5): start, stop, reload
 //! and promote the postmaster, write its configuration files, create a cluster (`initdb`) or a
 //! replica (`pg_basebackup`), rewind it (`pg_rewind`), read `pg_controldata`, run the per-cycle
 //! monitoring query and the few administrative statements (roles, slots, CHECKPOINT).

@@ -1,5 +1,5 @@
-//! The postmaster as a process (§5.1): detection through `postmaster.pid`, start (detached, so it
-//! survives the agent), stop with escalation, signals, promotion.
+//! The postmaster as a process (`docs/patroni-compat.md` §5.1): detection through `postmaster.pid`,
+//! start (detached, so it survives the agent), stop with escalation, signals, promotion.
 
 use std::ffi::OsString;
 use std::io::Read;

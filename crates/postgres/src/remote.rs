@@ -1,7 +1,7 @@
-//! Replication-protocol questions (§5.5): `IDENTIFY_SYSTEM` and `TIMELINE_HISTORY` over a
-//! physical replication connection (`replication=true`), which tokio-postgres cannot open; we
-//! ask `psql`, as the replication user with the pgpass file. The data for the divergence check;
-//! the decision itself belongs to the engine.
+//! Replication-protocol questions (`docs/patroni-compat.md` §5.5): `IDENTIFY_SYSTEM` and
+//! `TIMELINE_HISTORY` over a physical replication connection (`replication=true`), which
+//! tokio-postgres cannot open; we ask `psql`, as the replication user with the pgpass file. The
+//! data for the divergence check; the decision itself belongs to the engine.
 
 use std::ffi::{OsStr, OsString};
 use std::time::Duration;

@@ -1,5 +1,5 @@
-//! Creating a data directory: `initdb` (§5.3), `pg_basebackup` (§5.4); repairing one:
-//! `pg_rewind` (§5.5).
+//! Creating a data directory: `initdb` (`docs/patroni-compat.md` §5.3), `pg_basebackup` (§5.4);
+//! repairing one: `pg_rewind` (§5.5).
 
 use std::ffi::{OsStr, OsString};
 use std::io::Write;

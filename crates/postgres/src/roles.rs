@@ -1,4 +1,5 @@
-//! Roles created after bootstrap (§5.3 step 4) and physical replication slots (§5.8).
+//! Roles created after bootstrap (`docs/patroni-compat.md` §5.3 step 4) and physical replication
+//! slots (§5.8).
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -1,6 +1,6 @@
-//! SQL over one cached local connection (§5.1 "Local SQL connections", §5.11): the per-cycle
-//! monitoring query and the few statements the agent runs. Every call has a deadline; on timeout
-//! the query is cancelled server-side and the connection is dropped.
+//! SQL over one cached local connection (`docs/patroni-compat.md` §5.1 "Local SQL connections",
+//! §5.11): the per-cycle monitoring query and the few statements the agent runs. Every call has a
+//! deadline; on timeout the query is cancelled server-side and the connection is dropped.
 
 use std::future::Future;
 use std::sync::Arc;

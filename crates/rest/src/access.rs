@@ -1,4 +1,4 @@
-//! Access control of protected endpoints (`patroni-compat.md` §2.1): source address allowlist
+//! Access control of protected endpoints (`docs/patroni-compat.md` §2.1): source address allowlist
 //! first (403), then HTTP Basic authentication (401).
 
 use std::net::IpAddr;

@@ -1,4 +1,4 @@
-//! Failsafe mode, the REST side (`patroni-compat.md` §2.6 `POST /failsafe`, §4.10).
+//! Failsafe mode, the REST side (`docs/patroni-compat.md` §2.6 `POST /failsafe`, §4.10).
 //!
 //! A primary that cannot reach etcd asks every member of the last known `failsafe` map, with
 //! `POST /failsafe`, whether it may go on; it does only if all of them answer `200 Accepted`.

@@ -1,4 +1,4 @@
-//! Health-check status codes (`patroni-compat.md` §2.3) and probes (§2.4). Pure functions of
+//! Health-check status codes (`docs/patroni-compat.md` §2.3) and probes (§2.4). Pure functions of
 //! the snapshot, the request path and its query: nothing here touches PostgreSQL or the DCS.
 
 use std::collections::HashSet;

@@ -1,4 +1,4 @@
-//! Table-driven tests of the health-check rules (§2.3) and probes (§2.4).
+//! Table-driven tests of the health-check rules (`docs/patroni-compat.md` §2.3) and probes (§2.4).
 
 use std::time::{Duration, Instant};
 

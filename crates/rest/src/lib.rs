@@ -1,4 +1,4 @@
-//! pgvigil's REST API (`patroni-compat.md` §2): health checks for HAProxy and Kubernetes, the
+//! pgvigil's REST API (`docs/patroni-compat.md` §2): health checks for HAProxy and Kubernetes, the
 //! status document peers read during the leader race, probes, Prometheus metrics, and the
 //! protected management verbs; plus the small client used to call other members.
 //!
@@ -7,7 +7,7 @@
 //! from it. Only `/cluster`, `/history`, `/config` and the operator endpoints read the DCS,
 //! bounded by [`CLUSTER_READ_TIMEOUT`].
 //!
-//! The operator endpoints (`patroni-compat.md` §2.6) validate their bodies here, write the DCS
+//! The operator endpoints (`docs/patroni-compat.md` §2.6) validate their bodies here, write the DCS
 //! themselves (`config`, `failover`) and wake the runtime with [`ApiCommand::Wake`], or hand
 //! restart and reinitialize requests to the runtime and wait for its [`ApiReply`].
 
@@ -57,7 +57,7 @@ impl ApiReply {
     }
 }
 
-/// A validated `POST /restart` body (`patroni-compat.md` §2.6).
+/// A validated `POST /restart` body (`docs/patroni-compat.md` §2.6).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestartRequest {
     /// Restart at this time instead of now.

@@ -1,4 +1,4 @@
-//! `GET /metrics` (`patroni-compat.md` §2.5): Prometheus text rendered by hand from the
+//! `GET /metrics` (`docs/patroni-compat.md` §2.5): Prometheus text rendered by hand from the
 //! snapshot, with Patroni's metric names (counters without `_total`), help texts and labels.
 
 use std::fmt::Write;

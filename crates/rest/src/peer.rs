@@ -1,4 +1,4 @@
-//! The small HTTP client for peer-to-peer calls (`patroni-compat.md` §2.7): the leader race
+//! The small HTTP client for peer-to-peer calls (`docs/patroni-compat.md` §2.7): the leader race
 //! and switchover feasibility (`GET <api_url>`), and the duplicate-name guard (`GET /liveness`).
 
 use std::time::Duration;

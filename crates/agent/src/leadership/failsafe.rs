@@ -1,4 +1,4 @@
-//! Failsafe mode, the leader lock's side (`patroni-compat.md` §4.10): when etcd cannot be
+//! Failsafe mode, the leader lock's side (`docs/patroni-compat.md` §4.10): when etcd cannot be
 //! reached, the leadership driver asks every member of the last `failsafe` key to accept this
 //! leader (`POST /failsafe` with `{name, conn_url, api_url, slots}`, in parallel, 2 s each, one
 //! retry). A round every member accepted, sent at `t`, proves that none of them will race (fast

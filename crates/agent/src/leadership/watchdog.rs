@@ -1,4 +1,4 @@
-//! The watchdog (`patroni-compat.md` §4.12): a device that resets the machine unless it is fed
+//! The watchdog (`docs/patroni-compat.md` §4.12): a device that resets the machine unless it is fed
 //! in time, so that a leader whose agent hangs or is frozen (SIGSTOP, a stuck kernel, a
 //! starved VM) is stopped before its lease can expire, which the lease guardian alone cannot do
 //! (it is frozen too).

@@ -1,5 +1,5 @@
 //! Applying the dynamic configuration (the DCS `config` key) and caching it in
-//! `<data_dir>/patroni.dynamic.json` so that a wiped DCS can be restored (`patroni-compat.md`
+//! `<data_dir>/patroni.dynamic.json` so that a wiped DCS can be restored (`docs/patroni-compat.md`
 //! §3.1).
 
 use std::path::PathBuf;

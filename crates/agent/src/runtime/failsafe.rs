@@ -1,4 +1,4 @@
-//! Failsafe mode, the HA loop's side (`patroni-compat.md` §4.10). With `failsafe_mode: true` a
+//! Failsafe mode, the HA loop's side (`docs/patroni-compat.md` §4.10). With `failsafe_mode: true` a
 //! primary survives an etcd outage as long as it can reach every member over REST.
 //!
 //! * **Leader, etcd reachable**: after each cycle's read it publishes the `failsafe` key: every

@@ -585,8 +585,8 @@ fn describe(actions: &[Action]) -> Option<String> {
     })
 }
 
-/// Which DCS changes end the nap early (§1.6): the leader key, the config and a failover request
-/// always; status and sync changes when we are not the leader.
+/// Which DCS changes end the nap early (`docs/patroni-compat.md` §1.6): the leader key, the config
+/// and a failover request always; status and sync changes when we are not the leader.
 fn wakes_us(event: &Result<DcsEvent, broadcast::error::RecvError>, am_leader: bool) -> bool {
     match event {
         Ok(

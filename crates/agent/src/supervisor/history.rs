@@ -1,4 +1,4 @@
-//! The `history` key, built from PostgreSQL's `<timeline>.history` file (`patroni-compat.md`
+//! The `history` key, built from PostgreSQL's `<timeline>.history` file (`docs/patroni-compat.md`
 //! §1.3.7): one `[parent_timeline, switch_lsn, reason, timestamp, new_leader]` line per switch.
 
 use pgvigil_api::HistoryEntry;

@@ -1,5 +1,5 @@
 //! What pgvigil writes into PostgreSQL's configuration: the effective parameters, pg_hba, and
-//! the recovery settings for following an upstream (`patroni-compat.md` §3.9, §5.2, §5.7).
+//! the recovery settings for following an upstream (`docs/patroni-compat.md` §3.9, §5.2, §5.7).
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,6 @@
 //! The [`Dcs`] operations on etcd v3: each one a read, a put or a transaction bounded by
 //! `retry_timeout`, with the leader and member keys on this node's lease
-//! (`patroni-compat.md` §1.4-1.5).
+//! (`docs/patroni-compat.md` §1.4-1.5).
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp};
 use pgvigil_api::cluster::RawKv;

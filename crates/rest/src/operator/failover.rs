@@ -42,7 +42,7 @@ impl FailoverAction {
     }
 }
 
-/// A validated `POST /switchover` or `POST /failover` (rules 1-5 of §2.6).
+/// A validated `POST /switchover` or `POST /failover` (rules 1-5 of `docs/patroni-compat.md` §2.6).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FailoverRequest {
     /// After rule 4 (a failover naming a leader is a switchover).

@@ -1,4 +1,4 @@
-//! The pure part of the operator endpoints (`patroni-compat.md` §2.6): body validation with
+//! The pure part of the operator endpoints (`docs/patroni-compat.md` §2.6): body validation with
 //! Patroni's messages and status codes, the `PATCH /config` merge, the switchover feasibility
 //! rules that do not need the network, and the interpretation of the DCS while a switchover is
 //! polled. The handlers in `routes.rs` add the I/O.

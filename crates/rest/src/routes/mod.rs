@@ -1,4 +1,4 @@
-//! Request dispatch, the way Patroni's handler does it (`patroni-compat.md` §2.1): the method
+//! Request dispatch, the way Patroni's handler does it (`docs/patroni-compat.md` §2.1): the method
 //! and the first path segment select a handler; any other `GET` runs the generic health check;
 //! `HEAD` and `OPTIONS` on any path answer with the status line only.
 
@@ -29,7 +29,7 @@ use crate::operator::FailoverAction;
 use crate::snapshot::NodeSnapshot;
 use crate::{ApiCommand, ApiReply, CLUSTER_READ_TIMEOUT, RestContext};
 
-/// The protected endpoints (`patroni-compat.md` §2.6), selected by method and first segment.
+/// The protected endpoints (`docs/patroni-compat.md` §2.6), selected by method and first segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Operation {
     Reload,

@@ -1,4 +1,4 @@
-//! The handlers of the protected endpoints (`patroni-compat.md` §2.6): configuration writes,
+//! The handlers of the protected endpoints (`docs/patroni-compat.md` §2.6): configuration writes,
 //! switchover and failover, restart, reinitialize and reload. Validation is in
 //! `crate::operator`; this adds the DCS reads and writes and the commands to the agent.
 
@@ -156,7 +156,7 @@ impl App {
         self.text(snap, reply)
     }
 
-    /// Rule 6 of §2.6: some member must be able to take over.
+    /// Rule 6 of `docs/patroni-compat.md` §2.6: some member must be able to take over.
     pub(super) async fn failover_possible(
         &self,
         view: &ClusterView,
