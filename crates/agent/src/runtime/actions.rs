@@ -272,7 +272,7 @@ impl Agent {
         }
         self.memory.primary_restart_since.get_or_insert_with(Instant::now);
         let files = pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), None);
-        let started = self.start_with(files).await;
+        let started = self.start_with(files, true).await;
         self.leadership.set_postmaster(self.pg.postmaster_pid());
         if !self.leadership.permits_primary() {
             let _ = self.pg.stop(StopMode::Immediate, self.pg_ctl_timeout()).await;
@@ -292,10 +292,12 @@ impl Agent {
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         self.write_pgpass()?;
         let files = pgconf::files(&self.cfg, &self.dynamic, self.sync_guc.as_deref(), Some(recovery));
-        self.start_with(files).await
+        self.start_with(files, false).await
     }
 
-    async fn start_with(&mut self, files: pgvigil_postgres::ConfigFiles) -> Outcome {
+    /// Starts PostgreSQL with `files`; a `primary`'s postmaster is handed to the fences before
+    /// it runs (an agent frozen or killed during the start must not leave it unfenced).
+    async fn start_with(&mut self, files: pgvigil_postgres::ConfigFiles, primary: bool) -> Outcome {
         self.pg
             .write_config(&files)
             .map_err(recoverable("writing the configuration"))?;
@@ -310,7 +312,13 @@ impl Agent {
         // with its lease) and the cycle publishes it only after this start returns. Publish it
         // now, so the leader creates the slot while PostgreSQL waits for it.
         self.publish_member().await;
-        match self.pg.start(self.pg_ctl_timeout()).await {
+        let leadership = &self.leadership;
+        let announce = |pid| {
+            if primary {
+                leadership.set_postmaster(Some(pid));
+            }
+        };
+        match self.pg.start_announced(self.pg_ctl_timeout(), announce).await {
             Ok(()) => {
                 self.state = PgState::Running;
                 self.memory.start_failed = false;

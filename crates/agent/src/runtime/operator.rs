@@ -182,7 +182,16 @@ impl Agent {
             .write_config(&files)
             .map_err(|e| format!("writing the configuration: {e}"))?;
         self.written_parameters = Some(files.parameters.clone());
-        let started = self.pg.start(timeout).await;
+        // A primary's fences know its postmaster before it runs.
+        let leadership = &self.leadership;
+        let started = self
+            .pg
+            .start_announced(timeout, |pid| {
+                if !was_replica {
+                    leadership.set_postmaster(Some(pid));
+                }
+            })
+            .await;
         self.leadership.set_postmaster(self.pg.postmaster_pid());
         if !was_replica && !self.leadership.permits_primary() {
             let _ = self.pg.stop(StopMode::Immediate, timeout).await;
