@@ -98,6 +98,8 @@ pub fn member_data(
         version: PATRONI_COMPAT_VERSION.to_string(),
         tags: id.tags.clone(),
         pause: paused.then_some(true),
+        // A leader promises the fast takeover only while every member carries this.
+        pgvigil: Some(serde_json::json!({"version": env!("CARGO_PKG_VERSION")})),
         ..Default::default()
     };
     if let Some(st) = st.filter(|_| state == PgState::Running) {
@@ -172,6 +174,24 @@ pub fn status_document(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without the marker a leader never promises the fast takeover to a cluster of pgvigil
+    /// members (`Agent::lock_settings` requires every member to carry it).
+    #[test]
+    fn member_data_marks_a_pgvigil_member() {
+        let tags = Map::new();
+        let id = Identity {
+            scope: "s",
+            name: "a",
+            conn_url: "postgres://h:5432/postgres",
+            api_url: "http://h:8008/patroni",
+            tags: &tags,
+        };
+        let m = member_data(&id, PgState::Stopped, Role::Replica, None, false);
+        assert!(m.is_pgvigil());
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["pgvigil"]["version"], env!("CARGO_PKG_VERSION"));
+    }
 
     #[test]
     fn conninfo_parsing() {
