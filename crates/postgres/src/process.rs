@@ -379,18 +379,19 @@ impl Postgres {
     /// [`PgError::StartFailed`]; one still starting at the deadline gives
     /// [`PgError::StartTimeout`] and is left running. Call [`Postgres::write_config`] first.
     pub async fn start(&self, timeout: Duration) -> Result<(), PgError> {
-        self.start_announced(timeout, |_| {}).await
+        self.start_announced(timeout, |_| true).await
     }
 
     /// [`Postgres::start`], telling `announce` the postmaster's pid before postgres runs: the
-    /// new process waits until `announce` has returned, and exits without running postgres if
-    /// the agent dies first. A primary's fences must know its postmaster before it can accept
-    /// a write, or an agent frozen or killed during the start leaves a primary nothing stops
-    /// (found by the simulation, `docs/simulation.md`).
+    /// new process waits until `announce` has returned, runs postgres only if it returned
+    /// true (else the start fails with [`PgError::StartFailed`]), and exits without running
+    /// it if the agent dies first. A primary's fences must know its postmaster before it can
+    /// accept a write, or an agent frozen or killed during the start leaves a primary nothing
+    /// stops (found by the simulation, `docs/simulation.md`).
     pub async fn start_announced(
         &self,
         timeout: Duration,
-        announce: impl FnOnce(i32),
+        announce: impl FnOnce(i32) -> bool,
     ) -> Result<(), PgError> {
         if let Some(pid) = self.postmaster_pid() {
             tracing::info!(pid, "postgres is already running");
@@ -422,7 +423,12 @@ impl Postgres {
                     source,
                 })?
         };
-        announce(pid);
+        if !announce(pid) {
+            drop(gate);
+            return Err(PgError::StartFailed(format!(
+                "the start of postgres (pid {pid}) was withdrawn before it ran"
+            )));
+        }
         gate.release().map_err(|source| PgError::Spawn {
             cmd: shown.clone(),
             source,

@@ -312,17 +312,29 @@ impl Agent {
         // with its lease) and the cycle publishes it only after this start returns. Publish it
         // now, so the leader creates the slot while PostgreSQL waits for it.
         self.publish_member().await;
+        // A primary's permit is asked again at the last moment (publishing the member key may
+        // have taken up to retry_timeout), with the fences already holding its postmaster.
         let leadership = &self.leadership;
+        let withdrawn = std::cell::Cell::new(false);
         let announce = |pid| {
-            if primary {
-                leadership.set_postmaster(Some(pid));
+            if !primary {
+                return true;
             }
+            leadership.set_postmaster(Some(pid));
+            withdrawn.set(!leadership.permits_primary());
+            !withdrawn.get()
         };
         match self.pg.start_announced(self.pg_ctl_timeout(), announce).await {
             Ok(()) => {
                 self.state = PgState::Running;
                 self.memory.start_failed = false;
                 Ok(true)
+            }
+            Err(_) if withdrawn.get() => {
+                self.state = PgState::Stopped;
+                Err(Failed::Recoverable(
+                    "not starting postgres as a primary: the leader lock lapsed before it ran".into(),
+                ))
             }
             Err(e) => {
                 self.state = PgState::StartFailed;

@@ -182,14 +182,17 @@ impl Agent {
             .write_config(&files)
             .map_err(|e| format!("writing the configuration: {e}"))?;
         self.written_parameters = Some(files.parameters.clone());
-        // A primary's fences know its postmaster before it runs.
+        // A primary's fences know its postmaster before it runs, and it runs only with a permit
+        // asked at that moment (the stop above may have taken long).
         let leadership = &self.leadership;
         let started = self
             .pg
             .start_announced(timeout, |pid| {
-                if !was_replica {
-                    leadership.set_postmaster(Some(pid));
+                if was_replica {
+                    return true;
                 }
+                leadership.set_postmaster(Some(pid));
+                leadership.permits_primary()
             })
             .await;
         self.leadership.set_postmaster(self.pg.postmaster_pid());
