@@ -288,6 +288,12 @@ impl Agent {
         // From now on we are a replica, even if the start fails: peers racing for the lock
         // must not see a "primary still alive" in a node that gave the lock up.
         self.role = Role::Replica;
+        // PostgreSQL is stopped: a past term has nothing left to fence. Left armed, its fence
+        // would stop the replica we start as soon as the cycle hands it the new postmaster,
+        // and the next cycle would start it again (found by the simulation).
+        if self.pg.postmaster_pid().is_none() {
+            self.leadership.primary_gone();
+        }
         let recovery = pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, view, upstream);
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         self.write_pgpass()?;
