@@ -11,8 +11,12 @@
 //!
 //! Heartbeats are pipelined: one every H whatever the previous ones are doing, so a slow
 //! answer delays the proof, not the next heartbeat; at most [`MAX_HEARTBEATS_IN_FLIGHT`] wait
-//! at once. Keep-alives and heartbeats stop while the HA loop does not report (`loop_alive`
-//! false): a hung agent loses the lock and its fence stops PostgreSQL.
+//! at once. Keep-alives too: one `renew_every` after the last one etcd accepted, and while
+//! one goes unanswered another every [`RETRY`], so a lost keep-alive costs half a second, not
+//! the 2 s of an attempt's timeout (with `ttl: 10` two lost ones in a row fenced a healthy
+//! leader; the simulation found it). Keep-alives and heartbeats stop while the HA loop does
+//! not report (`loop_alive` false): a hung agent loses the lock and its fence stops
+//! PostgreSQL.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -22,9 +26,16 @@ use crate::heartbeat::HeartbeatValue;
 use crate::store::{LeaderKey, TermOpening, Written};
 use crate::term::{LockCore, TermStart};
 
-/// Heartbeats in flight at most: beyond that etcd is not answering and more would only queue.
+/// How long one etcd attempt of the driver may take before it counts as failed.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Heartbeats in flight at least allowed; with a short H, as many as go out during one
+/// [`ATTEMPT_TIMEOUT`] (see [`Scheduler::heartbeat_pipeline`]). Beyond that etcd is not
+/// answering and more would only queue.
 pub const MAX_HEARTBEATS_IN_FLIGHT: usize = 4;
-/// Retry delay after a failed keep-alive, grant or read.
+/// Keep-alives of one lease in flight at most.
+pub const MAX_KEEP_ALIVES_IN_FLIGHT: usize = 4;
+/// Retry delay after a failed grant or read; while a keep-alive goes unanswered, another
+/// follows this often.
 pub const RETRY: Duration = Duration::from_millis(500);
 /// Failsafe rounds at most this often.
 pub const FAILSAFE_EVERY: Duration = Duration::from_secs(1);
@@ -206,8 +217,10 @@ enum InFlight {
 #[derive(Clone, Copy, Debug)]
 struct KeepAliveSlot {
     lease: i64,
+    /// When the next keep-alive goes out: `renew_every` after the newest accepted one, or
+    /// [`RETRY`] after the last one sent while none was accepted since.
     due: BootInstant,
-    in_flight: bool,
+    in_flight: usize,
 }
 
 /// A request of the HA loop not yet started.
@@ -215,6 +228,13 @@ struct KeepAliveSlot {
 enum Queued {
     Open(TermOpening, RequestId),
     Release(RequestId),
+}
+
+/// How an answer moves a lease's next keep-alive.
+enum Due {
+    At(BootInstant),
+    NoLaterThan(BootInstant),
+    Unchanged,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -302,6 +322,18 @@ impl Scheduler {
         self.wake_at
     }
 
+    /// How many heartbeats may wait for an answer at once: enough that heartbeats lost on the
+    /// way (each holding its place until its attempt times out) do not stop the next ones
+    /// within one attempt timeout. With 4 and H = 64 ms, a few lost heartbeats kept any
+    /// from going out for up to 2 s and a leader promising F < 2 s fenced itself on a healthy
+    /// but lossy network (found by the simulation).
+    pub fn heartbeat_pipeline(interval: Duration) -> usize {
+        let per_attempt = ATTEMPT_TIMEOUT.as_nanos() / interval.as_nanos().max(1);
+        usize::try_from(per_attempt + 1)
+            .unwrap_or(usize::MAX)
+            .max(MAX_HEARTBEATS_IN_FLIGHT)
+    }
+
     /// Operations in flight (their answers are still awaited).
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
@@ -368,18 +400,19 @@ impl Scheduler {
                 self.keep_alive.push(KeepAliveSlot {
                     lease: lease.id,
                     due: now + settings.renew_every,
-                    in_flight: false,
+                    in_flight: 0,
                 });
             }
         }
         if loop_alive {
             for i in 0..self.keep_alive.len() {
                 let slot = self.keep_alive[i];
-                if slot.in_flight {
+                if slot.in_flight >= MAX_KEEP_ALIVES_IN_FLIGHT {
                     continue;
                 }
                 if now >= slot.due {
-                    self.keep_alive[i].in_flight = true;
+                    self.keep_alive[i].in_flight += 1;
+                    self.keep_alive[i].due = now + RETRY;
                     let lease = slot.lease;
                     self.start(
                         &mut step,
@@ -387,9 +420,8 @@ impl Scheduler {
                         Op::KeepAlive { lease },
                         InFlight::KeepAlive { lease },
                     );
-                } else {
-                    wake = wake.min(slot.due);
                 }
+                wake = wake.min(self.keep_alive[i].due);
             }
         }
 
@@ -412,7 +444,8 @@ impl Scheduler {
                 self.start_open(core, &mut step, how, None, settings, now);
             }
             // Heartbeats, pipelined, while the loop reports.
-            if loop_alive && self.heartbeats_in_flight < MAX_HEARTBEATS_IN_FLIGHT {
+            if loop_alive && self.heartbeats_in_flight < Self::heartbeat_pipeline(settings.heartbeat_interval)
+            {
                 if now >= self.next_heartbeat {
                     self.heartbeats_in_flight += 1;
                     let value = self.heartbeat_value(term.promise, settings);
@@ -551,7 +584,7 @@ impl Scheduler {
                         self.keep_alive.push(KeepAliveSlot {
                             lease,
                             due: sent + settings.renew_every,
-                            in_flight: false,
+                            in_flight: 0,
                         });
                         step.notices.push(Notice::WakeLoop);
                     }
@@ -569,28 +602,40 @@ impl Scheduler {
             }
             (InFlight::KeepAlive { lease }, OpResult::KeepAlive(result)) => {
                 let term_lease = core.term().map(|t| t.lease);
-                let next = match result {
+                // Answers may come out of order: the schedule follows the newest accepted one.
+                let due = match result {
                     Ok(true) => {
                         core.keep_alive_ok(lease, sent);
                         if term_lease == Some(lease) {
                             self.proof(core, &mut step, sent);
                         }
-                        sent + settings.renew_every
+                        let renewed = core.lease(lease).map_or(sent, |l| l.renewed);
+                        Due::At(renewed + settings.renew_every)
                     }
                     Ok(false) => {
                         step.notices.push(Notice::LeaseGone { lease });
                         core.lease_gone(lease, now);
                         step.notices.push(Notice::WakeLoop);
-                        now
+                        Due::At(now)
                     }
                     Err(error) => {
                         step.notices.push(Notice::KeepAliveFailed { lease, error });
-                        now + RETRY
+                        // Soon, unless the newest accepted one makes the next not due yet.
+                        let regular = core.lease(lease).map(|l| l.renewed + settings.renew_every);
+                        if regular.is_some_and(|r| r > now) {
+                            Due::Unchanged
+                        } else {
+                            Due::NoLaterThan(now + RETRY)
+                        }
                     }
                 };
                 if let Some(slot) = self.keep_alive.iter_mut().find(|s| s.lease == lease) {
-                    slot.due = next;
-                    slot.in_flight = false;
+                    slot.in_flight = slot.in_flight.saturating_sub(1);
+                    match due {
+                        Due::At(at) => slot.due = at,
+                        Due::NoLaterThan(at) => slot.due = slot.due.min(at),
+                        Due::Unchanged => {}
+                    }
                 }
             }
             (InFlight::Heartbeat { term }, OpResult::Written(result)) => {

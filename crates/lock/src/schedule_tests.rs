@@ -133,9 +133,28 @@ fn an_opened_term_heartbeats_every_h_pipelined_up_to_the_limit() {
         let now = 0.02 + 0.5 * f64::from(i);
         sent += Harness::heartbeats(&h.poll(now)).len();
     }
-    // ... up to the pipeline limit; with it full no timer is set into the past.
-    assert_eq!(sent, MAX_HEARTBEATS_IN_FLIGHT);
+    // ... up to the pipeline limit (those of one attempt timeout); with it full no timer is
+    // set into the past.
+    assert_eq!(sent, Scheduler::heartbeat_pipeline(secs(0.5)));
     assert!(h.s.next_wakeup() > t(4.52));
+}
+
+/// With a short H the pipeline holds every heartbeat of one attempt timeout: lost ones (each
+/// answered only by its timeout) must not stop the next ones for 2 s when F is shorter.
+#[test]
+fn a_short_heartbeat_interval_keeps_heartbeats_going_through_an_attempt_timeout() {
+    assert_eq!(Scheduler::heartbeat_pipeline(secs(0.5)), 5);
+    assert_eq!(Scheduler::heartbeat_pipeline(secs(0.064)), 32);
+    assert_eq!(Scheduler::heartbeat_pipeline(secs(1.0)), MAX_HEARTBEATS_IN_FLIGHT);
+    let mut h = Harness::leading(Some(1.5));
+    h.settings.heartbeat_interval = secs(0.1);
+    // Nothing answered for 2 s: a heartbeat still goes out every H.
+    let mut sent = 0;
+    for i in 1..=20u64 {
+        let now = BootInstant::from_nanos(i * 100_000_000);
+        sent += Harness::heartbeats(&h.s.poll(&mut h.core, now, &h.settings, true)).len();
+    }
+    assert_eq!(sent, 20);
 }
 
 #[test]
@@ -167,27 +186,62 @@ fn a_refused_heartbeat_loses_the_term_and_wakes_the_loop() {
     assert_eq!(h.core.fence_deadline(), Some(t(1.1)));
 }
 
+fn keep_alives(step: &Step) -> Vec<OpId> {
+    step.ops
+        .iter()
+        .filter(|(_, op)| matches!(op, Op::KeepAlive { lease: 7 }))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 #[test]
-fn keep_alives_run_every_renew_interval_from_the_last_send_and_retry_soon_after_a_failure() {
+fn keep_alives_run_every_renew_interval_from_the_last_accepted_send() {
     let mut h = Harness::leading(None);
     // Lease granted (sent) at 0: first keep-alive due at 10.
-    let step = h.poll(9.9);
-    assert!(!step.ops.iter().any(|(_, op)| matches!(op, Op::KeepAlive { .. })));
-    let keep = |step: &Step| {
-        step.ops
-            .iter()
-            .find(|(_, op)| matches!(op, Op::KeepAlive { lease: 7 }))
-            .map(|(id, _)| *id)
-    };
-    let ka = keep(&h.poll(10.0)).expect("due at 10");
-    h.answer(ka, OpResult::KeepAlive(Err("unavailable".into())), 10.2);
-    assert!(keep(&h.poll(10.6)).is_none());
-    let ka = keep(&h.poll(10.7)).expect("retried 500 ms after the failure");
-    let step = h.answer(ka, OpResult::KeepAlive(Ok(true)), 11.0);
+    assert!(keep_alives(&h.poll(9.9)).is_empty());
+    let ka = keep_alives(&h.poll(10.0));
+    let step = h.answer(ka[0], OpResult::KeepAlive(Ok(true)), 10.2);
     assert!(step.notices.contains(&Notice::Proved));
-    assert_eq!(h.core.lease(7).map(|l| l.renewed), Some(t(10.7)));
-    assert!(keep(&h.poll(20.6)).is_none());
-    assert!(keep(&h.poll(20.7)).is_some());
+    assert_eq!(h.core.lease(7).map(|l| l.renewed), Some(t(10.0)));
+    assert!(keep_alives(&h.poll(19.9)).is_empty());
+    assert_eq!(keep_alives(&h.poll(20.0)).len(), 1);
+}
+
+/// A keep-alive lost on the way is followed by another after RETRY, not after the attempt's
+/// timeout: with `ttl: 10` (deadline 8 s after the last accepted keep-alive, one every 3.3 s)
+/// two lost ones in a row used to fence a healthy leader.
+#[test]
+fn an_unanswered_keep_alive_is_followed_by_another_every_retry() {
+    let mut h = Harness::leading(None);
+    let first = keep_alives(&h.poll(10.0));
+    assert_eq!(first.len(), 1);
+    assert!(keep_alives(&h.poll(10.4)).is_empty());
+    assert_eq!(h.s.next_wakeup(), t(10.5));
+    let second = keep_alives(&h.poll(10.5));
+    assert_eq!(second.len(), 1, "no answer yet: another one");
+    let third = keep_alives(&h.poll(11.0));
+    // The second is accepted; the others time out later: the schedule follows the accepted one.
+    h.answer(second[0], OpResult::KeepAlive(Ok(true)), 11.1);
+    h.answer(first[0], OpResult::KeepAlive(Err("timed out".into())), 12.0);
+    h.answer(third[0], OpResult::KeepAlive(Err("timed out".into())), 13.0);
+    assert_eq!(h.core.lease(7).map(|l| l.renewed), Some(t(10.5)));
+    assert!(
+        keep_alives(&h.poll(20.4)).is_empty(),
+        "the next one 10 s after 10.5"
+    );
+    assert_eq!(keep_alives(&h.poll(20.5)).len(), 1);
+    // A failure answered early brings the next one no later than RETRY after it.
+    let mut h2 = Harness::leading(None);
+    let ka = keep_alives(&h2.poll(10.0));
+    h2.answer(ka[0], OpResult::KeepAlive(Err("unavailable".into())), 10.1);
+    assert_eq!(h2.s.poll(&mut h2.core, t(10.1), &h2.settings, true).ops.len(), 0);
+    assert_eq!(h2.s.next_wakeup(), t(10.5));
+    // At most MAX_KEEP_ALIVES_IN_FLIGHT wait at once.
+    let mut sent = 1;
+    for i in 1..20 {
+        sent += keep_alives(&h.poll(20.5 + 0.5 * f64::from(i))).len();
+    }
+    assert_eq!(sent, MAX_KEEP_ALIVES_IN_FLIGHT);
 }
 
 #[test]

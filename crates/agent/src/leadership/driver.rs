@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use pgvigil_dcs::{Etcd3Dcs, EtcdOptions, LockStore};
+use pgvigil_lock::schedule::ATTEMPT_TIMEOUT;
 use pgvigil_lock::{BootInstant, Notice, Op, OpId, OpResult, RequestId, Scheduler, Step, TermStart};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -24,8 +25,9 @@ pub(super) fn spawn(
     stop: Arc<Notify>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // One attempt must fail well within the fast-takeover promise, so the driver moves to
-    // another etcd member and proves the lock again in time.
-    etcd.attempt_timeout = Some(etcd.attempt_timeout.unwrap_or(std::time::Duration::from_secs(2)));
+    // another etcd member and proves the lock again in time; the scheduler sizes its
+    // heartbeat pipeline by the same timeout.
+    etcd.attempt_timeout = Some(ATTEMPT_TIMEOUT);
     std::thread::Builder::new()
         .name("pgvigil-leadership".into())
         .spawn(move || {
