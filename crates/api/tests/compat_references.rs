@@ -169,7 +169,8 @@ fn files_that_cite_sections_name_the_document() {
         let in_docs = shown.starts_with("docs");
         let bare = text.match_indices(FILE_NAME).any(|(at, _)| {
             let before = &text[..at];
-            !before.ends_with("docs/") && !(in_docs && before.ends_with("]("))
+            let named = before.ends_with("docs/") || (in_docs && before.ends_with("]("));
+            !named
         });
         if bare {
             elsewhere.push(shown.display().to_string());

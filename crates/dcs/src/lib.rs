@@ -25,6 +25,8 @@ use serde_json::{Map, Value};
 pub use error::DcsError;
 pub use etcd::{Etcd3Dcs, EtcdOptions};
 pub use pgvigil_lock::KeyState;
+/// The words of the lock's operations live beside the scheduler that decides them.
+pub use pgvigil_lock::{LeaderKey, TermOpening, Written};
 
 /// What changed in the DCS, as seen by the watch (one event per changed key kind).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,42 +54,6 @@ pub enum DcsEvent {
 pub enum LockKeyEvent {
     Leader(KeyState),
     Heartbeat(KeyState),
-}
-
-/// How a term-opening write of [`LockStore::open_term`] finds the leader key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TermOpening {
-    /// The key must be absent (create-if-absent).
-    Acquire,
-    /// The key must still be at `leader_revision` and the heartbeat at `heartbeat_revision`
-    /// (a silent leader that promised the fast takeover); the `config` key must still be at
-    /// `config_revision` (0: absent), so that a pause written meanwhile stops the takeover.
-    TakeOver {
-        leader_revision: i64,
-        heartbeat_revision: i64,
-        config_revision: i64,
-    },
-    /// The key must still be at `leader_revision` and name us: our own term moving to another
-    /// lease or promise, or a key from before an agent restart being adopted.
-    Move { leader_revision: i64 },
-}
-
-/// The answer to a term-opening write or a heartbeat.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Written {
-    /// Applied; the leader key is now at this `mod_revision` (for heartbeats: the revision of
-    /// the heartbeat write, or 0 when nothing was written).
-    Applied(i64),
-    /// The compare failed; nothing was written.
-    Refused,
-}
-
-/// The leader key as stored: value, lease, `mod_revision`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeaderKey {
-    pub value: String,
-    pub lease: i64,
-    pub mod_revision: i64,
 }
 
 /// The leader lock's etcd operations, used only by the agent's `Leadership` component. Each

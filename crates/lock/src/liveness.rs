@@ -74,6 +74,30 @@ impl LivenessTracker {
         }
     }
 
+    /// A read of the cluster served at `read_revision`: the leader key as `(value,
+    /// mod_revision)` and the heartbeat key likewise, `None` when absent (recorded as absent
+    /// as of the read).
+    pub fn observe_read(
+        &mut self,
+        leader: Option<(&str, i64)>,
+        heartbeat: Option<(&str, i64)>,
+        read_revision: i64,
+        now: BootInstant,
+    ) {
+        let state = |key: Option<(&str, i64)>| match key {
+            Some((value, revision)) => KeyState {
+                value: Some(value.to_string()),
+                revision,
+            },
+            None => KeyState {
+                value: None,
+                revision: read_revision,
+            },
+        };
+        self.observe_leader(state(leader), now);
+        self.observe_heartbeat(state(heartbeat), now);
+    }
+
     fn newer(held: &Option<KeyState>, seen: &KeyState) -> bool {
         held.as_ref().is_none_or(|h| seen.revision > h.revision)
     }
@@ -155,6 +179,20 @@ mod tests {
         assert_eq!(l.silence(t(100.0)), None, "no promise in it");
         l.observe_leader(key(None, 13), t(0.0));
         assert_eq!(l.silence(t(100.0)), None, "no leader");
+    }
+
+    #[test]
+    fn a_read_records_absent_keys_as_of_its_revision() {
+        let mut l = LivenessTracker::new();
+        let value = hb("a");
+        l.observe_read(Some(("a", 10)), Some((&value, 12)), 15, t(1.0));
+        assert_eq!(l.silence(t(2.0)).map(|s| s.heartbeat_revision), Some(12));
+        // The key was deleted (revision 16), a later read sees nothing.
+        l.observe_read(None, None, 17, t(3.0));
+        assert_eq!(l.silence(t(9.0)), None);
+        // A late watch event of the old key is no news.
+        l.observe_leader(key(Some("a"), 10), t(3.5));
+        assert_eq!(l.silence(t(9.0)), None);
     }
 
     #[test]

@@ -222,19 +222,62 @@ async fn wait_gone(pid: i32, timeout: Duration) -> bool {
 /// Starts `program` so that it is not our child: an intermediate process calls `setsid`, forks
 /// the real process and exits at once; the grandchild's pid comes back through a pipe.
 /// stdin is /dev/null, stdout and stderr are ours.
+#[cfg(test)]
 fn spawn_detached(program: &Path, args: &[OsString], env: Vec<(OsString, OsString)>) -> std::io::Result<i32> {
+    let (pid, gate) = spawn_gated(program, args, env)?;
+    gate.release()?;
+    Ok(pid)
+}
+
+/// Holds a process started by [`spawn_gated`] before it runs its program: [`Gate::release`]
+/// lets it go on; dropping the gate unreleased (the agent died) makes it exit instead.
+struct Gate(std::fs::File);
+
+impl Gate {
+    fn release(self) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut go = self.0;
+        go.write_all(b"go\n")
+    }
+}
+
+/// The shell script between the fork and `program`: wait for the gate, then become `program`
+/// (same pid) without the gate's descriptor. `pg_ctl` starts postgres through `/bin/sh` too.
+const GATE_SCRIPT: &str = "read -r go <&3 && exec \"$0\" \"$@\" 3<&-";
+
+/// Starts `program` detached, as `spawn_detached` describes, but the new process (already with
+/// its final pid) waits on a pipe, as `/bin/sh`, until the gate is released, and only then
+/// execs `program`.
+fn spawn_gated(
+    program: &Path,
+    args: &[OsString],
+    env: Vec<(OsString, OsString)>,
+) -> std::io::Result<(i32, Gate)> {
     use std::os::unix::process::CommandExt;
+    // std's spawn reports exec errors of the process it forks, which here is the shell:
+    // check the program itself first.
+    if !std::fs::metadata(program)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is not a file", program.display()),
+        ));
+    }
     let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (go_read, go_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let raw_write = write_end.as_raw_fd();
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args)
+    let raw_go = go_read.as_raw_fd();
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(GATE_SCRIPT)
+        .arg(program)
+        .args(args)
         .env_clear()
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // calls (setsid, fork, write, _exit); it allocates nothing.
+    // calls (setsid, fork, write, dup2, fcntl, _exit); it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -242,8 +285,19 @@ fn spawn_detached(program: &Path, args: &[OsString], env: Vec<(OsString, OsStrin
             }
             match libc::fork() {
                 -1 => Err(std::io::Error::last_os_error()),
-                // The grandchild goes on to exec; the pipe closes on exec (O_CLOEXEC).
-                0 => Ok(()),
+                // The grandchild goes on to exec the shell with the gate's read end as fd 3,
+                // kept across exec; everything else of ours closes on exec (O_CLOEXEC).
+                0 => {
+                    let kept = if raw_go == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0) == 0
+                    } else {
+                        libc::dup2(raw_go, 3) == 3
+                    };
+                    if !kept {
+                        libc::_exit(1);
+                    }
+                    Ok(())
+                }
                 pid => {
                     let bytes = pid.to_ne_bytes();
                     libc::write(raw_write, bytes.as_ptr().cast(), bytes.len());
@@ -254,6 +308,7 @@ fn spawn_detached(program: &Path, args: &[OsString], env: Vec<(OsString, OsStrin
     }
     let mut intermediate = cmd.spawn()?;
     drop(write_end);
+    drop(go_read);
     let status = intermediate.wait()?;
     let mut bytes = [0u8; 4];
     std::fs::File::from(read_end).read_exact(&mut bytes)?;
@@ -262,7 +317,7 @@ fn spawn_detached(program: &Path, args: &[OsString], env: Vec<(OsString, OsStrin
             "intermediate process exited with {status}"
         )));
     }
-    Ok(i32::from_ne_bytes(bytes))
+    Ok((i32::from_ne_bytes(bytes), Gate(std::fs::File::from(go_write))))
 }
 
 impl Postgres {
@@ -324,6 +379,20 @@ impl Postgres {
     /// [`PgError::StartFailed`]; one still starting at the deadline gives
     /// [`PgError::StartTimeout`] and is left running. Call [`Postgres::write_config`] first.
     pub async fn start(&self, timeout: Duration) -> Result<(), PgError> {
+        self.start_announced(timeout, |_| true).await
+    }
+
+    /// [`Postgres::start`], telling `announce` the postmaster's pid before postgres runs: the
+    /// new process waits until `announce` has returned, runs postgres only if it returned
+    /// true (else the start fails with [`PgError::StartFailed`]), and exits without running
+    /// it if the agent dies first. A primary's fences must know its postmaster before it can
+    /// accept a write, or an agent frozen or killed during the start leaves a primary nothing
+    /// stops (found by the simulation, `docs/simulation.md`).
+    pub async fn start_announced(
+        &self,
+        timeout: Duration,
+        announce: impl FnOnce(i32) -> bool,
+    ) -> Result<(), PgError> {
         if let Some(pid) = self.postmaster_pid() {
             tracing::info!(pid, "postgres is already running");
             return Ok(());
@@ -344,9 +413,9 @@ impl Postgres {
         let args = self.postmaster_args();
         let shown = display_command(&program, &args);
         tracing::info!(command = %shown, "starting postgres");
-        let pid = {
+        let (pid, gate) = {
             let program = program.clone();
-            tokio::task::spawn_blocking(move || spawn_detached(&program, &args, env))
+            tokio::task::spawn_blocking(move || spawn_gated(&program, &args, env))
                 .await
                 .map_err(|e| PgError::StartFailed(format!("launcher task failed: {e}")))?
                 .map_err(|source| PgError::Spawn {
@@ -354,6 +423,16 @@ impl Postgres {
                     source,
                 })?
         };
+        if !announce(pid) {
+            drop(gate);
+            return Err(PgError::StartFailed(format!(
+                "the start of postgres (pid {pid}) was withdrawn before it ran"
+            )));
+        }
+        gate.release().map_err(|source| PgError::Spawn {
+            cmd: shown.clone(),
+            source,
+        })?;
         let deadline = Instant::now() + timeout;
         loop {
             if !pid_alive(pid) {
@@ -491,5 +570,36 @@ mod tests {
         }
         assert!(!pid_alive(pid));
         assert!(spawn_detached(Path::new("/nonexistent/binary"), &[], child_env()).is_err());
+    }
+
+    /// The pid is known before the program runs (the fences of a primary are told first), and
+    /// a gate dropped unreleased (the agent died) means the program never runs.
+    #[test]
+    fn a_gated_spawn_runs_its_program_only_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let touch = |name: &str| {
+            let file = dir.path().join(name);
+            let (pid, gate) =
+                spawn_gated(Path::new("/usr/bin/touch"), &[file.clone().into()], child_env()).unwrap();
+            (pid, gate, file)
+        };
+        let wait = |what: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !what() && Instant::now() < deadline {
+                std::thread::sleep(POLL);
+            }
+            what()
+        };
+        let (pid, gate, file) = touch("released");
+        assert!(pid_alive(pid), "waiting at the gate");
+        assert!(!file.exists(), "nothing ran before the release");
+        gate.release().unwrap();
+        assert!(wait(&|| file.exists()), "the program ran");
+        assert!(wait(&|| !pid_alive(pid)));
+
+        let (pid, gate, file) = touch("dropped");
+        drop(gate);
+        assert!(wait(&|| !pid_alive(pid)), "exits when the gate closes");
+        assert!(!file.exists(), "the program never ran");
     }
 }

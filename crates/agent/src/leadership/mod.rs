@@ -28,7 +28,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use pgvigil_api::ClusterView;
-use pgvigil_dcs::{EtcdOptions, KeyState, LockKeyEvent, TermOpening};
+use pgvigil_dcs::{EtcdOptions, LockKeyEvent, TermOpening};
+use pgvigil_lock::schedule::PRIMARY_SLACK;
 use pgvigil_lock::{BootInstant, LivenessTracker, LockCore, LockState, Silence};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -36,32 +37,7 @@ use self::failsafe::FailsafeProber;
 use self::fence::{Fence, FenceOrder};
 use self::watchdog::Watchdog;
 
-/// How the lock is kept; the HA loop sets it from the dynamic configuration each cycle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LockSettings {
-    /// TTL of the lease that carries the key and our member key (Patroni's `ttl`).
-    pub ttl: Duration,
-    /// How often leases are kept alive.
-    pub renew_every: Duration,
-    /// How often the leader proves the key is still its own (heartbeat H).
-    pub heartbeat_interval: Duration,
-    /// The fast-takeover promise F for new terms; `None`: lease expiry only.
-    pub promise: Option<Duration>,
-    /// Failsafe mode: confirm over REST when etcd cannot be reached.
-    pub failsafe_mode: bool,
-}
-
-impl Default for LockSettings {
-    fn default() -> Self {
-        LockSettings {
-            ttl: Duration::from_secs(30),
-            renew_every: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_millis(500),
-            promise: None,
-            failsafe_mode: false,
-        }
-    }
-}
+pub use pgvigil_lock::LockSettings;
 
 /// What the driver is asked to do by the HA loop.
 enum Request {
@@ -120,10 +96,6 @@ pub struct Leadership {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop: Arc<Notify>,
 }
-
-/// Slack required between now and the deadline before PostgreSQL may become a primary: the
-/// time until the fence learns the new postmaster.
-const PRIMARY_SLACK: Duration = Duration::from_millis(300);
 
 impl Leadership {
     /// Starts the fence, the fencer process and the driver thread with its own etcd client
@@ -252,30 +224,12 @@ impl Leadership {
 
     /// A DCS read: the leader and heartbeat keys as of its revision.
     pub fn observe_view(&self, view: &ClusterView) {
-        let now = BootInstant::now();
-        let leader = match &view.leader {
-            Some(l) => KeyState {
-                value: Some(l.name.clone()),
-                revision: l.mod_revision,
-            },
-            None => KeyState {
-                value: None,
-                revision: view.revision,
-            },
-        };
-        let heartbeat = match &view.heartbeat {
-            Some(h) => KeyState {
-                value: Some(h.value.clone()),
-                revision: h.mod_revision,
-            },
-            None => KeyState {
-                value: None,
-                revision: view.revision,
-            },
-        };
-        let mut tracker = lock(&self.shared.tracker);
-        tracker.observe_leader(leader, now);
-        tracker.observe_heartbeat(heartbeat, now);
+        let leader = view.leader.as_ref().map(|l| (l.name.as_str(), l.mod_revision));
+        let heartbeat = view
+            .heartbeat
+            .as_ref()
+            .map(|h| (h.value.as_str(), h.mod_revision));
+        lock(&self.shared.tracker).observe_read(leader, heartbeat, view.revision, BootInstant::now());
     }
 
     /// A watch event of the leader or heartbeat key.

@@ -548,11 +548,25 @@ impl Agent {
             if let Some(what) = &running.what {
                 tracing::info!("{what}: waiting for it to finish before shutting down");
             }
-            if let Ok((sup, _)) = running.handle.await {
+            // The loop still reports to `Leadership` meanwhile: the lock stays proven (and
+            // the fence quiet) for as long as the task takes.
+            let mut handle = running.handle;
+            let done = loop {
+                self.leadership.loop_alive_for(self.stall_allowance());
+                tokio::select! {
+                    done = &mut handle => break done,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            };
+            if let Ok((sup, _)) = done {
                 self.supervisor = Some(sup);
             }
         }
         if let Some(mut sup) = self.supervisor.take() {
+            // Stopping PostgreSQL may take up to `pg_ctl_timeout`; the lock stays proven for
+            // it, and is released right after.
+            let stop = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout.max(1));
+            self.leadership.loop_alive_for(stop + self.stall_allowance());
             sup.shutdown().await;
         }
         self.leadership.shutdown();

@@ -245,7 +245,6 @@ impl PgSupervisor {
         self.publish_member().await;
         self.write_pgpass()?;
         let timeout = Duration::from_secs(3600);
-        self.leadership.loop_alive_for(timeout + self.retry());
         // Without a fast checkpoint pg_basebackup waits for a spread one, minutes on an idle
         // source; users who configure a checkpoint option keep theirs.
         let mut args = self.cfg.postgresql.basebackup.clone();
@@ -278,7 +277,7 @@ impl PgSupervisor {
         }
         self.memory.primary_restart_since.get_or_insert_with(Instant::now);
         let files = self.config_files(Recovery::None);
-        let started = self.start_with(files).await;
+        let started = self.start_with(files, true).await;
         self.leadership.set_postmaster(self.pg.postmaster_pid());
         if !self.leadership.permits_primary() {
             let _ = self.pg.stop(StopMode::Immediate, self.pg_ctl_timeout()).await;
@@ -294,18 +293,24 @@ impl PgSupervisor {
         // From now on we are a replica, even if the start fails: peers racing for the lock
         // must not see a "primary still alive" in a node that gave the lock up.
         self.role = Role::Replica;
+        // PostgreSQL is stopped: a past term has nothing left to fence. Left armed, its fence
+        // would stop the replica we start as soon as the cycle hands it the new postmaster,
+        // and the next cycle would start it again (found by the simulation).
+        if self.pg.postmaster_pid().is_none() {
+            self.leadership.primary_gone();
+        }
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         self.write_pgpass()?;
         let files = self.config_files(Recovery::Follow(upstream));
-        self.start_with(files).await
+        self.start_with(files, false).await
     }
 
-    async fn start_with(&mut self, files: pgvigil_postgres::ConfigFiles) -> Outcome {
+    /// Starts PostgreSQL with `files`; a `primary`'s postmaster is handed to the fences before
+    /// it runs (an agent frozen or killed during the start must not leave it unfenced).
+    async fn start_with(&mut self, files: pgvigil_postgres::ConfigFiles, primary: bool) -> Outcome {
         self.write_config(&files)
             .map_err(recoverable("writing the configuration"))?;
         self.state = PgState::Starting;
-        self.leadership
-            .loop_alive_for(self.pg_ctl_timeout() + self.retry());
         // A replica starts with `primary_slot_name` set, and a standby after pg_rewind (or one
         // whose checkpoint is behind the leader) accepts connections only once it has streamed
         // up to a consistent point, through that slot. The leader creates slots for the members
@@ -313,11 +318,30 @@ impl PgSupervisor {
         // with its lease) and the cycle publishes it only after this start returns. Publish it
         // now, so the leader creates the slot while PostgreSQL waits for it.
         self.publish_member().await;
-        match self.pg.start(self.pg_ctl_timeout()).await {
+        // A primary's permit is asked again at the last moment (publishing the member key may
+        // have taken up to retry_timeout), with the fences already holding its postmaster.
+        let leadership = &self.leadership;
+        let withdrawn = std::sync::atomic::AtomicBool::new(false);
+        let announce = |pid| {
+            if !primary {
+                return true;
+            }
+            leadership.set_postmaster(Some(pid));
+            let permitted = leadership.permits_primary();
+            withdrawn.store(!permitted, std::sync::atomic::Ordering::Relaxed);
+            permitted
+        };
+        match self.pg.start_announced(self.pg_ctl_timeout(), announce).await {
             Ok(()) => {
                 self.state = PgState::Running;
                 self.memory.start_failed = false;
                 Ok(true)
+            }
+            Err(_) if withdrawn.load(std::sync::atomic::Ordering::Relaxed) => {
+                self.state = PgState::Stopped;
+                Err(Failed::Recoverable(
+                    "not starting postgres as a primary: the leader lock lapsed before it ran".into(),
+                ))
             }
             Err(e) => {
                 self.state = PgState::StartFailed;
@@ -349,9 +373,6 @@ impl PgSupervisor {
             }
         }
         let timeout = Duration::from_secs(self.dynamic.loop_wait.max(30));
-        // Promotion and the checkpoint after it are long steps: the loop reports for them.
-        self.leadership
-            .loop_alive_for(timeout + Duration::from_secs(300) + self.retry());
         self.pg
             .promote(timeout)
             .await
@@ -422,7 +443,6 @@ impl PgSupervisor {
         self.state = PgState::Stopped;
         self.write_pgpass()?;
         let timeout = Duration::from_secs(3600);
-        self.leadership.loop_alive_for(timeout + self.retry());
         tracing::info!("running pg_rewind from {source}");
         if let Err(e) = self.pg.rewind(&host, port, timeout).await {
             self.memory.rewind_failed = true;

@@ -200,6 +200,23 @@ pub fn apply_positions(doc: &mut StatusDocument, st: &PgStatus) {
 mod tests {
     use super::*;
 
+    /// Without the marker a leader never promises the fast takeover to a cluster of pgvigil
+    /// members (`Agent::lock_settings` requires every member to carry it).
+    #[test]
+    fn member_data_marks_a_pgvigil_member() {
+        let id = Identity {
+            scope: "s".into(),
+            name: "a".into(),
+            conn_url: "postgres://h:5432/postgres".into(),
+            api_url: "http://h:8008/patroni".into(),
+            tags: Map::new(),
+        };
+        let m = member_data(&id, PgState::Stopped, Role::Replica, None, false);
+        assert!(m.is_pgvigil());
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["pgvigil"]["version"], env!("CARGO_PKG_VERSION"));
+    }
+
     #[test]
     fn conninfo_parsing() {
         let c = "user=replicator passfile=/x host=127.0.0.1 port=5433 dbname=postgres application_name=a";

@@ -22,8 +22,6 @@ impl PgSupervisor {
             return Err("a primary is restarted only by the holder of the leader lock".into());
         }
         let timeout = Duration::from_secs(timeout.unwrap_or(self.dynamic.primary_start_timeout).max(10));
-        self.leadership
-            .loop_alive_for(timeout * 2 + Duration::from_secs(30));
         self.state = PgState::Restarting;
         self.publish_member().await;
         self.pg
@@ -40,7 +38,19 @@ impl PgSupervisor {
         };
         self.write_config(&files)
             .map_err(|e| format!("writing the configuration: {e}"))?;
-        let started = self.pg.start(timeout).await;
+        // A primary's fences know its postmaster before it runs, and it runs only with a permit
+        // asked at that moment (the stop above may have taken long).
+        let leadership = &self.leadership;
+        let started = self
+            .pg
+            .start_announced(timeout, |pid| {
+                if was_replica {
+                    return true;
+                }
+                leadership.set_postmaster(Some(pid));
+                leadership.permits_primary()
+            })
+            .await;
         self.leadership.set_postmaster(self.pg.postmaster_pid());
         if !was_replica && !self.leadership.permits_primary() {
             let _ = self.pg.stop(StopMode::Immediate, timeout).await;
@@ -66,10 +76,6 @@ impl PgSupervisor {
     /// one is (or after a while without).
     pub(super) async fn stop_for_switchover(&mut self, candidates: Vec<String>) -> Outcome {
         let pg_ctl_timeout = Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout.max(1));
-        // A long step: the loop reports for all of it, so the lock is not let go under a
-        // checkpoint that takes a while.
-        self.leadership
-            .loop_alive_for(Duration::from_secs(60) + pg_ctl_timeout + self.retry() * 2);
         if let Err(e) = self.pg.execute("CHECKPOINT", Duration::from_secs(60)).await {
             tracing::warn!("checkpoint before switchover failed: {e}");
         }
