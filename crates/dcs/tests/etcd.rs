@@ -422,6 +422,8 @@ async fn a_hung_member_is_left_for_the_next_endpoint() {
     assert_eq!(a.endpoint_in_use(), etcd.endpoint(0));
     let mut events = a.subscribe();
     expect_event(&mut events, DcsEvent::WatchRestarted).await;
+    // Not the raft leader: the others keep answering (an election would send the client on).
+    lead_elsewhere(&etcd, 0).await;
     etcd.pause_member(0).unwrap();
     // The lock's single attempt on the hung member fails within the attempt timeout...
     assert!(a.keep_alive(la).await.is_err());

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::leadership::watchdog::Watchdog;
 use crate::leadership::{Leadership, LockSettings};
 use crate::operator::{Forward, OperatorQueue, failover_due_in};
-use crate::supervisor::{PgSupervisor, Reported};
+use crate::supervisor::{Performed, PgSupervisor, Reported};
 
 /// Why the agent stopped.
 #[derive(Debug)]
@@ -64,7 +64,7 @@ pub struct Wakeups {
 
 /// A decision's actions being performed by the supervisor on a task.
 struct Running {
-    handle: JoinHandle<(PgSupervisor, Result<bool, String>)>,
+    handle: JoinHandle<(PgSupervisor, Result<Performed, String>)>,
     /// What it does when that takes long (a restart, a clone, a switchover's stop), for the
     /// snapshot and for refusing conflicting requests; `None` for routine work.
     what: Option<String>,
@@ -97,6 +97,9 @@ pub struct Agent {
     /// Home between decisions; away on `running` while it performs one.
     supervisor: Option<PgSupervisor>,
     running: Option<Running>,
+    /// A cycle came due (an event or its time) while the supervisor was away: decide as soon
+    /// as it is back.
+    deferred_cycle: bool,
     /// What the supervisor last reported (also while it is away).
     reported: Arc<Mutex<Reported>>,
     operator: OperatorQueue,
@@ -126,6 +129,7 @@ impl Agent {
             leadership: parts.leadership,
             supervisor: Some(parts.supervisor),
             running: None,
+            deferred_cycle: false,
             operator: parts.operator,
             snapshot: parts.snapshot,
             peers: parts.peers,
@@ -222,9 +226,14 @@ impl Agent {
                     done = async { (&mut self.running.as_mut().expect("guarded").handle).await },
                         if self.running.is_some() =>
                     {
-                        if let Err(fatal) = self.task_done(done) {
-                            tracing::error!("{fatal}");
-                            return Exit::Fatal(fatal);
+                        match self.task_done(done) {
+                            Err(fatal) => {
+                                tracing::error!("{fatal}");
+                                return Exit::Fatal(fatal);
+                            }
+                            // Routine work done, nothing new: the nap goes on.
+                            Ok(false) => continue,
+                            Ok(true) => {}
                         }
                     }
                     key = wake.lock_keys.recv() => {
@@ -377,6 +386,7 @@ impl Agent {
     /// A cycle while the supervisor is away: keep the view fresh for the REST API, keep an eye
     /// on a silent leader, and answer requests that waited too long.
     async fn cycle_while_busy(&mut self) {
+        self.deferred_cycle = true;
         self.leadership.loop_alive_for(self.stall_allowance());
         self.probe_etcd_if_leader_silent().await;
         self.read_cluster().await;
@@ -470,24 +480,28 @@ impl Agent {
         Ok(false)
     }
 
-    /// The supervisor is back from a decision: `Err` for a fatal outcome.
+    /// The supervisor is back from a decision: `Err` for a fatal outcome, else whether to
+    /// decide again at once.
     fn task_done(
         &mut self,
-        done: Result<(PgSupervisor, Result<bool, String>), tokio::task::JoinError>,
-    ) -> Result<(), String> {
+        done: Result<(PgSupervisor, Result<Performed, String>), tokio::task::JoinError>,
+    ) -> Result<bool, String> {
         self.running = None;
         let (sup, outcome) = done.map_err(|e| format!("the task performing a decision failed: {e}"))?;
         self.supervisor = Some(sup);
-        self.operator
-            .finished(&outcome.as_ref().map(drop).map_err(Clone::clone));
-        match outcome {
-            Ok(_) => {
-                // What was done changes what is true: decide again at once.
-                self.next_run = Instant::now();
-                Ok(())
-            }
-            Err(fatal) => Err(fatal),
+        let performed = outcome?;
+        self.operator.finished(&match &performed.failure {
+            Some(failure) => Err(failure.clone()),
+            None => Ok(()),
+        });
+        // At once when the lock was taken, PostgreSQL started or promoted, or a cycle was
+        // deferred while the task ran (an event came, or its time); otherwise the next cycle
+        // comes at its time or with the next event.
+        let rerun = performed.rerun || std::mem::take(&mut self.deferred_cycle);
+        if rerun {
+            self.next_run = Instant::now();
         }
+        Ok(rerun)
     }
 
     fn log_decision(&self, decision: &Decision) {

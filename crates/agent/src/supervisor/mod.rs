@@ -55,6 +55,16 @@ impl Default for Reported {
     }
 }
 
+/// How a decision's actions went (a fatal failure is the `Err` of [`PgSupervisor::perform`]).
+#[derive(Clone, Debug, Default)]
+pub struct Performed {
+    /// Something changed that the engine should look at at once (the lock taken, PostgreSQL
+    /// started or promoted).
+    pub rerun: bool,
+    /// An action failed and the rest were skipped; the next cycle decides again.
+    pub failure: Option<String>,
+}
+
 /// The parts of the agent the supervisor works with.
 pub struct Context {
     pub dcs: Arc<dyn Dcs>,
@@ -255,26 +265,29 @@ impl PgSupervisor {
     /// Performs a decision's actions in order; stops at the first failure. `Ok(true)`: decide
     /// again at once. Then tells `Leadership` what runs and keeps the watchdog and the sync
     /// watch in step with the role, and publishes the member key.
-    pub async fn perform(&mut self, actions: Vec<Action>) -> Result<bool, String> {
+    pub async fn perform(&mut self, actions: Vec<Action>) -> Result<Performed, String> {
         let view = self.cluster.clone();
-        let mut rerun = false;
+        let mut done = Performed::default();
         for action in actions {
             match self.execute(action, view.as_ref()).await {
-                Ok(again) => rerun |= again,
+                Ok(again) => done.rerun |= again,
                 Err(Failed::Fatal(message)) => {
                     self.report();
                     return Err(message);
                 }
                 Err(Failed::Recoverable(message)) => {
                     tracing::error!("{message}");
-                    rerun = false;
+                    done = Performed {
+                        rerun: false,
+                        failure: Some(message),
+                    };
                     break;
                 }
             }
         }
         self.after_actions();
         self.publish_member().await;
-        Ok(rerun)
+        Ok(done)
     }
 
     /// Tells `Leadership` what runs now: the postmaster for the fence, and whether a primary is

@@ -133,3 +133,27 @@ pub fn a_replica(cluster: &NetCluster, leader: usize) -> usize {
         .find(|&i| i != leader)
         .expect("three nodes")
 }
+
+/// Asserts that host `i` does not run a primary (it may run a replica or nothing).
+pub fn assert_not_primary(cluster: &NetCluster, i: usize, what: &str) {
+    assert_ne!(
+        cluster.psql(i, "SELECT pg_is_in_recovery()").ok().as_deref(),
+        Some("f"),
+        "{what}"
+    );
+}
+
+/// Heals host `cut_off`, waits for a healthy cluster and runs the checker's assertions
+/// (synchronous mode: nothing acknowledged lost, never two writable nodes); the leader must
+/// still be `leader`.
+pub fn heal_and_verify(cluster: &NetCluster, checker: Checker, cut_off: usize, leader: usize) {
+    checker.mark("partition healed");
+    check!(cluster, cluster.heal(cut_off));
+    check!(cluster, cluster.wait_healthy(HEALTHY));
+    let report = checker.finish();
+    let now = check!(
+        cluster,
+        cluster.verify(&report, pgvigil_testkit::netcluster::Expect::default())
+    );
+    assert_eq!(now, leader);
+}

@@ -136,3 +136,41 @@ pub async fn assert_unavailable<T: std::fmt::Debug>(
         "{what}: took {elapsed:?}, deadline {deadline:?}"
     );
 }
+
+/// Makes sure member `i` is not etcd's raft leader (moving leadership to another member if it
+/// is), so pausing it does not start an election: during one the other members answer "no
+/// leader", and a client moves on from them too.
+pub async fn lead_elsewhere(cluster: &EtcdCluster, i: usize) {
+    let mut direct = etcd_client::Client::connect([cluster.endpoint(i)], None)
+        .await
+        .unwrap();
+    let status = direct.status().await.unwrap();
+    let me = status.header().map(|h| h.member_id()).unwrap();
+    if status.leader() != me {
+        return;
+    }
+    let target = (i + 1) % cluster.len();
+    let mut other = etcd_client::Client::connect([cluster.endpoint(target)], None)
+        .await
+        .unwrap();
+    let target_id = other
+        .status()
+        .await
+        .unwrap()
+        .header()
+        .map(|h| h.member_id())
+        .unwrap();
+    direct.move_leader(target_id).await.unwrap();
+    let moved = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(s) = other.status().await
+                && s.leader() == target_id
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(moved.is_ok(), "etcd leadership did not move off member {i}");
+}

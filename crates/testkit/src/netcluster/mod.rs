@@ -86,6 +86,9 @@ pub struct NetOptions {
     pub default_timings: bool,
     /// Another agent on some hosts (a mixed cluster), by host index.
     pub agent_overrides: Vec<(usize, AgentKind)>,
+    /// `postgresql.bin_dir` for every host instead of the installed PostgreSQL's (a directory
+    /// of wrappers that inject a fault, such as a slow start).
+    pub pg_bin_dir: Option<PathBuf>,
 }
 
 impl NetOptions {
@@ -113,6 +116,7 @@ impl Default for NetOptions {
             pg_ctl_timeout: None,
             default_timings: false,
             agent_overrides: Vec::new(),
+            pg_bin_dir: None,
         }
     }
 }
@@ -230,7 +234,10 @@ impl NetCluster {
             root,
             lab,
         };
-        let bin_dir = pg_bin_dir()?;
+        let bin_dir = match &cluster.options.pg_bin_dir {
+            Some(dir) => dir.clone(),
+            None => pg_bin_dir()?,
+        };
         for i in 0..cluster.nodes.len() {
             let node = &cluster.nodes[i];
             fs::create_dir_all(&node.dir)?;
