@@ -36,6 +36,7 @@ if [[ ! -e /usr/share/debootstrap/scripts/$release ]]; then
 fi
 
 rootfs=$(mktemp -d /tmp/debian-base-XXXXXX)
+chmod 0755 "$rootfs" # becomes the image's /: mktemp's 0700 would lock every other user out
 trap 'rm -rf "$rootfs"' EXIT
 start=$SECONDS
 debootstrap --variant=minbase "$release" "$rootfs" "$mirror" $script >"$rootfs.log" 2>&1 || {
@@ -48,6 +49,13 @@ rm -f "$rootfs.log"
 cat >"$rootfs/etc/apt/apt.conf.d/docker-slim" <<'APT'
 APT::Install-Recommends "false";
 APT::Install-Suggests "false";
+APT
+# Like the official images: no downloaded packages or binary caches left in a layer.
+cat >"$rootfs/etc/apt/apt.conf.d/docker-clean" <<'APT'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
 APT
 cat >"$rootfs/etc/apt/sources.list" <<SRC
 deb $mirror $release main
