@@ -4,6 +4,7 @@
 #
 #   deploy/package/build-deb.sh             # cargo build --release, then the package
 #   deploy/package/build-deb.sh --no-build  # package the release binaries already built
+#   deploy/package/build-deb.sh --debug     # the dev-profile binaries (quicker to build; tests only)
 #
 # dpkg-deb only (no cargo-deb to install): the layout is small and fixed, and this works offline.
 # Installing the package starts and enables nothing: the units have ConditionPathExists on
@@ -15,18 +16,22 @@ HERE=$ROOT/deploy/package
 cd "$ROOT"
 
 build=1
+profile_dir=release
+cargo_profile=(--release)
 for arg in "$@"; do
     case $arg in
         --no-build) build=0 ;;
-        *) echo "build-deb.sh: unknown argument '$arg' (known: --no-build)" >&2; exit 2 ;;
+        --debug) profile_dir=debug; cargo_profile=() ;;
+        *) echo "build-deb.sh: unknown argument '$arg' (known: --no-build, --debug)" >&2; exit 2 ;;
     esac
 done
 if ((build)); then
-    cargo build --release --locked -p pgvigil -p pgvigilctl
+    cargo build "${cargo_profile[@]}" --locked -p pgvigil -p pgvigilctl
 fi
 target_dir=${CARGO_TARGET_DIR:-$ROOT/target}
+bin_dir=$target_dir/$profile_dir
 for bin in pgvigil pgvigilctl; do
-    [[ -x $target_dir/release/$bin ]] || { echo "build-deb.sh: $target_dir/release/$bin is missing (build it or drop --no-build)" >&2; exit 1; }
+    [[ -x $bin_dir/$bin ]] || { echo "build-deb.sh: $bin_dir/$bin is missing (build it or drop --no-build)" >&2; exit 1; }
 done
 
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
@@ -40,7 +45,7 @@ chmod 0755 "$stage" # the package's ./ entry: the root directory
 trap 'rm -rf "$stage"' EXIT
 install -d -m 0755 "$stage/DEBIAN" "$stage/usr/bin" "$stage/lib/systemd/system" \
     "$stage/usr/lib/tmpfiles.d" "$stage/usr/share/doc/pgvigil/examples"
-install -m 0755 -s "$target_dir/release/pgvigil" "$target_dir/release/pgvigilctl" "$stage/usr/bin/"
+install -m 0755 -s "$bin_dir/pgvigil" "$bin_dir/pgvigilctl" "$stage/usr/bin/"
 install -m 0644 "$HERE"/systemd/*.service "$stage/lib/systemd/system/"
 install -m 0644 "$HERE/tmpfiles.conf" "$stage/usr/lib/tmpfiles.d/pgvigil.conf"
 install -m 0644 crates/config/src/sample.yml "$stage/usr/share/doc/pgvigil/examples/pgvigil.yml"

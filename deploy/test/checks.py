@@ -129,27 +129,25 @@ def cmd_cluster(args):
                 fail(f"stats page on {h}:7000 answered {r.status}")
     print("ok  the stats page answers on port 7000 of every host")
 
-    # pgvigilctl list (on each host) agrees with /cluster.
+    # pgvigilctl list (on each host) and the real patronictl (from the control node, against the
+    # same etcd) agree with /cluster.
     expected = sorted((m["name"], m["role"].replace("_", " ").title(), m["state"]) for m in doc["members"])
-    for h in hosts:
-        r = ssh(h, "pgvigilctl", "-c", "/etc/pgvigil/pgvigil.yml", "list", "-f", "json")
-        if r.returncode != 0:
-            fail(f"pgvigilctl list on {h} failed: {r.stderr.strip()}")
-        got = sorted((m["Member"], m["Role"], m["State"]) for m in json.loads(r.stdout))
-        if got != expected:
-            fail(f"pgvigilctl list on {h} shows {got}, /cluster shows {expected}")
-    print("ok  pgvigilctl list on every host agrees with /cluster")
 
-    # The real patronictl, from the control node, against the same etcd.
+    def agrees(what, result):
+        if result.returncode != 0:
+            fail(f"{what} failed: {result.stderr.strip()}")
+        got = sorted((m["Member"], m["Role"], m["State"]) for m in json.loads(result.stdout))
+        if got != expected:
+            fail(f"{what} shows {got}, /cluster shows {expected}")
+
+    for h in hosts:
+        agrees(f"pgvigilctl list on {h}", ssh(h, "pgvigilctl", "-c", "/etc/pgvigil/pgvigil.yml", "list", "-f", "json"))
+    print("ok  pgvigilctl list on every host agrees with /cluster")
     conf = "/tmp/patronictl.yml"
     with open(conf, "w") as f:
         f.write(f"scope: {args.scope}\nnamespace: /service\netcd3:\n  hosts: {','.join(h + ':2379' for h in hosts)}\n")
-    r = subprocess.run(["patronictl", "-c", conf, "list", "-f", "json"], capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        fail(f"patronictl list failed: {r.stderr.strip()}")
-    got = sorted((m["Member"], m["Role"], m["State"]) for m in json.loads(r.stdout))
-    if got != expected:
-        fail(f"patronictl list shows {got}, /cluster shows {expected}")
+    agrees("patronictl list", subprocess.run(["patronictl", "-c", conf, "list", "-f", "json"],
+                                             capture_output=True, text=True, timeout=60))
     print("ok  the real patronictl list agrees")
     print(json.dumps({"leader": leader["name"], "leader_host": leader["host"]}))
 

@@ -8,6 +8,7 @@
 #   deploy/test/e2e.sh --runtime systemd        # the .deb and Debian's packages on the hosts
 #   deploy/test/e2e.sh --pg 17                  # PostgreSQL 17 (trixie)
 #   deploy/test/e2e.sh --keep                   # leave the containers running at the end
+#   deploy/test/e2e.sh --debug-binaries         # package the dev-profile binaries (CI: no release build)
 #
 # Run as root on Debian with Docker. It builds what it needs: the release binaries and the
 # .deb, the Debian base images (debootstrap + docker import, when missing), the pgvigil image,
@@ -19,12 +20,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 runtime=docker
 pg=15
 keep=0
+deb_args=()
 while (($#)); do
     case $1 in
         --runtime) runtime=${2:?--runtime needs docker or systemd}; shift 2 ;;
         --pg) pg=${2:?--pg needs 15 or 17}; shift 2 ;;
         --keep) keep=1; shift ;;
-        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+        --debug-binaries) deb_args=(--debug); shift ;;
+        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "e2e.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -75,8 +78,8 @@ trap 'exit 130' INT TERM
 
 # --- 1. build ---------------------------------------------------------------------------------
 build_packages() {
-    log "building the release binaries and the .deb"
-    (cd "$ROOT" && deploy/package/build-deb.sh) >"$WORK/build-deb.log" 2>&1 \
+    log "building the ${deb_args[*]:+dev-profile }binaries and the .deb"
+    (cd "$ROOT" && deploy/package/build-deb.sh "${deb_args[@]}") >"$WORK/build-deb.log" 2>&1 \
         || { tail -30 "$WORK/build-deb.log"; die "deploy/package/build-deb.sh failed (log above)"; }
     deb=$(tail -1 "$WORK/build-deb.log")
     [[ -f $deb ]] || die "build-deb.sh did not print the package path"
@@ -93,23 +96,31 @@ build_images() {
     cp "$ROOT"/deploy/test/*.Dockerfile "$ctx/"
     # Certificate authorities this machine trusts beyond Debian's (PyPI behind a TLS proxy).
     cp /usr/local/share/ca-certificates/*.crt "$ctx/extra-ca/" 2>/dev/null || true
-    docker build --network host -f "$ctx/control.Dockerfile" -t pgvigil-e2e-control:bookworm "$ctx" \
-        >"$WORK/build-control.log" 2>&1 || { tail -30 "$WORK/build-control.log"; die "building the control image failed"; }
     local host_docker=0 host_release=$release
     if [[ $runtime == docker ]]; then host_docker=1; host_release=bookworm; fi
     host_image=pgvigil-e2e-host:$host_release-$runtime
+    # The three builds mostly wait for Debian's mirror and PyPI: run them side by side.
+    local pids=() names=() i
+    docker build --network host -f "$ctx/control.Dockerfile" -t pgvigil-e2e-control:bookworm "$ctx" \
+        >"$WORK/build-control.log" 2>&1 &
+    pids+=($!) names+=(control)
     docker build --network host --build-arg DEBIAN_RELEASE="$host_release" --build-arg HOST_DOCKER=$host_docker \
-        -f "$ctx/host.Dockerfile" -t "$host_image" "$ctx" >"$WORK/build-host.log" 2>&1 \
-        || { tail -30 "$WORK/build-host.log"; die "building the host image failed"; }
+        -f "$ctx/host.Dockerfile" -t "$host_image" "$ctx" >"$WORK/build-host.log" 2>&1 &
+    pids+=($!) names+=(host)
     if [[ $runtime == docker ]]; then
         (cd "$ROOT" && docker build --network host -f deploy/docker/Dockerfile \
             --build-arg DEBIAN_RELEASE="$release" --build-arg PG_MAJOR="$pg" \
-            --build-arg PGVIGIL_DEB="target/debian/$deb_name" -t "pgvigil:pg$pg" .) >"$WORK/build-image.log" 2>&1 \
-            || { tail -30 "$WORK/build-image.log"; die "building pgvigil:pg$pg failed"; }
+            --build-arg PGVIGIL_DEB="target/debian/$deb_name" -t "pgvigil:pg$pg" .) >"$WORK/build-image.log" 2>&1 &
+        pids+=($!) names+=(image)
+    fi
+    for i in "${!pids[@]}"; do
+        wait "${pids[i]}" || { tail -30 "$WORK/build-${names[i]}.log"; die "building the ${names[i]} image failed (log above)"; }
+    done
+    if [[ $runtime == docker ]]; then
         docker save "pgvigil:pg$pg" -o "$WORK/artifacts/pgvigil-pg$pg.tar"
     fi
 }
-timed "build: release binaries and .deb" build_packages
+timed "build: binaries and .deb" build_packages
 timed "build: images" build_images
 
 # --- hosts and control node -------------------------------------------------------------------
