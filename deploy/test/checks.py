@@ -233,6 +233,8 @@ def cmd_state(args):
             tl = cur.fetchone()[0]
             cur.execute("select count(*) from e2e_writes")
             rows = cur.fetchone()[0]
+            if rows <= args.min_rows and args.min_rows:
+                return None
             return {"sysid": str(sysid), "timeline": tl, "rows": rows}
     print(json.dumps(wait(f"reading the state through {args.target}", read, args.timeout)))
 
@@ -256,6 +258,7 @@ def main():
     s = sub.add_parser("state")
     s.add_argument("--target", required=True)
     s.add_argument("--timeout", type=int, default=300)
+    s.add_argument("--min-rows", type=int, default=0, help="wait until e2e_writes has more rows than this")
     args = p.parse_args()
     {"cluster": cmd_cluster, "writer": cmd_writer, "verify": cmd_verify, "state": cmd_state}[args.cmd](args)
 

@@ -260,8 +260,10 @@ kill_leader_host() {
         sleep 1
     done
     [[ -n $new && $new != "$leader" ]] || die "no new leader among ${survivors[*]} within 180 s"
-    log "new leader: $new"
-    check state --target "$vip:5000" --timeout 120 >/dev/null
+    log "new leader: $new; waiting for the writer's writes to resume through $vip:5000"
+    local rows_now
+    rows_now=$(check state --target "$vip:5000" --timeout 120 | tail -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["rows"])')
+    check state --target "$vip:5000" --timeout 120 --min-rows "$rows_now" >/dev/null
     stop_writer failover
     check verify --target "$vip:5000" --writes /tmp/failover.json | tee "$WORK/failover.txt"
     log "step 3: bringing the dead host back"
