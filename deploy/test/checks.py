@@ -40,8 +40,12 @@ def get_json(url, timeout=3):
         return r.status, json.loads(r.read().decode())
 
 
+class Mismatch(Exception):
+    """A check that may pass on a later try (the cluster is still settling)."""
+
+
 def fail(msg):
-    print(f"FAILED: {msg}", flush=True)
+    print(f"FAILED: {msg}", file=sys.stderr, flush=True)
     sys.exit(1)
 
 
@@ -131,23 +135,28 @@ def cmd_cluster(args):
 
     # pgvigilctl list (on each host) and the real patronictl (from the control node, against the
     # same etcd) agree with /cluster.
-    expected = sorted((m["name"], m["role"].replace("_", " ").title(), m["state"]) for m in doc["members"])
-
-    def agrees(what, result):
-        if result.returncode != 0:
-            fail(f"{what} failed: {result.stderr.strip()}")
-        got = sorted((m["Member"], m["Role"], m["State"]) for m in json.loads(result.stdout))
-        if got != expected:
-            fail(f"{what} shows {got}, /cluster shows {expected}")
+    def agrees(what, run):
+        def once():
+            _, now = get_json(f"http://{hosts[0]}:8008/cluster")
+            expected = sorted((m["name"], m["role"].replace("_", " ").title(), m["state"]) for m in now["members"])
+            result = run()
+            if result.returncode != 0:
+                raise Mismatch(f"{what} failed: {result.stderr.strip()}")
+            got = sorted((m["Member"], m["Role"], m["State"]) for m in json.loads(result.stdout))
+            if got != expected:
+                raise Mismatch(f"{what} shows {got}, /cluster shows {expected}")
+            return True
+        wait(f"{what} agreeing with /cluster", once, 60)
 
     for h in hosts:
-        agrees(f"pgvigilctl list on {h}", ssh(h, "pgvigilctl", "-c", "/etc/pgvigil/pgvigil.yml", "list", "-f", "json"))
+        agrees(f"pgvigilctl list on {h}",
+               lambda h=h: ssh(h, "pgvigilctl", "-c", "/etc/pgvigil/pgvigil.yml", "list", "-f", "json"))
     print("ok  pgvigilctl list on every host agrees with /cluster")
     conf = "/tmp/patronictl.yml"
     with open(conf, "w") as f:
         f.write(f"scope: {args.scope}\nnamespace: /service\netcd3:\n  hosts: {','.join(h + ':2379' for h in hosts)}\n")
-    agrees("patronictl list", subprocess.run(["patronictl", "-c", conf, "list", "-f", "json"],
-                                             capture_output=True, text=True, timeout=60))
+    agrees("patronictl list", lambda: subprocess.run(["patronictl", "-c", conf, "list", "-f", "json"],
+                                                     capture_output=True, text=True, timeout=60))
     print("ok  the real patronictl list agrees")
     print(json.dumps({"leader": leader["name"], "leader_host": leader["host"]}))
 
