@@ -200,6 +200,18 @@ on_host() { local h=$1; shift; ctl ssh -o BatchMode=yes -o StrictHostKeyChecking
 check() { ctl python3 /work/test/checks.py "$@"; }
 
 # --- step 1: the operator's command --------------------------------------------------------------
+lint() {
+    log "ansible-lint --profile production, and the playbooks' syntax"
+    ctl ansible-lint --profile production >"$WORK/lint.log" 2>&1 || { tail -40 "$WORK/lint.log"; die "ansible-lint failed"; }
+    tail -1 "$WORK/lint.log"
+    local p
+    for p in deploy_cluster.yml rolling_restart.yml replace_node.yml add_node.yml; do
+        ctl ansible-playbook -i inventory.ini --syntax-check -e pgvigil_node=node1 "$p" >/dev/null \
+            || die "ansible-playbook --syntax-check $p failed"
+    done
+}
+timed "ansible-lint, syntax" lint
+
 deploy() {
     log "step 1: ansible-playbook -i inventory.ini deploy_cluster.yml (runtime $runtime, PostgreSQL $pg)"
     ctl ansible-playbook -i inventory.ini deploy_cluster.yml >"$WORK/deploy-1.log" 2>&1 \
