@@ -226,6 +226,9 @@ def cmd_verify(args):
     print(f"writes: {len(acked)} acknowledged, {len(lost)} of them lost; {w['failed_transactions']} failed "
           f"transactions (in flight when a connection broke), {w['connect_errors']} refused/failed connects")
     print("write pauses over 0.5 s: " + (", ".join(f"{g:.2f} s" for g in gaps) if gaps else "none"))
+    for s, e in sorted(w["gaps"], key=lambda g: g[0] - g[1])[:3]:
+        print(f"  pause of {e - s:.2f} s from {time.strftime('%H:%M:%S', time.gmtime(s))}.{int(s * 1000) % 1000:03d}"
+              f" to {time.strftime('%H:%M:%S', time.gmtime(e))}.{int(e * 1000) % 1000:03d} UTC")
     print(json.dumps({"acked": len(acked), "lost": len(lost), "failed_transactions": w["failed_transactions"],
                       "max_gap": round(gaps[0], 2) if gaps else 0.0,
                       "pauses_over_3s": sum(1 for g in gaps if g > 3.0)}))

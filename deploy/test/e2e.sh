@@ -206,8 +206,8 @@ lint() {
     tail -1 "$WORK/lint.log"
     local p
     for p in deploy_cluster.yml rolling_restart.yml replace_node.yml add_node.yml; do
-        ctl ansible-playbook -i inventory.ini --syntax-check -e pgvigil_node=node1 "$p" >/dev/null \
-            || die "ansible-playbook --syntax-check $p failed"
+        ctl ansible-playbook -i inventory.ini --syntax-check -e pgvigil_node=node1 "$p" >>"$WORK/lint.log" 2>&1 \
+            || { tail -20 "$WORK/lint.log"; die "ansible-playbook --syntax-check $p failed"; }
     done
 }
 timed "ansible-lint, syntax" lint
@@ -329,7 +329,9 @@ timed "step 4: restart services, then hosts" restart_everything
 rolling() {
     log "step 5: rolling_restart.yml while a client writes through $vip:5000"
     start_writer rolling
-    if ! ctl ansible-playbook -i inventory.ini rolling_restart.yml >"$WORK/rolling.log" 2>&1; then
+    # Task start times in the log, to line the write pauses up with the playbook's steps.
+    if ! docker exec -e ANSIBLE_CALLBACKS_ENABLED=ansible.posix.profile_tasks "$control" \
+        ansible-playbook -i inventory.ini rolling_restart.yml >"$WORK/rolling.log" 2>&1; then
         stop_writer rolling || true
         tail -60 "$WORK/rolling.log"
         die "rolling_restart.yml failed (log above)"
