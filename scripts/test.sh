@@ -52,6 +52,11 @@ else
 fi
 step "rustfmt" cargo fmt --all --check || true
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings || true
+# The deployment end to end (docs/deployment.md): three container hosts, the real
+# ansible-playbook over SSH, failover, restarts, a rolling restart, idempotence. One
+# combination (docker runtime, PostgreSQL 15) with the dev-profile binaries built above;
+# about 13 minutes from an empty Docker. The other combinations run by the same command.
+step "deployment e2e (docker, PostgreSQL 15)" deploy/test/e2e.sh --debug-binaries || true
 
 print_summary
 if ((${#failed[@]})); then

@@ -1,5 +1,6 @@
 //! `pgvigil CONFIG.yml`: the HA agent, a drop-in replacement for `patroni CONFIG.yml`.
 //! `pgvigil router CONFIG.yml`: the client router (crate `pgvigil-router`), same file.
+//! `pgvigil vip CONFIG.yml`: the floating address that follows the leader (`vip:` section).
 
 mod leadership;
 mod operator;
@@ -43,7 +44,27 @@ struct RouterCli {
     validate_config: bool,
 }
 
-/// Loads the configuration the way both modes do: file or directory plus `PATRONI_*`
+/// `pgvigil vip [CONFIG] [--release] [--validate-config]`: chosen when the first argument is
+/// literally `vip`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "pgvigil vip",
+    version,
+    about = "Floating address: held by the host whose member leads the cluster (the `vip:` section)"
+)]
+struct VipCli {
+    /// The cluster's Patroni-format configuration (the agent's file works: scope, name,
+    /// namespace, etcd3 and the `vip:` section are used).
+    config: Option<PathBuf>,
+    /// Remove the address from this host if it has it, and exit (for systemd's ExecStopPost).
+    #[arg(long)]
+    release: bool,
+    /// Check the configuration, print warnings, and exit.
+    #[arg(long)]
+    validate_config: bool,
+}
+
+/// Loads the configuration the way every mode does: file or directory plus `PATRONI_*`
 /// variables; `--validate-config` prints the warnings and ends here; otherwise logging starts
 /// and the warnings are logged. `Err` carries the exit code.
 fn load_config(
@@ -104,9 +125,38 @@ fn router_main() -> ExitCode {
     }
 }
 
+fn vip_main() -> ExitCode {
+    let cli = VipCli::parse_from(std::env::args_os().skip(1));
+    let loaded = match load_config("pgvigil vip", cli.config.as_deref(), cli.validate_config) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let result = if cli.release {
+        pgvigil_router::vip::release_only(&loaded.config, cli.config.as_deref())
+    } else {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime.block_on(async {
+                let shutdown = pgvigil_router::shutdown_on_signals()?;
+                pgvigil_router::vip::run(loaded.config, cli.config, shutdown).await
+            }),
+            Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("pgvigil vip: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    if std::env::args_os().nth(1).is_some_and(|a| a == "router") {
-        return router_main();
+    match std::env::args_os().nth(1) {
+        Some(a) if a == "router" => return router_main(),
+        Some(a) if a == "vip" => return vip_main(),
+        _ => {}
     }
     // Started by the agent itself (see `leadership::fence`): no runtime, no configuration.
     if std::env::args_os().nth(1).is_some_and(|a| a == "fencer") {

@@ -26,6 +26,7 @@ mod parse_pg;
 mod postgresql;
 mod router;
 mod tags;
+mod vip;
 mod walk;
 mod yaml;
 
@@ -42,6 +43,7 @@ pub use model::{
 pub use postgresql::{PgAuthentication, PgCredentials, PostgresqlConfig, RoleOverrides, split_host_port};
 pub use router::{RouterConfig, parse_size};
 pub use tags::Tags;
+pub use vip::VipConfig;
 
 /// A documented sample configuration (YAML) that loads without warnings.
 pub fn sample_config() -> &'static str {

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use crate::postgresql::PostgresqlConfig;
 use crate::router::RouterConfig;
 use crate::tags::Tags;
+use crate::vip::VipConfig;
 
 /// The member name Patroni reserves for "no synchronous standby available" in strict mode.
 pub const STRICT_SYNC_PLACEHOLDER: &str = "__patroni_strict_sync_replica_placeholder__";
@@ -43,6 +44,8 @@ pub struct Config {
     pub thread_pool_size: u64,
     /// `router`: settings of `pgvigil router` (ignored by the agent), see [`RouterConfig`].
     pub router: RouterConfig,
+    /// `vip`: the floating address of `pgvigil vip` (ignored by the agent), see [`VipConfig`].
+    pub vip: Option<VipConfig>,
     /// The merged local configuration (file + environment) as JSON, e.g. to detect changes on
     /// reload. Contains passwords: never log it.
     pub raw: Value,
@@ -64,6 +67,7 @@ impl Default for Config {
             watchdog: WatchdogConfig::default(),
             thread_pool_size: 5,
             router: RouterConfig::default(),
+            vip: None,
             raw: Value::Object(Map::new()),
         }
     }

@@ -15,6 +15,7 @@ use crate::parse_pg::{parse_method, parse_postgresql};
 use crate::postgresql::split_host_port;
 use crate::router::parse_router;
 use crate::tags::Tags;
+use crate::vip::parse_vip;
 use crate::walk::{Ctx, Obj, as_i64, as_string, describe};
 
 /// DCS sections of Patroni that pgvigil does not implement.
@@ -48,6 +49,7 @@ pub(crate) fn parse_config(
     let log = parse_log(top.section(ctx, "log")?, ctx)?;
     let watchdog = parse_watchdog(top.section(ctx, "watchdog")?, ctx)?;
     let router = parse_router(top.section(ctx, "router")?, ctx)?;
+    let vip = parse_vip(top.section(ctx, "vip")?, ctx)?;
     if top.raw("citus").is_some() {
         ctx.warn("citus", "Citus clusters are not supported by pgvigil; ignored");
     }
@@ -74,6 +76,7 @@ pub(crate) fn parse_config(
         watchdog,
         thread_pool_size,
         router,
+        vip,
         raw: Value::Object(root.clone()),
     })
 }

@@ -20,11 +20,13 @@
 //! The router forwards bytes and never parses a routed session; it does not need to run as the
 //! `postgres` user.
 
+mod garp;
 pub mod pgproto;
 mod proxy;
 pub mod state;
 pub mod stats;
 pub mod topology;
+pub mod vip;
 pub mod watch;
 
 use std::collections::BTreeMap;
