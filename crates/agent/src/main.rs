@@ -3,6 +3,7 @@
 
 mod probe;
 mod runtime;
+mod secure;
 mod wiring;
 
 use std::collections::BTreeMap;
@@ -62,6 +63,10 @@ fn load_config(
         for w in &loaded.warnings {
             eprintln!("warning: {w}");
         }
+        if let Err(e) = secure::prepare(&loaded.config) {
+            eprintln!("{program}: invalid configuration: {e}");
+            return Err(ExitCode::from(2));
+        }
         println!("configuration is valid");
         return Err(ExitCode::SUCCESS);
     }
@@ -102,6 +107,7 @@ fn router_main() -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    pgvigil_tls::install_default_provider();
     if std::env::args_os().nth(1).is_some_and(|a| a == "router") {
         return router_main();
     }
@@ -125,7 +131,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(wiring::run(loaded.config, cli.config)) {
+    // Before anything touches PostgreSQL: a bad TLS file must not be found after initdb.
+    let prepared = match secure::prepare(&loaded.config) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            tracing::error!("invalid configuration: {e}");
+            eprintln!("pgvigil: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(wiring::run(loaded.config, cli.config, prepared)) {
         Ok(runtime::Exit::Shutdown) => ExitCode::SUCCESS,
         Ok(runtime::Exit::Fatal(message)) => {
             eprintln!("pgvigil: {message}");

@@ -25,7 +25,7 @@ use pgvigil_api::{ClusterView, FailoverValue, HistoryEntry, MemberData, StatusVa
 use serde_json::{Map, Value};
 
 pub use error::DcsError;
-pub use etcd::{Etcd3Dcs, EtcdOptions};
+pub use etcd::{Etcd3Dcs, EtcdOptions, EtcdTls};
 
 /// What changed in the DCS, as seen by the watch (one event per changed key kind).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -109,13 +109,7 @@ impl Agent {
         snapshot: watch::Sender<Arc<NodeSnapshot>>,
         dynamic: DynamicConfig,
     ) -> Self {
-        let peers = PeerClient::new(
-            cfg.ctl
-                .authentication
-                .clone()
-                .or_else(|| cfg.restapi.authentication.clone())
-                .map(|c| (c.username, c.password)),
-        );
+        let peers = PeerClient::for_config(&cfg);
         let watchdog = Arc::new(watchdog::Watchdog::new(cfg.watchdog.clone()));
         lease.set_watchdog(watchdog.clone());
         let me = FailsafePost {
@@ -124,7 +118,7 @@ impl Agent {
                 "postgres://{}/{}",
                 cfg.postgresql.connect_address, cfg.postgresql.database
             ),
-            api_url: format!("http://{}/patroni", cfg.restapi.connect_address),
+            api_url: cfg.restapi.api_url(),
             slots: Default::default(),
         };
         let failsafe_prober = Arc::new(failsafe::FailsafeProber::new(peers.clone(), me));
@@ -469,7 +463,7 @@ impl Agent {
             "postgres://{}/{}",
             self.cfg.postgresql.connect_address, self.cfg.postgresql.database
         );
-        let api_url = format!("http://{}/patroni", self.cfg.restapi.connect_address);
+        let api_url = self.cfg.restapi.api_url();
         (conn_url, api_url, self.cfg.tags.to_published())
     }
 

@@ -14,6 +14,9 @@ use tokio::time::Instant;
 use crate::{DcsError, DcsEvent, LeaseInfo};
 
 mod operations;
+mod tls;
+
+pub use tls::EtcdTls;
 
 /// Connection settings of [`Etcd3Dcs`].
 #[derive(Clone)]
@@ -30,6 +33,8 @@ pub struct EtcdOptions {
     pub password: Option<String>,
     /// Deadline of every DCS operation, retries included (Patroni's `retry_timeout`).
     pub retry_timeout: Duration,
+    /// `etcd3.protocol: https`: TLS settings (endpoints are then given without a scheme).
+    pub tls: Option<EtcdTls>,
 }
 
 impl Default for EtcdOptions {
@@ -42,6 +47,7 @@ impl Default for EtcdOptions {
             username: None,
             password: None,
             retry_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -56,6 +62,7 @@ impl fmt::Debug for EtcdOptions {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("retry_timeout", &self.retry_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -169,6 +176,9 @@ impl Etcd3Dcs {
             .with_tcp_keepalive(KEEPALIVE_INTERVAL)
             // A member cut off from the quorum must fail instead of serving stale data.
             .with_require_leader(true);
+        if let Some(tls) = &opts.tls {
+            connect_options = connect_options.with_tls(tls.options());
+        }
         if let Some(user) = &opts.username {
             connect_options = connect_options
                 .with_user(user.clone(), opts.password.clone().unwrap_or_default())
