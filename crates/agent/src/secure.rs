@@ -85,7 +85,7 @@ fn libpq_key_permissions(key: &str, path: &Path) -> Result<(), TlsError> {
     let too_open = if meta.uid() == nix::unistd::geteuid().as_raw() {
         mode & 0o077 != 0
     } else {
-        meta.uid() == 0 && mode & 0o037 != 0
+        mode & 0o037 != 0
     };
     if too_open {
         return Err(TlsError::new(

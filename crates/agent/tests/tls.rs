@@ -1,0 +1,258 @@
+//! TLS everywhere, configured as a Patroni user writes it (issue 12, item 1): etcd over HTTPS
+//! with client certificates, REST over HTTPS with `verify_client: required`, PostgreSQL 15
+//! accepting only `hostssl ... clientcert=verify-ca`, and the real `patronictl` 4.1.5 reading
+//! the same file. Plus bad TLS files refused before anything starts.
+
+mod operator_support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use operator_support::{AGENT, HEALTHY, patronictl, pgvigilctl};
+use pgvigil_testkit::cluster::{ClusterOptions, TestCluster};
+use pgvigil_testkit::{http, wait_until};
+
+#[test]
+fn tls_cluster_replicates_switches_over_and_patronictl_works() {
+    let options = ClusterOptions {
+        nodes: 2,
+        tls: true,
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(AGENT.as_ref(), options).expect("cluster starts");
+    let leader = cluster.wait_healthy(HEALTHY).expect("cluster becomes healthy");
+    let replica = 1 - leader;
+    let pki = cluster.pki.as_ref().expect("TLS cluster");
+
+    // The agent's own connection (verify-full, client certificate) and the replica's
+    // walreceiver (primary_conninfo with the replication role's keys) both use TLS with the
+    // configured client certificates: pg_hba accepts nothing else.
+    let heartbeat = cluster
+        .psql(
+            leader,
+            "SELECT s.ssl, s.client_dn FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'Patroni heartbeat'",
+        )
+        .unwrap();
+    assert!(
+        heartbeat.starts_with("t|") && heartbeat.contains("CN=postgres"),
+        "{heartbeat}"
+    );
+    let walsender = cluster
+        .psql(
+            leader,
+            "SELECT s.ssl, s.client_dn FROM pg_stat_ssl s JOIN pg_stat_replication r USING (pid)",
+        )
+        .unwrap();
+    assert!(
+        walsender.starts_with("t|") && walsender.contains("CN=replicator"),
+        "{walsender}"
+    );
+    cluster
+        .psql(
+            leader,
+            "CREATE TABLE tls_probe (id int); INSERT INTO tls_probe VALUES (42)",
+        )
+        .unwrap();
+    wait_until("the row to reach the replica", Duration::from_secs(30), || {
+        (cluster.psql(replica, "SELECT id FROM tls_probe").ok()? == "42").then_some(())
+    })
+    .unwrap();
+
+    // The member keys advertise https API URLs.
+    let doc = cluster
+        .cluster_doc()
+        .expect("GET /cluster over HTTPS with a client certificate");
+    for m in doc["members"].as_array().unwrap() {
+        assert!(
+            m["api_url"].as_str().unwrap().starts_with("https://127.0.0.1:"),
+            "{m}"
+        );
+    }
+
+    // verify_client: required: a client without certificate gets no answer at all.
+    let no_cert = pgvigil_tls::client_config(&pgvigil_tls::ClientSettings {
+        ca: Some(pgvigil_tls::ConfFile::new("ca", &pki.ca)),
+        ..Default::default()
+    })
+    .unwrap();
+    http::use_tls(Some(no_cert));
+    assert!(http::get(cluster.nodes[leader].api_port, "/patroni").is_err());
+    http::use_tls(Some(pki.client_config().unwrap()));
+    http::use_tls(None);
+    assert!(
+        http::get(cluster.nodes[leader].api_port, "/patroni").is_err(),
+        "plain HTTP must not be served"
+    );
+    http::use_tls(Some(pki.client_config().unwrap()));
+
+    // The real patronictl, with the node's own file (etcd3 and ctl sections over TLS).
+    let list = patronictl(&cluster, 0, &["list"], None, Duration::from_secs(60)).expect_ok("patronictl list");
+    for n in &cluster.nodes {
+        assert!(list.stdout.contains(&n.name), "{list}");
+    }
+    assert!(
+        list.stdout.contains("Leader") && list.stdout.contains("streaming"),
+        "{list}"
+    );
+    pgvigilctl(&cluster, 0, &["list"], None, Duration::from_secs(60)).expect_ok("pgvigilctl list");
+
+    // A switchover through patronictl goes over the leader's HTTPS API with ctl's client
+    // certificate; the leader checks the candidate over HTTPS too.
+    let candidate = cluster.nodes[replica].name.clone();
+    let old = cluster.nodes[leader].name.clone();
+    patronictl(
+        &cluster,
+        0,
+        &[
+            "switchover",
+            "--leader",
+            &old,
+            "--candidate",
+            &candidate,
+            "--force",
+        ],
+        None,
+        Duration::from_secs(120),
+    )
+    .expect_ok("patronictl switchover");
+    let new_leader = cluster
+        .wait_healthy(HEALTHY)
+        .expect("healthy after the switchover");
+    assert_eq!(new_leader, replica, "{}", cluster.diagnostics());
+}
+
+/// A node configuration with a TLS mistake; the agent must exit before creating anything.
+fn refused(edit: impl Fn(&str, &std::path::Path) -> String) -> (i32, String, bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pgvigil_tls::test_pki::TestPki::new(&dir.path().join("pki"), "CA").unwrap();
+    let other = pgvigil_tls::test_pki::TestPki::new(&dir.path().join("other"), "other CA").unwrap();
+    let node = pki.issue("node", "node", &["127.0.0.1"]).unwrap();
+    other.issue("stranger", "stranger", &["127.0.0.1"]).unwrap();
+    let data = dir.path().join("data");
+    let base = format!(
+        "scope: s\nname: pg1\nrestapi:\n  listen: 127.0.0.1:1\n  certfile: {cert}\n  keyfile: {key}\n\
+         etcd3:\n  hosts: 127.0.0.1:2\npostgresql:\n  listen: 127.0.0.1:3\n  connect_address: 127.0.0.1:3\n\
+         \x20 data_dir: {data}\n  authentication:\n    superuser:\n      username: postgres\n\
+         \x20     sslmode: verify-full\n      sslrootcert: {ca}\n    replication:\n      username: rep\n",
+        cert = node.cert.display(),
+        key = node.key.display(),
+        ca = pki.ca_cert().display(),
+        data = data.display(),
+    );
+    let yaml = edit(&base, dir.path());
+    let path = dir.path().join("bad.yml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(AGENT)
+        .arg(&path)
+        .env_remove("PATRONI_NAME")
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    (code, text, data.exists())
+}
+
+#[test]
+fn bad_tls_files_stop_the_agent_before_anything_starts() {
+    if nix::unistd::geteuid().is_root() {
+        // The agent refuses root before it reads any file; run the check as postgres.
+        return run_as_postgres_or_fail();
+    }
+    check_bad_tls_files();
+}
+
+fn check_bad_tls_files() {
+    let cases: Vec<(&str, Box<dyn Fn(&str, &std::path::Path) -> String>, &str)> = vec![
+        (
+            "missing certificate",
+            Box::new(|y: &str, d: &std::path::Path| {
+                y.replace(&format!("{}/pki/node.crt", d.display()), "/nonexistent/node.crt")
+            }),
+            "restapi.certfile (/nonexistent/node.crt): file not found",
+        ),
+        (
+            "key of another certificate",
+            Box::new(|y: &str, d: &std::path::Path| {
+                y.replace(
+                    &format!("{}/pki/node.key", d.display()),
+                    &format!("{}/other/stranger.key", d.display()),
+                )
+            }),
+            "restapi.keyfile",
+        ),
+        (
+            "a CA file that holds no certificate",
+            Box::new(|y: &str, d: &std::path::Path| {
+                y.replace(
+                    &format!("{}/pki/ca.crt", d.display()),
+                    &format!("{}/pki/node.key", d.display()),
+                )
+            }),
+            "postgresql.authentication.superuser.sslrootcert",
+        ),
+        (
+            "unreadable key",
+            Box::new(|y: &str, d: &std::path::Path| {
+                let key = d.join("pki/node.key");
+                std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+                y.to_string()
+            }),
+            "restapi.keyfile",
+        ),
+        (
+            "etcd client key without certificate",
+            Box::new(|y: &str, d: &std::path::Path| {
+                y.replace(
+                    "  hosts: 127.0.0.1:2\n",
+                    &format!(
+                        "  hosts: 127.0.0.1:2\n  protocol: https\n  key: {}/pki/node.key\n",
+                        d.display()
+                    ),
+                )
+            }),
+            "etcd3.key",
+        ),
+    ];
+    for (what, edit, expected) in cases {
+        let (code, err, data_created) = refused(edit);
+        assert_eq!(code, 2, "{what}: {err}");
+        assert!(err.contains(expected), "{what}: expected {expected:?} in:\n{err}");
+        assert!(!data_created, "{what}: the data directory was created");
+    }
+}
+
+/// Root re-runs this test binary's case as `postgres` (the agent refuses root). Fails loudly
+/// when that is impossible under CI.
+fn run_as_postgres_or_fail() {
+    let exe = std::env::current_exe().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("pgvigil-tls-bad-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(&exe)
+        .args(["--exact", "bad_tls_files_as_postgres", "--ignored", "--nocapture"])
+        .env("TMPDIR", dir.path())
+        .current_dir(dir.path())
+        .output()
+        .expect("runuser runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "as postgres:\n{text}"
+    );
+}
+
+#[test]
+#[ignore = "started as postgres by bad_tls_files_stop_the_agent_before_anything_starts"]
+fn bad_tls_files_as_postgres() {
+    check_bad_tls_files();
+}
