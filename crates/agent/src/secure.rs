@@ -52,6 +52,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, TlsError> {
     }
     let rest_tls = pgvigil_rest::tls::server_config(&cfg.restapi)?;
     pgvigil_rest::tls::client_config(&cfg.ctl, cfg.ctl.insecure)?;
+    check_trust(cfg)?;
     let e = &cfg.etcd3;
     let etcd_tls = EtcdTls::for_protocol(
         &e.protocol,
@@ -64,6 +65,58 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, TlsError> {
         rest_tls,
         etcd_tls,
     })
+}
+
+/// Our own certificates must be accepted by the CAs the other side uses to check them (the
+/// members share one configuration in practice): PostgreSQL's server certificate by the roles'
+/// `sslrootcert` when they verify, the REST certificate by `ctl.cacert` (what peers and
+/// patronictl check it with), and `ctl.certfile` by `restapi.cafile` when clients must show one.
+fn check_trust(cfg: &Config) -> Result<(), TlsError> {
+    use pgvigil_tls::{CertUsage, ConfFile, check_signed_by};
+    let auth = &cfg.postgresql.authentication;
+    let server_cert = cfg
+        .postgresql
+        .parameters
+        .get("ssl_cert_file")
+        .and_then(|v| v.as_str())
+        .map(Path::new)
+        .filter(|p| p.is_absolute());
+    let ssl_on = cfg.postgresql.parameters.get("ssl").is_some_and(|v| {
+        matches!(v.as_str(), Some("on" | "true" | "yes" | "1")) || v == &serde_json::Value::Bool(true)
+    });
+    if let Some(server_cert) = server_cert.filter(|_| ssl_on) {
+        let mut roles = vec![("superuser", &auth.superuser), ("replication", &auth.replication)];
+        if let Some(rewind) = &auth.rewind {
+            roles.push(("rewind", rewind));
+        }
+        for (role, credentials) in roles {
+            let verifies = matches!(credentials.sslmode.as_deref(), Some("verify-ca" | "verify-full"));
+            if let (true, Some(root)) = (verifies, &credentials.sslrootcert) {
+                let key = format!("postgresql.authentication.{role}.sslrootcert");
+                check_signed_by(
+                    ConfFile::new("postgresql.parameters.ssl_cert_file", server_cert),
+                    Some(ConfFile::new(&key, Path::new(root))),
+                    CertUsage::Server,
+                )?;
+            }
+        }
+    }
+    if let Some(cert) = &cfg.restapi.certfile
+        && !cfg.ctl.insecure
+    {
+        let ca = cfg.ctl.cacert.as_deref().map(|c| ConfFile::new("ctl.cacert", c));
+        check_signed_by(ConfFile::new("restapi.certfile", cert), ca, CertUsage::Server)?;
+    }
+    if let (Some(cert), Some(ca)) = (&cfg.ctl.certfile, &cfg.restapi.cafile)
+        && cfg.restapi.verify_client != pgvigil_config::VerifyClient::None
+    {
+        check_signed_by(
+            ConfFile::new("ctl.certfile", cert),
+            Some(ConfFile::new("restapi.cafile", ca)),
+            CertUsage::Client,
+        )?;
+    }
+    Ok(())
 }
 
 /// The libpq keywords of a role other than user and password.

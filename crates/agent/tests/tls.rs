@@ -132,9 +132,11 @@ fn refused(edit: impl Fn(&str, &std::path::Path) -> String) -> (i32, String, boo
     let data = dir.path().join("data");
     let base = format!(
         "scope: s\nname: pg1\nrestapi:\n  listen: 127.0.0.1:1\n  certfile: {cert}\n  keyfile: {key}\n\
+         ctl:\n  cacert: {ca}\n\
          etcd3:\n  hosts: 127.0.0.1:2\npostgresql:\n  listen: 127.0.0.1:3\n  connect_address: 127.0.0.1:3\n\
          \x20 data_dir: {data}\n  authentication:\n    superuser:\n      username: postgres\n\
-         \x20     sslmode: verify-full\n      sslrootcert: {ca}\n    replication:\n      username: rep\n",
+         \x20     sslmode: verify-full\n      sslrootcert: {ca}\n    replication:\n      username: rep\n\
+         \x20 parameters:\n    ssl: 'on'\n    ssl_cert_file: {cert}\n",
         cert = node.cert.display(),
         key = node.key.display(),
         ca = pki.ca_cert().display(),
@@ -163,8 +165,11 @@ fn bad_tls_files_stop_the_agent_before_anything_starts() {
     check_bad_tls_files();
 }
 
+/// Rewrites the good configuration (given the test directory) into a bad one.
+type Edit = Box<dyn Fn(&str, &std::path::Path) -> String>;
+
 fn check_bad_tls_files() {
-    let cases: Vec<(&str, Box<dyn Fn(&str, &std::path::Path) -> String>, &str)> = vec![
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "missing certificate",
             Box::new(|y: &str, d: &std::path::Path| {
@@ -191,6 +196,26 @@ fn check_bad_tls_files() {
                 )
             }),
             "postgresql.authentication.superuser.sslrootcert",
+        ),
+        (
+            "REST certificate of another CA than the peers trust",
+            Box::new(|y: &str, d: &std::path::Path| {
+                y.replace(
+                    &format!("ctl:\n  cacert: {}/pki/ca.crt", d.display()),
+                    &format!("ctl:\n  cacert: {}/other/ca.crt", d.display()),
+                )
+            }),
+            "restapi.certfile",
+        ),
+        (
+            "PostgreSQL certificate of another CA than sslrootcert",
+            Box::new(|y: &str, d: &std::path::Path| {
+                y.replace(
+                    &format!("sslrootcert: {}/pki/ca.crt", d.display()),
+                    &format!("sslrootcert: {}/other/ca.crt", d.display()),
+                )
+            }),
+            "postgresql.parameters.ssl_cert_file",
         ),
         (
             "unreadable key",

@@ -203,6 +203,53 @@ pub fn client_config(settings: &ClientSettings<'_>) -> Result<rustls::ClientConf
     }
 }
 
+/// What a certificate is checked for by [`check_signed_by`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertUsage {
+    Server,
+    Client,
+}
+
+/// Checks that the certificate in `cert` chains up to a root in `ca` (`None`: the system
+/// bundle) and is valid for `usage`, the way the other side will check it. Catches a
+/// certificate signed by another CA than the one its peers trust, before anything starts.
+pub fn check_signed_by(
+    cert: ConfFile<'_>,
+    ca: Option<ConfFile<'_>>,
+    usage: CertUsage,
+) -> Result<(), TlsError> {
+    let chain = read_certs(cert)?;
+    let (end, intermediates) = chain.split_first().expect("read_certs returns at least one");
+    let roots = Arc::new(roots(ca)?);
+    let now = rustls::pki_types::UnixTime::now();
+    let result = match usage {
+        CertUsage::Server => {
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(|e| TlsError::new(ca.map_or("tls", |c| c.key), ca.map(|c| c.path), e.to_string()))?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("valid name");
+            verify::ChainOnly(verifier).verify_server_cert_now(end, intermediates, &name, now)
+        }
+        CertUsage::Client => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(|e| TlsError::new(ca.map_or("tls", |c| c.key), ca.map(|c| c.path), e.to_string()))?;
+            verifier.verify_client_cert(end, intermediates, now).map(|_| ())
+        }
+    };
+    result.map_err(|e| {
+        let trusted = match ca {
+            Some(ca) => format!("the CA of {} ({})", ca.key, ca.path.display()),
+            None => "the system CA bundle".to_string(),
+        };
+        TlsError::new(
+            cert.key,
+            Some(cert.path),
+            format!("not accepted by {trusted}: {e}"),
+        )
+    })
+}
+
 /// `restapi.verify_client`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ClientAuth {

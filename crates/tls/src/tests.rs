@@ -264,3 +264,30 @@ fn ciphers_restrict_tls12_only() {
     .unwrap_err();
     assert_eq!(e.key, "restapi.ciphers");
 }
+
+#[test]
+fn certificates_of_another_ca_are_named() {
+    let f = fixture();
+    let ca = f.pki.ca_cert();
+    let ca_file = ConfFile::new("ctl.cacert", &ca);
+    check_signed_by(
+        ConfFile::new("restapi.certfile", &f.server.cert),
+        Some(ca_file),
+        CertUsage::Server,
+    )
+    .unwrap();
+    check_signed_by(
+        ConfFile::new("ctl.certfile", &f.client.cert),
+        Some(ca_file),
+        CertUsage::Client,
+    )
+    .unwrap();
+    let e = check_signed_by(
+        ConfFile::new("restapi.certfile", &f.stranger.cert),
+        Some(ca_file),
+        CertUsage::Server,
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "restapi.certfile");
+    assert!(e.problem.contains("not accepted by the CA of ctl.cacert"), "{e}");
+}
