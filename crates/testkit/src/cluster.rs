@@ -44,6 +44,11 @@ pub struct ClusterOptions {
     /// `hostssl ... clientcert=verify-ca` only and the agents connecting with `verify-full`
     /// (superuser) and `verify-ca` (replication).
     pub tls: bool,
+    /// etcd authentication: `root` with this password is created and auth enabled before the
+    /// agents start; every node's `etcd3` section gets `username`/`password`.
+    pub etcd_password: Option<String>,
+    /// `postgresql.use_unix_socket` on every node.
+    pub use_unix_socket: bool,
 }
 
 impl Default for ClusterOptions {
@@ -57,6 +62,8 @@ impl Default for ClusterOptions {
             extra_node_yaml: Vec::new(),
             restapi_auth: None,
             tls: false,
+            etcd_password: None,
+            use_unix_socket: false,
         }
     }
 }
@@ -215,6 +222,9 @@ impl TestCluster {
         if let Some(p) = &pki {
             http::use_tls(Some(p.client_config()?));
         }
+        if let Some(password) = &options.etcd_password {
+            etcd.enable_auth(password)?;
+        }
         let scope = format!("test{}", std::process::id());
         let mut nodes = Vec::new();
         for i in 0..options.nodes {
@@ -303,7 +313,7 @@ postgresql:
   connect_address: 127.0.0.1:{pg}
   data_dir: {data}
   pgpass: {dir}/pgpass
-  authentication:
+{unix}  authentication:
     superuser:
       username: {su}
       password: {su_pw}
@@ -321,7 +331,16 @@ postgresql:
 {extra}
 "#,
             rest_tls = tls.rest,
-            etcd_tls = tls.etcd,
+            etcd_tls = tls.etcd
+                + &o.etcd_password
+                    .as_ref()
+                    .map(|p| format!("  username: root\n  password: '{p}'\n"))
+                    .unwrap_or_default(),
+            unix = if o.use_unix_socket {
+                "  use_unix_socket: true\n"
+            } else {
+                ""
+            },
             su_tls = tls.superuser,
             rep_tls = tls.replication,
             pg_tls = tls.parameters,

@@ -133,6 +133,44 @@ impl EtcdCluster {
         format!("127.0.0.1:{}", self.members[i].client_port)
     }
 
+    /// Creates the `root` user with `password` and enables authentication (`etcdctl`, with the
+    /// cluster's certificate when it uses TLS).
+    pub fn enable_auth(&self, password: &str) -> anyhow::Result<()> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoints = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for args in [
+            vec!["user".to_string(), "add".into(), format!("root:{password}")],
+            vec!["auth".into(), "enable".into()],
+        ] {
+            let mut cmd = Command::new("etcdctl");
+            cmd.env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={endpoints}"));
+            if let Some(tls) = &self.tls {
+                cmd.arg(format!("--cacert={}", tls.ca.display()))
+                    .arg(format!("--cert={}", tls.cert.display()))
+                    .arg(format!("--key={}", tls.key.display()));
+            }
+            let out = cmd
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()
+                .context("running etcdctl")?;
+            if !out.status.success() {
+                bail!(
+                    "etcdctl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Number of members (running or not).
     pub fn len(&self) -> usize {
         self.members.len()
