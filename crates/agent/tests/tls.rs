@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use operator_support::{AGENT, HEALTHY, patronictl, pgvigilctl};
-use pgvigil_testkit::cluster::{ClusterOptions, TestCluster};
-use pgvigil_testkit::{http, wait_until};
+use pgvigil_testkit::cluster::{ClusterOptions, TestCluster, psql_with};
+use pgvigil_testkit::{free_port, http, spawn_owned, wait_until};
 
 #[test]
 fn tls_cluster_replicates_switches_over_and_patronictl_works() {
@@ -86,6 +86,30 @@ fn tls_cluster_replicates_switches_over_and_patronictl_works() {
     );
     http::use_tls(Some(pki.client_config().unwrap()));
 
+    // HAProxy's health checks over HTTPS with a client certificate, as haproxy-config writes
+    // them: port "5000" reaches only the leader, "5001" only the replica. (Without --check-crt
+    // every check is refused by verify_client: required and nothing is reachable.)
+    let haproxy = Haproxy::start(&cluster, pki);
+    let via = |port: u16| {
+        psql_with(port, "SELECT inet_server_port()", &pki.libpq_env())
+            .ok()
+            .and_then(|p| p.parse::<u16>().ok())
+    };
+    wait_until(
+        "HAProxy's TLS health checks to settle",
+        Duration::from_secs(60),
+        || {
+            (0..6)
+                .all(|_| {
+                    via(haproxy.primary) == Some(cluster.nodes[leader].pg_port)
+                        && via(haproxy.replicas) == Some(cluster.nodes[replica].pg_port)
+                })
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", haproxy.log_tail(), cluster.diagnostics()));
+    drop(haproxy);
+
     // The real patronictl, with the node's own file (etcd3 and ctl sections over TLS).
     let list = patronictl(&cluster, 0, &["list"], None, Duration::from_secs(60)).expect_ok("patronictl list");
     for n in &cluster.nodes {
@@ -145,7 +169,11 @@ fn etcd_password_authentication_over_tls() {
     // Without the password, the same configuration is refused by etcd.
     let config = std::fs::read_to_string(&cluster.nodes[0].config).unwrap();
     let without = cluster.root().join("no-password.yml");
-    std::fs::write(&without, config.replace("  username: root\n  password: 'etcd-root-secret'\n", "")).unwrap();
+    std::fs::write(
+        &without,
+        config.replace("  username: root\n  password: 'etcd-root-secret'\n", ""),
+    )
+    .unwrap();
     let mut cmd = Command::new(operator_support::pgvigilctl_bin());
     cmd.arg("-c").arg(&without).arg("list");
     let refused = operator_support::run(cmd, None, Duration::from_secs(60));
@@ -170,6 +198,67 @@ fn use_unix_socket_puts_the_agents_connection_on_the_socket() {
         )
         .unwrap();
     assert_eq!(heartbeat, "t|-1", "{}", cluster.diagnostics());
+}
+
+/// The real HAProxy with `pgvigilctl haproxy-config --check-crt --check-ca`.
+struct Haproxy {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    primary: u16,
+    replicas: u16,
+}
+
+impl Haproxy {
+    fn start(cluster: &TestCluster, pki: &pgvigil_testkit::cluster::ClusterPki) -> Haproxy {
+        let (primary, replicas, stats) = (free_port(), free_port(), free_port());
+        let dir = cluster.root();
+        let pem = dir.join("haproxy-client.pem");
+        let both = std::fs::read_to_string(&pki.nodes[0].cert).unwrap()
+            + &std::fs::read_to_string(&pki.nodes[0].key).unwrap();
+        std::fs::write(&pem, both).unwrap();
+        let mut cmd = Command::new(operator_support::pgvigilctl_bin());
+        cmd.arg("-c").arg(&cluster.nodes[0].config).arg("haproxy-config");
+        cmd.args([
+            "--primary-port",
+            &primary.to_string(),
+            "--replica-port",
+            &replicas.to_string(),
+        ]);
+        cmd.args(["--stats-port", &stats.to_string()]);
+        cmd.arg("--check-crt").arg(&pem).arg("--check-ca").arg(&pki.ca);
+        let text = operator_support::run(cmd, None, Duration::from_secs(30))
+            .expect_ok("haproxy-config")
+            .stdout;
+        assert!(text.contains("check-ssl crt "), "{text}");
+        let config = dir.join("haproxy.cfg");
+        std::fs::write(&config, &text).unwrap();
+        let log = dir.join("haproxy.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new("/usr/sbin/haproxy");
+        cmd.arg("-db")
+            .arg("-f")
+            .arg(&config)
+            .stdin(std::process::Stdio::null());
+        cmd.stdout(file.try_clone().unwrap()).stderr(file);
+        let child = spawn_owned(cmd).expect("haproxy starts");
+        Haproxy {
+            child,
+            log,
+            primary,
+            replicas,
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A node configuration with a TLS mistake; the agent must exit before creating anything.
