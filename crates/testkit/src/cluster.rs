@@ -104,18 +104,27 @@ pub struct ClusterPki {
 }
 
 impl ClusterPki {
-    fn create(
+    /// Certificates below `<root>/pki`: node `i` (named `node<i+1>`) valid for `node_ips[i]`,
+    /// 127.0.0.1 and localhost; etcd's for every node address.
+    pub fn create(
         root: &Path,
-        nodes: usize,
+        node_ips: &[String],
         owner: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
     ) -> anyhow::Result<Self> {
         let dir = root.join("pki");
         let pki = TestPki::new(&dir, "pgvigil test CA")?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
         let local = ["127.0.0.1", "localhost"];
-        let etcd = pki.issue("etcd", "etcd", &local)?;
-        let nodes = (1..=nodes)
-            .map(|i| pki.issue(&format!("node{i}"), &format!("node{i}"), &local))
+        let mut etcd_names: Vec<&str> = local.to_vec();
+        etcd_names.extend(node_ips.iter().map(String::as_str));
+        let etcd = pki.issue("etcd", "etcd", &etcd_names)?;
+        let nodes = node_ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                let name = format!("node{}", i + 1);
+                pki.issue(&name, &name, &[ip.as_str(), "127.0.0.1", "localhost"])
+            })
             .collect::<std::io::Result<Vec<_>>>()?;
         let superuser = pki.issue("superuser", SUPERUSER, &[])?;
         let replication = pki.issue("replication", REPLICATION_USER, &[])?;
@@ -147,6 +156,58 @@ impl ClusterPki {
             }),
             check: Some(ServerCheck::ChainAndName),
         })?)
+    }
+
+    /// The TLS parts of node `i`'s configuration, in the sections a Patroni user writes them.
+    pub(crate) fn yaml(&self, i: usize) -> TlsYaml {
+        let (ca, cert, key) = (
+            self.ca.display(),
+            self.nodes[i].cert.display(),
+            self.nodes[i].key.display(),
+        );
+        let role = |issued: &Issued, mode: &str| {
+            format!(
+                "      sslmode: {mode}\n      sslrootcert: {ca}\n      sslcert: {}\n      sslkey: {}\n",
+                issued.cert.display(),
+                issued.key.display()
+            )
+        };
+        TlsYaml {
+            rest: format!(
+                "  certfile: {cert}\n  keyfile: {key}\n  cafile: {ca}\n  verify_client: required\n\
+                 ctl:\n  certfile: {cert}\n  keyfile: {key}\n  cacert: {ca}\n"
+            ),
+            etcd: format!("  protocol: https\n  cacert: {ca}\n  cert: {cert}\n  key: {key}\n"),
+            superuser: role(&self.superuser, "verify-full"),
+            replication: role(&self.replication, "verify-ca"),
+            parameters: format!(
+                "    ssl: 'on'\n    ssl_cert_file: {cert}\n    ssl_key_file: {key}\n    ssl_ca_file: {ca}\n"
+            ),
+        }
+    }
+
+    /// A client for PostgreSQL as the superuser: trusts the CA, presents the superuser's
+    /// certificate.
+    pub fn superuser_client_config(&self) -> anyhow::Result<rustls::ClientConfig> {
+        Ok(pgvigil_tls::client_config(&ClientSettings {
+            ca: Some(ConfFile::new("ca", &self.ca)),
+            crls: Vec::new(),
+            identity: Some(Identity {
+                cert: ConfFile::new("cert", &self.superuser.cert),
+                key: Some(ConfFile::new("key", &self.superuser.key)),
+                password: None,
+            }),
+            check: Some(ServerCheck::Chain),
+        })?)
+    }
+
+    /// The etcd files for [`EtcdCluster::start_with_tls`] and the lab.
+    pub fn etcd_files(&self) -> EtcdTlsFiles {
+        EtcdTlsFiles {
+            ca: self.ca.clone(),
+            cert: self.etcd.cert.clone(),
+            key: self.etcd.key.clone(),
+        }
     }
 
     /// libpq environment for connecting as the superuser with its certificate.
@@ -208,17 +269,14 @@ impl TestCluster {
             .tempdir_in(test_tmp_root())?;
         fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755))?;
         let pki = match options.tls {
-            true => Some(ClusterPki::create(root.path(), options.nodes, owner)?),
+            true => Some(ClusterPki::create(
+                root.path(),
+                &vec!["127.0.0.1".to_string(); options.nodes],
+                owner,
+            )?),
             false => None,
         };
-        let etcd = EtcdCluster::start_with_tls(
-            3,
-            pki.as_ref().map(|p| EtcdTlsFiles {
-                ca: p.ca.clone(),
-                cert: p.etcd.cert.clone(),
-                key: p.etcd.key.clone(),
-            }),
-        )?;
+        let etcd = EtcdCluster::start_with_tls(3, pki.as_ref().map(ClusterPki::etcd_files))?;
         if let Some(p) = &pki {
             http::use_tls(Some(p.client_config()?));
         }
@@ -369,33 +427,7 @@ postgresql:
 
     /// The TLS parts of node `i`'s configuration, written as a Patroni user would.
     fn tls_yaml(&self, i: usize) -> TlsYaml {
-        let Some(p) = &self.pki else {
-            return TlsYaml::default();
-        };
-        let (ca, cert, key) = (
-            p.ca.display(),
-            p.nodes[i].cert.display(),
-            p.nodes[i].key.display(),
-        );
-        let role = |issued: &Issued, mode: &str| {
-            format!(
-                "      sslmode: {mode}\n      sslrootcert: {ca}\n      sslcert: {}\n      sslkey: {}\n",
-                issued.cert.display(),
-                issued.key.display()
-            )
-        };
-        TlsYaml {
-            rest: format!(
-                "  certfile: {cert}\n  keyfile: {key}\n  cafile: {ca}\n  verify_client: required\n\
-                 ctl:\n  certfile: {cert}\n  keyfile: {key}\n  cacert: {ca}\n"
-            ),
-            etcd: format!("  protocol: https\n  cacert: {ca}\n  cert: {cert}\n  key: {key}\n"),
-            superuser: role(&p.superuser, "verify-full"),
-            replication: role(&p.replication, "verify-ca"),
-            parameters: format!(
-                "    ssl: 'on'\n    ssl_cert_file: {cert}\n    ssl_key_file: {key}\n    ssl_ca_file: {ca}\n"
-            ),
-        }
+        self.pki.as_ref().map(|p| p.yaml(i)).unwrap_or_default()
     }
 
     /// Starts (or restarts) node `i`'s agent, appending to its log.
@@ -539,14 +571,14 @@ postgresql:
     }
 }
 
-/// YAML fragments of [`TestCluster::tls_yaml`] (all empty without TLS).
+/// YAML fragments of [`ClusterPki::yaml`] (all empty without TLS).
 #[derive(Default)]
-struct TlsYaml {
-    rest: String,
-    etcd: String,
-    superuser: String,
-    replication: String,
-    parameters: String,
+pub(crate) struct TlsYaml {
+    pub(crate) rest: String,
+    pub(crate) etcd: String,
+    pub(crate) superuser: String,
+    pub(crate) replication: String,
+    pub(crate) parameters: String,
 }
 
 impl Drop for TestCluster {

@@ -367,7 +367,11 @@ fn process_state(pid: u32) -> Option<char> {
 
 /// `GET /health` over plain HTTP/1.0.
 fn health(port: u16) -> std::io::Result<bool> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    health_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
+
+/// `GET /health` of the etcd member whose client or metrics URL is `addr`, over plain HTTP/1.0.
+pub(crate) fn health_at(addr: SocketAddr) -> std::io::Result<bool> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
