@@ -15,6 +15,7 @@ use rcgen::{
 pub struct TestPki {
     dir: PathBuf,
     issuer: CertifiedIssuer<'static, KeyPair>,
+    next_serial: std::sync::atomic::AtomicU64,
 }
 
 /// The files of one issued certificate.
@@ -22,6 +23,7 @@ pub struct TestPki {
 pub struct Issued {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub serial: u64,
 }
 
 impl TestPki {
@@ -38,6 +40,7 @@ impl TestPki {
         Ok(TestPki {
             dir: dir.to_path_buf(),
             issuer,
+            next_serial: std::sync::atomic::AtomicU64::new(1000),
         })
     }
 
@@ -54,6 +57,10 @@ impl TestPki {
     pub fn issue(&self, file_stem: &str, cn: &str, names: &[&str]) -> std::io::Result<Issued> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(other)?;
         params.distinguished_name.push(DnType::CommonName, cn);
+        let serial = self
+            .next_serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
         for name in names {
             params.subject_alt_names.push(match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -73,11 +80,38 @@ impl TestPki {
         let issued = Issued {
             cert: self.dir.join(format!("{file_stem}.crt")),
             key: self.dir.join(format!("{file_stem}.key")),
+            serial,
         };
         std::fs::write(&issued.cert, cert.pem())?;
         std::fs::write(&issued.key, key.serialize_pem())?;
         std::fs::set_permissions(&issued.key, std::fs::Permissions::from_mode(0o600))?;
         Ok(issued)
+    }
+}
+
+impl TestPki {
+    /// Writes `<dir>/<file_name>`: a CRL of this CA revoking `revoked`.
+    pub fn crl(&self, file_name: &str, revoked: &[&Issued]) -> std::io::Result<PathBuf> {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|i| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(i.serial),
+                    revocation_time: rcgen::date_time_ymd(2021, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).map_err(other)?;
+        let path = self.dir.join(file_name);
+        std::fs::write(&path, crl.pem().map_err(other)?)?;
+        Ok(path)
     }
 }
 

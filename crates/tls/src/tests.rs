@@ -291,3 +291,31 @@ fn certificates_of_another_ca_are_named() {
     assert_eq!(e.key, "restapi.certfile");
     assert!(e.problem.contains("not accepted by the CA of ctl.cacert"), "{e}");
 }
+
+#[test]
+fn revoked_server_certificates_are_refused_with_a_crl() {
+    let f = fixture();
+    let ca = f.pki.ca_cert();
+    let revoking = f.pki.crl("revoking.crl", &[&f.server]).unwrap();
+    let other = f.pki.crl("other.crl", &[&f.client]).unwrap();
+    let with_crl = |crl: &Path| {
+        client_config(&ClientSettings {
+            ca: Some(ConfFile::new("sslrootcert", &ca)),
+            crls: vec![ConfFile::new("sslcrl", crl)],
+            identity: None,
+            check: Some(ServerCheck::Chain),
+        })
+        .unwrap()
+    };
+    let e = handshake(with_crl(&revoking), server(&f, ClientAuth::None), "127.0.0.1").unwrap_err();
+    assert!(e.to_string().contains("Revoked"), "{e}");
+    handshake(with_crl(&other), server(&f, ClientAuth::None), "127.0.0.1").unwrap();
+    // A directory of CRLs (libpq's sslcrldir) works the same.
+    let dir = f.pki.dir().join("crls");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(&revoking, dir.join("a.crl")).unwrap();
+    assert!(handshake(with_crl(&dir), server(&f, ClientAuth::None), "127.0.0.1").is_err());
+    // Not a CRL: named.
+    let e = read_crls(ConfFile::new("sslcrl", &ca)).unwrap_err();
+    assert!(e.problem.contains("no CRL"), "{e}");
+}
