@@ -104,8 +104,20 @@ fn check_trust(cfg: &Config) -> Result<(), TlsError> {
     if let Some(cert) = &cfg.restapi.certfile
         && !cfg.ctl.insecure
     {
-        let ca = cfg.ctl.cacert.as_deref().map(|c| ConfFile::new("ctl.cacert", c));
-        check_signed_by(ConfFile::new("restapi.certfile", cert), ca, CertUsage::Server)?;
+        let cert = ConfFile::new("restapi.certfile", cert);
+        match &cfg.ctl.cacert {
+            Some(ca) => check_signed_by(cert, Some(ConfFile::new("ctl.cacert", ca)), CertUsage::Server)?,
+            // Without a configured CA, peers verify against the system bundle; Patroni runs
+            // like that too (its peer checks then fail), so only warn.
+            None => {
+                if let Err(e) = check_signed_by(cert, None, CertUsage::Server) {
+                    tracing::warn!(
+                        "{e}; other members and patronictl will not be able to verify this API: \
+                         set ctl.cacert (or restapi.cafile) to the CA that signed it"
+                    );
+                }
+            }
+        }
     }
     if let (Some(cert), Some(ca)) = (&cfg.ctl.certfile, &cfg.restapi.cafile)
         && cfg.restapi.verify_client != pgvigil_config::VerifyClient::None
