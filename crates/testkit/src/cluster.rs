@@ -183,6 +183,7 @@ impl ClusterPki {
             parameters: format!(
                 "    ssl: 'on'\n    ssl_cert_file: {cert}\n    ssl_key_file: {key}\n    ssl_ca_file: {ca}\n"
             ),
+            hba_options: " clientcert=verify-ca",
         }
     }
 
@@ -389,7 +390,7 @@ postgresql:
 {extra}
 "#,
             rest_tls = tls.rest,
-            etcd_tls = tls.etcd
+            etcd_tls = tls.etcd.clone()
                 + &o.etcd_password
                     .as_ref()
                     .map(|p| format!("  username: root\n  password: '{p}'\n"))
@@ -402,12 +403,8 @@ postgresql:
             su_tls = tls.superuser,
             rep_tls = tls.replication,
             pg_tls = tls.parameters,
-            host = if self.pki.is_some() { "hostssl" } else { "host" },
-            clientcert = if self.pki.is_some() {
-                " clientcert=verify-ca"
-            } else {
-                ""
-            },
+            host = tls.hba_type(),
+            clientcert = tls.hba_options,
             scope = self.scope,
             name = node.name,
             api = node.api_port,
@@ -579,6 +576,19 @@ pub(crate) struct TlsYaml {
     pub(crate) superuser: String,
     pub(crate) replication: String,
     pub(crate) parameters: String,
+    /// Appended to the TCP `pg_hba` lines.
+    pub(crate) hba_options: &'static str,
+}
+
+impl TlsYaml {
+    /// The connection type of the TCP `pg_hba` lines: TLS only when the cluster has a CA.
+    pub(crate) fn hba_type(&self) -> &'static str {
+        if self.hba_options.is_empty() {
+            "host"
+        } else {
+            "hostssl"
+        }
+    }
 }
 
 impl Drop for TestCluster {

@@ -55,6 +55,21 @@ pub struct EtcdTlsFiles {
     pub key: PathBuf,
 }
 
+impl EtcdTlsFiles {
+    /// etcd's arguments for them: HTTPS for clients, which must present a certificate.
+    pub fn etcd_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--cert-file".into(),
+            self.cert.clone().into(),
+            "--key-file".into(),
+            self.key.clone().into(),
+            "--trusted-ca-file".into(),
+            self.ca.clone().into(),
+            "--client-cert-auth".into(),
+        ]
+    }
+}
+
 impl EtcdCluster {
     /// Starts `members` etcd processes and waits (bounded) until every one reports healthy.
     pub fn start(members: usize) -> anyhow::Result<EtcdCluster> {
@@ -305,13 +320,7 @@ impl EtcdCluster {
             .arg("--listen-metrics-urls")
             .arg(format!("http://127.0.0.1:{}", member.metrics_port));
         if let Some(tls) = &self.tls {
-            cmd.arg("--cert-file")
-                .arg(&tls.cert)
-                .arg("--key-file")
-                .arg(&tls.key)
-                .arg("--trusted-ca-file")
-                .arg(&tls.ca)
-                .arg("--client-cert-auth");
+            cmd.args(tls.etcd_args());
         }
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = spawn_owned(cmd).with_context(|| format!("spawning {}", Path::new(&bin).display()))?;

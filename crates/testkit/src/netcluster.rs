@@ -337,12 +337,8 @@ postgresql:
             su_tls = tls.superuser,
             rep_tls = tls.replication,
             pg_tls = tls.parameters,
-            host = if self.pki.is_some() { "hostssl" } else { "host" },
-            clientcert = if self.pki.is_some() {
-                " clientcert=verify-ca"
-            } else {
-                ""
-            },
+            host = tls.hba_type(),
+            clientcert = tls.hba_options,
             scope = self.scope,
             name = node.name,
             ip = node.ip,
@@ -423,14 +419,7 @@ postgresql:
             .arg("--listen-metrics-urls")
             .arg(format!("http://{}:{ETCD_METRICS_PORT}", node.ip));
         if let Some(pki) = &self.pki {
-            let files = pki.etcd_files();
-            cmd.arg("--cert-file")
-                .arg(&files.cert)
-                .arg("--key-file")
-                .arg(&files.key)
-                .arg("--trusted-ca-file")
-                .arg(&files.ca)
-                .arg("--client-cert-auth");
+            cmd.args(pki.etcd_files().etcd_args());
         }
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = spawn_owned(cmd).context("starting etcd")?;
