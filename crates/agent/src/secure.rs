@@ -17,7 +17,7 @@ pub struct Prepared {
     /// The agent's own superuser connection.
     pub superuser_tls: LocalTls,
     /// HTTPS for the REST API (`restapi.certfile` set).
-    pub rest_tls: Option<Arc<rustls::ServerConfig>>,
+    pub rest_tls: Option<Arc<pgvigil_rest::tls::ServerTls>>,
     pub etcd_tls: Option<EtcdTls>,
 }
 
@@ -50,7 +50,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, TlsError> {
             )?;
         }
     }
-    let rest_tls = pgvigil_rest::tls::server_config(&cfg.restapi)?;
+    let rest_tls = pgvigil_rest::tls::ServerTls::new(&cfg.restapi)?;
     pgvigil_rest::tls::client_config(&cfg.ctl, cfg.ctl.insecure)?;
     check_trust(cfg)?;
     let e = &cfg.etcd3;

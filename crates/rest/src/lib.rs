@@ -145,12 +145,12 @@ pub async fn serve(
         .await
 }
 
-/// Serves the API over HTTPS (`restapi.certfile`, see [`tls::server_config`]).
+/// Serves the API over HTTPS (`restapi.certfile`, see [`tls::ServerTls`]).
 /// `verify_client: optional` makes the protected endpoints answer 403 `client certificate
 /// required` to a client that presented none.
 pub async fn serve_https(
     listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<tls::ServerTls>,
     verify_client: pgvigil_config::VerifyClient,
     ctx: RestContext,
     shutdown: CancellationToken,

@@ -18,6 +18,90 @@ use tokio_rustls::server::TlsStream;
 /// A TLS handshake that has not finished by then is dropped (it holds no request yet).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often at most the certificate files are looked at for changes.
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The REST API's TLS set-up, following its files: when `certfile`, `keyfile` or `cafile`
+/// change on disk (a renewed certificate), new connections get the new ones, so a rotation
+/// needs neither a restart nor a reload. Files that cannot be used after a change are logged
+/// and the previous set-up stays.
+pub struct ServerTls {
+    api: RestApiConfig,
+    state: std::sync::Mutex<ServerTlsState>,
+}
+
+struct ServerTlsState {
+    config: Arc<rustls::ServerConfig>,
+    stamps: Vec<Option<(std::time::SystemTime, u64)>>,
+    checked: std::time::Instant,
+}
+
+impl ServerTls {
+    /// `None` when `restapi.certfile` is not set (plain HTTP).
+    pub fn new(api: &RestApiConfig) -> Result<Option<Arc<ServerTls>>, TlsError> {
+        let Some(config) = server_config(api)? else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(ServerTls {
+            state: std::sync::Mutex::new(ServerTlsState {
+                config,
+                stamps: file_stamps(api),
+                checked: std::time::Instant::now(),
+            }),
+            api: api.clone(),
+        })))
+    }
+
+    /// The configuration for a new connection (the files are looked at once a second).
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked.elapsed() >= FILE_CHECK_INTERVAL {
+            self.reload_if_changed(&mut state);
+        }
+        state.config.clone()
+    }
+
+    /// Looks at the files now; returns whether a new set-up is in use.
+    pub fn refresh(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.reload_if_changed(&mut state)
+    }
+
+    fn reload_if_changed(&self, state: &mut ServerTlsState) -> bool {
+        state.checked = std::time::Instant::now();
+        let stamps = file_stamps(&self.api);
+        if stamps == state.stamps {
+            return false;
+        }
+        state.stamps = stamps;
+        match server_config(&self.api) {
+            Ok(Some(config)) => {
+                tracing::info!("the REST API's certificate files changed: serving the new ones");
+                state.config = config;
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(
+                    "the REST API's certificate files changed but cannot be used, keeping the previous ones: {e}"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Modification time and size of `certfile`, `keyfile`, `cafile`.
+fn file_stamps(api: &RestApiConfig) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    [&api.certfile, &api.keyfile, &api.cafile]
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(p.as_ref()?).ok()?;
+            Some((meta.modified().ok()?, meta.len()))
+        })
+        .collect()
+}
+
 /// The server side of `restapi`, or `None` when `certfile` is not set (plain HTTP).
 pub fn server_config(api: &RestApiConfig) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
     let Some(certfile) = &api.certfile else {
@@ -123,9 +207,8 @@ impl Drop for TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+    pub fn new(listener: TcpListener, tls: Arc<ServerTls>) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
-        let acceptor = TlsAcceptor::from(config);
         let (tx, ready) = mpsc::channel(64);
         let accept_task = tokio::spawn(async move {
             loop {
@@ -138,7 +221,7 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let acceptor = acceptor.clone();
+                let acceptor = TlsAcceptor::from(tls.current());
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

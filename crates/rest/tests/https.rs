@@ -36,6 +36,7 @@ fn fixture() -> Fixture {
 /// A running server; dropping it stops it.
 struct Running {
     base: String,
+    tls: Arc<pgvigil_rest::tls::ServerTls>,
     shutdown: CancellationToken,
     _snapshot: watch::Sender<Arc<NodeSnapshot>>,
     _commands: mpsc::Receiver<pgvigil_rest::ApiCommand>,
@@ -56,7 +57,7 @@ async fn start(f: &Fixture, verify_client: VerifyClient) -> Running {
         verify_client,
         ..Default::default()
     };
-    let tls = pgvigil_rest::tls::server_config(&api)
+    let tls = pgvigil_rest::tls::ServerTls::new(&api)
         .unwrap()
         .expect("certfile is set");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -84,9 +85,16 @@ async fn start(f: &Fixture, verify_client: VerifyClient) -> Running {
         status_probe: None,
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(serve_https(listener, tls, verify_client, ctx, shutdown.clone()));
+    tokio::spawn(serve_https(
+        listener,
+        tls.clone(),
+        verify_client,
+        ctx,
+        shutdown.clone(),
+    ));
     Running {
         base,
+        tls,
         shutdown,
         _snapshot: snapshot_tx,
         _commands: commands_rx,
@@ -164,4 +172,55 @@ async fn required_client_certificates_refuse_the_handshake() {
         .await
         .expect("status over HTTPS");
     assert_eq!(status.role, "primary");
+}
+
+/// The certificate the server presents to a new connection (DER).
+async fn served_certificate(f: &Fixture, base: &str) -> Vec<u8> {
+    let addr = base.trim_start_matches("https://").to_string();
+    let config = pgvigil_tls::client_config(&pgvigil_tls::ClientSettings {
+        ca: Some(pgvigil_tls::ConfFile::new("ca", &f.pki.ca_cert())),
+        ..Default::default()
+    })
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der_of(pem_path: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(pem_path)
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let f = fixture();
+    let server = start(&f, VerifyClient::None).await;
+    let old = der_of(&f.server.cert);
+    assert_eq!(served_certificate(&f, &server.base).await, old);
+    // Renewal: the same file names, a new certificate and key.
+    let renewed = f.pki.issue("server", "pg1", &["127.0.0.1"]).unwrap();
+    let new = der_of(&renewed.cert);
+    assert_ne!(new, old);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if served_certificate(&f, &server.base).await == new {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate is not served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A broken replacement keeps the last good set-up.
+    std::fs::write(&f.server.key, "not a key").unwrap();
+    assert!(!server.tls.refresh());
+    assert_eq!(served_certificate(&f, &server.base).await, new);
 }
