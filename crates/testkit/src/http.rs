@@ -3,16 +3,19 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// When set, every request of this process goes over HTTPS with this configuration (a test
-/// cluster whose REST APIs serve TLS sets it; nextest runs each test in its own process).
-static CLIENT_TLS: RwLock<Option<Arc<rustls::ClientConfig>>> = RwLock::new(None);
+thread_local! {
+    /// When set, every request of this thread goes over HTTPS with this configuration (a test
+    /// cluster whose REST APIs serve TLS sets it on the test's thread; per thread, so that
+    /// tests sharing a process under `cargo test` do not see each other's).
+    static CLIENT_TLS: std::cell::RefCell<Option<Arc<rustls::ClientConfig>>> = const { std::cell::RefCell::new(None) };
+}
 
-/// Makes every following request use HTTPS with `config` (`None`: plain HTTP again).
+/// Makes every following request of this thread use HTTPS with `config` (`None`: plain HTTP).
 pub fn use_tls(config: Option<rustls::ClientConfig>) {
-    *CLIENT_TLS.write().unwrap_or_else(|e| e.into_inner()) = config.map(Arc::new);
+    CLIENT_TLS.with(|c| *c.borrow_mut() = config.map(Arc::new));
 }
 
 /// Status code and body of one request.
@@ -63,7 +66,7 @@ pub fn request_within(
     let tcp = TcpStream::connect_timeout(&addr, timeout)?;
     tcp.set_read_timeout(Some(timeout))?;
     tcp.set_write_timeout(Some(timeout))?;
-    let tls = CLIENT_TLS.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let tls = CLIENT_TLS.with(|c| c.borrow().clone());
     let mut stream: Box<dyn ReadWrite> = match tls {
         Some(config) => {
             let name = rustls::pki_types::ServerName::from(addr.ip());
