@@ -3,6 +3,8 @@
 #
 #   scripts/demo.sh up             install dependencies, build, start everything, wait until healthy
 #   scripts/demo.sh up --haproxy   the same, with HAProxy instead of `pgvigil router` on 5000/5001/7000
+#   scripts/demo.sh up --tls       TLS everywhere with a generated CA (see scripts/demo-tls.sh);
+#                                  combines with --haproxy
 #   scripts/demo.sh status         show what is running
 #   scripts/demo.sh down           stop everything that `up` started and remove .demo/
 #
@@ -28,6 +30,8 @@ DEMO_LINK="$ROOT/.demo"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 [[ $TARGET_DIR == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
 RELEASE_DIR="$TARGET_DIR/release"
+# shellcheck source=scripts/demo-tls.sh
+source "$SCRIPT_DIR/demo-tls.sh"
 TIMEOUT="${PGVIGIL_DEMO_TIMEOUT:-120}"
 
 NODES=(1 2 3)
@@ -198,9 +202,10 @@ print("  etcd: %s%s" % (etcd.get("status", "?"), (" (" + etcd["message"] + ")") 
 
 # cluster_json: /cluster from the first node that answers.
 cluster_json() {
-    local n out
+    local n out curl_args
+    mapfile -t curl_args < <(tls_curl_args "$(demo_dir)")
     for n in "${NODES[@]}"; do
-        if out=$(curl -fsS --max-time 2 "http://127.0.0.1:$(rest_port "$n")/cluster" 2>/dev/null) && [[ -n $out ]]; then
+        if out=$(curl -fsS "${curl_args[@]}" --max-time 2 "$(tls_scheme)://127.0.0.1:$(rest_port "$n")/cluster" 2>/dev/null) && [[ -n $out ]]; then
             printf '%s\n' "$out"
             return 0
         fi
@@ -303,12 +308,14 @@ name: node$n
 restapi:
   listen: 127.0.0.1:$(rest_port "$n")
   connect_address: 127.0.0.1:$(rest_port "$n")
+$(tls_yaml_restapi "$n" "$d")
 
 etcd3:
   hosts:
   - 127.0.0.1:$(etcd_client_port 1)
   - 127.0.0.1:$(etcd_client_port 2)
   - 127.0.0.1:$(etcd_client_port 3)
+$(tls_yaml_etcd "$n" "$d")
 
 bootstrap:
   # Written to the DCS \`config\` key by the member that initializes the cluster.
@@ -333,17 +340,21 @@ postgresql:
     superuser:
       username: postgres
       password: '$su_pw'
+$(tls_yaml_role "$d" superuser verify-full)
     replication:
       username: replicator
       password: '$repl_pw'
+$(tls_yaml_role "$d" replication verify-ca)
   parameters:
     unix_socket_directories: '$d/node$n/run'
+$(tls_yaml_parameters "$n" "$d")
   # md5 also accepts SCRAM-hashed passwords (PostgreSQL 15 stores scram-sha-256 by default).
   pg_hba:
   - local all all peer
-  - host all all 127.0.0.1/32 md5
-  - host replication replicator 127.0.0.1/32 md5
+$(tls_yaml_hba)
 EOF
+    # Without TLS the fragments are empty: drop the blank lines they leave inside sections.
+    sed -i '/^$/{N;/^\n\( \|$\)/D}' "$f"
     if [[ $PROXY == router && $n == 1 ]]; then
         cat >>"$f" <<EOF
 
@@ -391,7 +402,7 @@ listen primary
     default-server inter 1s fall 2 rise 1 on-marked-down shutdown-sessions
 EOF
         for n in "${NODES[@]}"; do
-            echo "    server node$n 127.0.0.1:$(pg_port "$n") maxconn 100 check port $(rest_port "$n")"
+            echo "    server node$n 127.0.0.1:$(pg_port "$n") maxconn 100 check port $(rest_port "$n")$(tls_haproxy_check "$d")"
         done
         cat <<EOF
 
@@ -403,24 +414,26 @@ listen replicas
     default-server inter 1s fall 2 rise 1 on-marked-down shutdown-sessions
 EOF
         for n in "${NODES[@]}"; do
-            echo "    server node$n 127.0.0.1:$(pg_port "$n") maxconn 100 check port $(rest_port "$n")"
+            echo "    server node$n 127.0.0.1:$(pg_port "$n") maxconn 100 check port $(rest_port "$n")$(tls_haproxy_check "$d")"
         done
     } >"$f"
 }
 
 etcd_endpoints() {
     local n eps=()
-    for n in "${NODES[@]}"; do eps+=("http://127.0.0.1:$(etcd_client_port "$n")"); done
+    for n in "${NODES[@]}"; do eps+=("$(tls_scheme)://127.0.0.1:$(etcd_client_port "$n")"); done
     (IFS=,; printf '%s\n' "${eps[*]}")
 }
 
 start_etcd() {
-    local d=$1 n initial=() cluster client peer
+    local d=$1 n initial=() cluster client peer tls_args etcdctl_args
     mkdir -p "$d/etcd"
+    mapfile -t tls_args < <(tls_etcd_args "$d")
+    mapfile -t etcdctl_args < <(tls_etcdctl_args "$d")
     for n in "${NODES[@]}"; do initial+=("etcd$n=http://127.0.0.1:$(etcd_peer_port "$n")"); done
     cluster=$(IFS=,; printf '%s' "${initial[*]}")
     for n in "${NODES[@]}"; do
-        client="http://127.0.0.1:$(etcd_client_port "$n")"
+        client="$(tls_scheme)://127.0.0.1:$(etcd_client_port "$n")"
         peer="http://127.0.0.1:$(etcd_peer_port "$n")"
         spawn "$d/etcd/etcd$n.pid" "$d/etcd/etcd$n.log" \
             etcd --name "etcd$n" --data-dir "$d/etcd/etcd$n.data" \
@@ -428,13 +441,13 @@ start_etcd() {
             --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
             --initial-cluster "$cluster" --initial-cluster-token pgvigil-demo \
             --initial-cluster-state new --pre-vote \
-            --logger zap --log-outputs stderr
+            --logger zap --log-outputs stderr "${tls_args[@]}"
         say "started etcd$n (PID $(read_pid "$d/etcd/etcd$n.pid"), client $client)"
     done
     local deadline=$((SECONDS + 30))
-    until ETCDCTL_API=3 etcdctl --endpoints="$(etcd_endpoints)" --command-timeout=2s endpoint health >/dev/null 2>&1; do
+    until ETCDCTL_API=3 etcdctl "${etcdctl_args[@]}" --endpoints="$(etcd_endpoints)" --command-timeout=2s endpoint health >/dev/null 2>&1; do
         ((SECONDS < deadline)) || {
-            ETCDCTL_API=3 etcdctl --endpoints="$(etcd_endpoints)" --command-timeout=2s endpoint health || true
+            ETCDCTL_API=3 etcdctl "${etcdctl_args[@]}" --endpoints="$(etcd_endpoints)" --command-timeout=2s endpoint health || true
             fail "etcd did not become healthy within 30 s"
         }
         for n in "${NODES[@]}"; do
@@ -511,11 +524,12 @@ wait_for_cluster() {
 
 # psql through the router: the primary port must reach a primary, the replica port a replica.
 check_routes() {
-    local d=$1 pw=$2 deadline=$((SECONDS + 20)) p r
+    local d=$1 pw=$2 deadline=$((SECONDS + 20)) p r tls
+    tls=$(tls_libpq "$d")
     while :; do
         proxy_pid "$d" "$PROXY" >/dev/null || fail "$(proxy_label) is no longer running (see $d/$PROXY.log)"
-        p=$(PGPASSWORD=$pw psql "host=127.0.0.1 port=$PRIMARY_PORT user=postgres dbname=postgres connect_timeout=3" -XAtqc 'select pg_is_in_recovery()' 2>/dev/null || true)
-        r=$(PGPASSWORD=$pw psql "host=127.0.0.1 port=$REPLICAS_PORT user=postgres dbname=postgres connect_timeout=3" -XAtqc 'select pg_is_in_recovery()' 2>/dev/null || true)
+        p=$(PGPASSWORD=$pw psql "host=127.0.0.1 port=$PRIMARY_PORT user=postgres dbname=postgres connect_timeout=3$tls" -XAtqc 'select pg_is_in_recovery()' 2>/dev/null || true)
+        r=$(PGPASSWORD=$pw psql "host=127.0.0.1 port=$REPLICAS_PORT user=postgres dbname=postgres connect_timeout=3$tls" -XAtqc 'select pg_is_in_recovery()' 2>/dev/null || true)
         if [[ $p == f && $r == t ]]; then
             say "$(proxy_label) routes: $PRIMARY_PORT -> primary, $REPLICAS_PORT -> replica"
             return 0
@@ -571,6 +585,8 @@ cmd_up() {
     printf 'export PGPASSWORD=%s\n# replication user: replicator / %s\n' "$su_pw" "$repl_pw" >"$d/credentials.env"
     umask 022
     printf '%s\n' "$PROXY" >"$d/proxy" # which router runs, for status
+    printf '%s\n' "$TLS" >"$d/tls"
+    tls_make_pki "$d"
     local out
     for n in "${NODES[@]}"; do
         write_node_config "$n" "$d" "$bindir" "$su_pw" "$repl_pw"
@@ -593,8 +609,17 @@ cmd_up() {
     trap - INT TERM
     UP_STARTED=0
 
-    local rel_demo=.demo rel_bin via stats
+    local rel_demo=.demo rel_bin via stats tls curl_tls="" tls_note=""
     rel_bin=${RELEASE_DIR#"$ROOT"/}
+    tls=$(tls_libpq "$rel_demo")
+    if ((TLS)); then
+        curl_tls="--cacert $rel_demo/pki/ca.crt --cert $rel_demo/pki/client.crt --key $rel_demo/pki/client.key "
+        tls_note="
+TLS everywhere (CA and certificates in $rel_demo/pki): etcd wants client certificates, the REST
+APIs are HTTPS with verify_client: required, PostgreSQL takes TCP connections only with TLS and
+a client certificate (hostssl ... clientcert=verify-ca); the configurations show the keys.
+"
+    fi
     if [[ $PROXY == router ]]; then
         via="Ports $PRIMARY_PORT and $REPLICAS_PORT go through the pgvigil router ($rel_demo/bin/pgvigil router $rel_demo/node1.yml,
 which follows the leader through etcd; the other way is 'scripts/demo.sh up --haproxy')."
@@ -607,19 +632,19 @@ which follows the leader through etcd; the other way is 'scripts/demo.sh up --ha
 
 pgvigil demo cluster 'demo' is up:
 $(print_cluster)
-
+$tls_note
 $via
 
 Connect (from the repository root; the password is in $rel_demo/credentials.env):
   export PGPASSWORD=$su_pw
-  psql "host=127.0.0.1 port=$PRIMARY_PORT user=postgres"     # read-write, the primary via $(proxy_label_the)
-  psql "host=127.0.0.1 port=$REPLICAS_PORT user=postgres"     # read-only, replicas round-robin
-  psql "host=127.0.0.1 port=5432 user=postgres"     # node1 directly (node2: 5433, node3: 5434)
+  psql "host=127.0.0.1 port=$PRIMARY_PORT user=postgres$tls"     # read-write, the primary via $(proxy_label_the)
+  psql "host=127.0.0.1 port=$REPLICAS_PORT user=postgres$tls"     # read-only, replicas round-robin
+  psql "host=127.0.0.1 port=5432 user=postgres$tls"     # node1 directly (node2: 5433, node3: 5434)
 
 Inspect:
   $rel_bin/pgvigilctl -c $rel_demo/node1.yml list
   patronictl -c $rel_demo/node1.yml list
-  curl -s 127.0.0.1:8008/cluster       # REST API: node1 8008, node2 8009, node3 8010
+  curl -s $curl_tls$(tls_scheme)://127.0.0.1:8008/cluster       # REST API: node1 8008, node2 8009, node3 8010
   $stats
   Logs: $rel_demo/node1/pgvigil.log .. node3, $rel_demo/etcd/etcd1.log .., $rel_demo/$PROXY.log
   scripts/demo.sh status
@@ -690,6 +715,7 @@ cmd_status() {
     fi
     local d n pid down=0
     d=$(demo_dir)
+    TLS=$(cat "$d/tls" 2>/dev/null || echo 0)
     echo "Processes (from the PID files in $d):"
     show() { # LABEL PIDFILE EXPECT
         if pid=$(pid_if_ours "$2" "$3"); then
@@ -739,7 +765,7 @@ cmd_status() {
 }
 
 usage() {
-    echo "usage: scripts/demo.sh up [--haproxy] | down | status" >&2
+    echo "usage: scripts/demo.sh up [--haproxy] [--tls] | down | status" >&2
     exit 2
 }
 
@@ -747,11 +773,14 @@ main() {
     (($# >= 1)) || usage
     case $1 in
         up)
-            (($# <= 2)) || usage
-            if (($# == 2)); then
-                [[ $2 == --haproxy ]] || usage
-                PROXY=haproxy
-            fi
+            local flag
+            for flag in "${@:2}"; do
+                case $flag in
+                    --haproxy) PROXY=haproxy ;;
+                    --tls) TLS=1 ;;
+                    *) usage ;;
+                esac
+            done
             ;;
         down | status) (($# == 1)) || usage ;;
         *) usage ;;

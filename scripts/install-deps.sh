@@ -22,6 +22,7 @@ APT_PACKAGES=(
     haproxy
     protobuf-compiler libprotobuf-dev
     sudo curl iproute2 ca-certificates build-essential pkg-config
+    openssl # the demo's --tls CA, and an encrypted-key test
 )
 PATRONI_VERSION=4.1.5
 PIP_PACKAGES=("patroni[etcd3]==${PATRONI_VERSION}" psycopg2-binary)

@@ -6,6 +6,7 @@ mod leadership;
 mod operator;
 mod probe;
 mod runtime;
+mod secure;
 mod supervisor;
 mod wiring;
 
@@ -86,6 +87,10 @@ fn load_config(
         for w in &loaded.warnings {
             eprintln!("warning: {w}");
         }
+        if let Err(e) = secure::prepare(&loaded.config) {
+            eprintln!("{program}: invalid configuration: {e}");
+            return Err(ExitCode::from(2));
+        }
         println!("configuration is valid");
         return Err(ExitCode::SUCCESS);
     }
@@ -153,15 +158,16 @@ fn vip_main() -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    match std::env::args_os().nth(1) {
-        Some(a) if a == "router" => return router_main(),
-        Some(a) if a == "vip" => return vip_main(),
-        _ => {}
-    }
     // Started by the agent itself (see `leadership::fence`): no runtime, no configuration.
     if std::env::args_os().nth(1).is_some_and(|a| a == "fencer") {
         let args: Vec<String> = std::env::args().skip(2).collect();
         return leadership::fencer::main(&args);
+    }
+    pgvigil_tls::install_default_provider();
+    match std::env::args_os().nth(1) {
+        Some(a) if a == "router" => return router_main(),
+        Some(a) if a == "vip" => return vip_main(),
+        _ => {}
     }
     let cli = Cli::parse();
     let loaded = match load_config("pgvigil", cli.config.as_deref(), cli.validate_config) {
@@ -183,7 +189,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(wiring::run(loaded.config, cli.config)) {
+    // Before anything touches PostgreSQL: a bad TLS file must not be found after initdb.
+    let prepared = match secure::prepare(&loaded.config) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            tracing::error!("invalid configuration: {e}");
+            eprintln!("pgvigil: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(wiring::run(loaded.config, cli.config, prepared)) {
         Ok(runtime::Exit::Shutdown) => ExitCode::SUCCESS,
         Ok(runtime::Exit::Fatal(message)) => {
             eprintln!("pgvigil: {message}");

@@ -61,7 +61,7 @@ fn split_listen(listen: &str) -> anyhow::Result<(String, u16)> {
     Ok((host.trim_matches(|c| c == '[' || c == ']').to_string(), port))
 }
 
-fn pg_settings(cfg: &Config) -> anyhow::Result<PgSettings> {
+fn pg_settings(cfg: &Config, local_tls: pgvigil_postgres::LocalTls) -> anyhow::Result<PgSettings> {
     let (listen_host, port) = split_listen(&cfg.postgresql.listen)?;
     let bin_dir = match &cfg.postgresql.bin_dir {
         Some(dir) => dir.clone(),
@@ -69,7 +69,9 @@ fn pg_settings(cfg: &Config) -> anyhow::Result<PgSettings> {
             .context("PostgreSQL binaries not found: set postgresql.bin_dir")?,
     };
     let auth = &cfg.postgresql.authentication;
-    let user = |c: &pgvigil_config::PgCredentials| PgUser::new(c.username.clone(), c.password.as_deref());
+    let user = |c: &pgvigil_config::PgCredentials| {
+        PgUser::new(c.username.clone(), c.password.as_deref()).with_options(crate::secure::options(c))
+    };
     let superuser = user(&auth.superuser);
     Ok(PgSettings {
         data_dir: cfg.postgresql.data_dir.clone(),
@@ -80,6 +82,8 @@ fn pg_settings(cfg: &Config) -> anyhow::Result<PgSettings> {
             .unwrap_or_else(|| cfg.postgresql.data_dir.clone()),
         bin_dir,
         listen_host,
+        unix_socket_dir: crate::secure::unix_socket_dir(cfg),
+        local_tls,
         port,
         database: cfg.postgresql.database.clone(),
         replication: user(&auth.replication),
@@ -114,7 +118,7 @@ fn local_endpoints_first(cfg: &Config) -> Vec<String> {
     first
 }
 
-fn etcd_options(cfg: &Config, retry_timeout: Duration) -> EtcdOptions {
+fn etcd_options(cfg: &Config, tls: Option<pgvigil_dcs::EtcdTls>, retry_timeout: Duration) -> EtcdOptions {
     EtcdOptions {
         endpoints: local_endpoints_first(cfg),
         namespace: cfg.namespace.clone(),
@@ -124,6 +128,7 @@ fn etcd_options(cfg: &Config, retry_timeout: Duration) -> EtcdOptions {
         password: cfg.etcd3.password.clone(),
         retry_timeout,
         attempt_timeout: None,
+        tls,
     }
 }
 
@@ -143,19 +148,18 @@ async fn connect_dcs(options: EtcdOptions, stop: &CancellationToken) -> anyhow::
 }
 
 /// Refuses to start when another live agent already uses our name (`docs/patroni-compat.md` §2.7).
-async fn duplicate_name_guard(cfg: &Config, dcs: &dyn Dcs) -> anyhow::Result<()> {
+async fn duplicate_name_guard(cfg: &Config, dcs: &dyn Dcs, peers: &PeerClient) -> anyhow::Result<()> {
     let Ok(cluster) = dcs.get_cluster().await else {
         return Ok(());
     };
     let Some(member) = cluster.member(&cfg.name) else {
         return Ok(());
     };
-    let ours = format!("http://{}/patroni", cfg.restapi.connect_address);
+    let ours = cfg.restapi.api_url();
     if member.data.api_url.is_empty() {
         return Ok(());
     }
-    let client = PeerClient::new(None);
-    if client
+    if peers
         .liveness(&member.data.api_url, Duration::from_secs(3))
         .await
         .is_some()
@@ -191,7 +195,11 @@ fn watch_postmaster(pg: Arc<Postgres>, stop: CancellationToken) -> watch::Receiv
     rx
 }
 
-pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Exit> {
+pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    prepared: crate::secure::Prepared,
+) -> anyhow::Result<Exit> {
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = mpsc::channel(4);
     {
@@ -212,25 +220,19 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
 
     let dynamic = Agent::initial_dynamic(&cfg);
     let retry = Duration::from_secs(dynamic.retry_timeout);
-    let pg = Arc::new(Postgres::new(pg_settings(&cfg)?));
-    let etcd = etcd_options(&cfg, retry);
+    let pg = Arc::new(Postgres::new(pg_settings(&cfg, prepared.superuser_tls)?));
+    let etcd = etcd_options(&cfg, prepared.etcd_tls, retry);
     let dcs = connect_dcs(etcd.clone(), &shutdown).await?;
-    duplicate_name_guard(&cfg, dcs.as_ref()).await?;
+    let peers = PeerClient::for_config(&cfg);
+    duplicate_name_guard(&cfg, dcs.as_ref(), &peers).await?;
 
-    let peers = PeerClient::new(
-        cfg.ctl
-            .authentication
-            .clone()
-            .or_else(|| cfg.restapi.authentication.clone())
-            .map(|c| (c.username, c.password)),
-    );
     let me = FailsafePost {
         name: cfg.name.clone(),
         conn_url: format!(
             "postgres://{}/{}",
             cfg.postgresql.connect_address, cfg.postgresql.database
         ),
-        api_url: format!("http://{}/patroni", cfg.restapi.connect_address),
+        api_url: cfg.restapi.api_url(),
         slots: Default::default(),
     };
     let lock_news = Arc::new(Notify::new());
@@ -283,8 +285,14 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Ex
         status_probe: Some(Arc::new(crate::probe::PgProbe(pg.clone()))),
     };
     let rest_stop = tasks.clone();
+    let rest_tls = prepared.rest_tls;
+    let verify_client = cfg.restapi.verify_client;
     let rest_task = tokio::spawn(async move {
-        if let Err(e) = pgvigil_rest::serve(listener, rest, rest_stop).await {
+        let served = match rest_tls {
+            Some(tls) => pgvigil_rest::serve_https(listener, tls, verify_client, rest, rest_stop).await,
+            None => pgvigil_rest::serve(listener, rest, rest_stop).await,
+        };
+        if let Err(e) = served {
             tracing::error!("REST API stopped: {e}");
         }
     });

@@ -1,13 +1,14 @@
 //! Network faults on three hosts in network namespaces, with the checker running through the
 //! router: the leader host cut off from the other two; a replica host cut off and healed; delay
-//! and loss on the leader's link. Every scenario ends with the checker's assertions.
+//! and loss on the leader's link. Every scenario ends with the checker's assertions. The first
+//! runs with TLS on for PostgreSQL, the REST APIs and etcd.
 
 mod faults_support;
 
 use std::time::{Duration, Instant};
 
 use faults_support::*;
-use pgvigil_testkit::netcluster::Expect;
+use pgvigil_testkit::netcluster::{Expect, NetOptions};
 use pgvigil_testkit::netns::Impairment;
 use pgvigil_testkit::wait_until;
 
@@ -17,7 +18,13 @@ fn isolated_leader_demotes_before_its_lease_expires_and_majority_elects() {
         return;
     }
     let _serial = serial();
-    let (cluster, old, checker) = start(options(""));
+    // With TLS everywhere (etcd client certificates, HTTPS REST with verify_client: required,
+    // PostgreSQL hostssl ... clientcert=verify-ca): the failover, the old leader's rewind and
+    // the rejoin all go through the TLS set-up.
+    let (cluster, old, checker) = start(NetOptions {
+        tls: true,
+        ..options("")
+    });
 
     // The leader host loses the other two (its etcd member is in the minority); the client
     // and the sampler still reach it, so a second primary would be seen.

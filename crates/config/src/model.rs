@@ -165,6 +165,18 @@ impl Default for RestApiConfig {
     }
 }
 
+impl RestApiConfig {
+    /// `https` when `certfile` is set (the API is served over TLS), else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.certfile.is_some() { "https" } else { "http" }
+    }
+
+    /// The `api_url` published in our member key: `<scheme>://<connect_address>/patroni`.
+    pub fn api_url(&self) -> String {
+        format!("{}://{}/patroni", self.scheme(), self.connect_address)
+    }
+}
+
 /// `ctl` section: how pgvigilctl and the agent itself talk to members' REST APIs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CtlConfig {

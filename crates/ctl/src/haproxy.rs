@@ -27,6 +27,14 @@ pub struct HaproxyArgs {
     /// MB, GB, TB), e.g. 10MB. Passed to the agents' `/replica?lag=` check. Default: no limit.
     #[arg(long, value_parser = parse_lag)]
     pub max_lag: Option<u64>,
+    /// For REST APIs served over HTTPS: a PEM file with the client certificate and its key that
+    /// HAProxy presents to the health checks (needed with `restapi.verify_client: required`).
+    #[arg(long, value_name = "PEM")]
+    pub check_crt: Option<String>,
+    /// For REST APIs served over HTTPS: the CA file HAProxy verifies the agents' certificates
+    /// with (default: checks over TLS without verifying the certificate).
+    #[arg(long, value_name = "PEM")]
+    pub check_ca: Option<String>,
 }
 
 fn parse_lag(text: &str) -> Result<u64, String> {
@@ -194,7 +202,21 @@ listen primary
             } else {
                 String::new()
             };
-            let ssl = if https { " check-ssl verify none" } else { "" };
+            let ssl = match https {
+                false => String::new(),
+                true => {
+                    let crt = args
+                        .check_crt
+                        .as_ref()
+                        .map(|f| format!(" crt {f}"))
+                        .unwrap_or_default();
+                    let verify = match &args.check_ca {
+                        Some(ca) => format!(" ca-file {ca} verify required"),
+                        None => " verify none".to_string(),
+                    };
+                    format!(" check-ssl{crt}{verify}")
+                }
+            };
             let _ = writeln!(
                 c,
                 "    server {} {} check{check_addr} port {api_port}{ssl}",
@@ -284,6 +306,8 @@ mod tests {
             stats_port: 7000,
             bind: "127.0.0.1".into(),
             max_lag,
+            check_crt: None,
+            check_ca: None,
         }
     }
 
@@ -298,6 +322,14 @@ mod tests {
             "    server node2 10.0.0.2:5433 check addr 10.0.0.3 port 8009 check-ssl verify none\n"
         ));
         assert!(text.contains("# skipped node3: no usable conn_url"));
+        let mut with_certs = args(None);
+        with_certs.check_crt = Some("/etc/haproxy/client.pem".into());
+        with_certs.check_ca = Some("/etc/haproxy/ca.crt".into());
+        let text = render("demo", &view(), &with_certs, "now");
+        assert!(text.contains(
+            "    server node2 10.0.0.2:5433 check addr 10.0.0.3 port 8009 check-ssl crt /etc/haproxy/client.pem ca-file /etc/haproxy/ca.crt verify required\n"
+        ));
+        assert!(text.contains("    server node1 127.0.0.1:5432 check port 8008\n"));
         assert!(text.contains("option httpchk OPTIONS /replica\n"));
         assert!(text.contains("bind 127.0.0.1:7000"));
         assert_eq!(

@@ -114,6 +114,8 @@ struct Target {
     endpoints: Vec<String>,
     username: Option<String>,
     password: Option<String>,
+    /// `etcd3.protocol: https`: the checked TLS files.
+    tls: Option<pgvigil_dcs::EtcdTls>,
 }
 
 fn default_config_path() -> Option<PathBuf> {
@@ -132,6 +134,7 @@ fn target(cli: &Cli) -> anyhow::Result<Target> {
         endpoints: Vec::new(),
         username: None,
         password: None,
+        tls: None,
     };
     if let Some(path) = cli.config_file.clone().or_else(default_config_path) {
         let (client, warnings) =
@@ -141,7 +144,15 @@ fn target(cli: &Cli) -> anyhow::Result<Target> {
         }
         t.namespace = client.namespace;
         t.scope = client.scope;
-        t.endpoints = client.etcd3.hosts;
+        let e = &client.etcd3;
+        t.endpoints = e.hosts.clone();
+        t.tls = pgvigil_dcs::EtcdTls::for_protocol(
+            &e.protocol,
+            e.cacert.as_deref(),
+            e.cert.as_deref(),
+            e.key.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         t.username = client.etcd3.username;
         t.password = client.etcd3.password;
     }
@@ -173,6 +184,7 @@ async fn read_cluster(t: &Target, scope: &str) -> anyhow::Result<ClusterView> {
         username: t.username.clone(),
         password: t.password.clone(),
         retry_timeout: Duration::from_secs(10),
+        tls: t.tls.clone(),
         ..Default::default()
     })
     .await
@@ -318,6 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    pgvigil_tls::install_default_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -23,7 +23,7 @@ use pgvigil_api::{ClusterView, FailoverValue, HistoryEntry, MemberData, StatusVa
 use serde_json::{Map, Value};
 
 pub use error::DcsError;
-pub use etcd::{Etcd3Dcs, EtcdOptions};
+pub use etcd::{Etcd3Dcs, EtcdOptions, EtcdTls};
 pub use pgvigil_lock::KeyState;
 /// The words of the lock's operations live beside the scheduler that decides them.
 pub use pgvigil_lock::{LeaderKey, TermOpening, Written};

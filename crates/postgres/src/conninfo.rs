@@ -80,17 +80,28 @@ impl Postgres {
     /// `primary_conninfo` for following `upstream_host:upstream_port` (§5.7): the replication
     /// user, the passfile instead of a password, our member name as `application_name`.
     pub fn primary_conninfo(upstream_host: &str, upstream_port: u16, settings: &PgSettings) -> String {
-        let mut parts: Vec<(&str, String)> = vec![("user", settings.replication.username.clone())];
-        if settings.replication.effective_password().is_some() && !settings.pgpass.as_os_str().is_empty() {
+        let rep = &settings.replication;
+        let mut parts: Vec<(&str, String)> = vec![("user", rep.username.clone())];
+        if rep.effective_password().is_some() && !settings.pgpass.as_os_str().is_empty() {
             parts.push(("passfile", settings.pgpass.to_string_lossy().into_owned()));
         }
         parts.push(("host", upstream_host.to_string()));
         parts.push(("port", upstream_port.to_string()));
         parts.push(("dbname", settings.database.clone()));
         parts.push(("application_name", settings.name.clone()));
-        parts.push(("sslmode", "prefer".into()));
-        parts.push(("gssencmode", "prefer".into()));
-        parts.push(("channel_binding", "prefer".into()));
+        // The replication role's TLS keywords as configured; Patroni's defaults for the three
+        // that libpq would otherwise take from the environment.
+        let defaults = [
+            ("sslmode", "prefer"),
+            ("gssencmode", "prefer"),
+            ("channel_binding", "prefer"),
+        ];
+        for keyword in crate::TLS_KEYWORDS {
+            let default = defaults.iter().find(|(k, _)| k == keyword).map(|(_, v)| *v);
+            if let Some(value) = rep.option(keyword).or(default) {
+                parts.push((keyword, value.to_string()));
+            }
+        }
         parts
             .iter()
             .map(|(k, v)| format!("{k}={}", conninfo_escape(v)))
@@ -113,19 +124,21 @@ impl Postgres {
         write_atomic(path, render_pgpass(&self.settings, hosts).as_bytes())
     }
 
-    /// A DSN for libpq tools connecting to `host:port` as `user`, without password (it comes
-    /// from the pgpass file).
-    pub(crate) fn tool_dsn(&self, host: &str, port: u16, user: &str) -> String {
-        [
+    /// A DSN for libpq tools connecting to `host:port` as `user`, with the user's TLS keywords
+    /// and without password (it comes from the pgpass file).
+    pub(crate) fn tool_dsn(&self, host: &str, port: u16, user: &crate::PgUser) -> String {
+        let mut parts = vec![
             ("host", host.to_string()),
             ("port", port.to_string()),
-            ("user", user.to_string()),
+            ("user", user.username.clone()),
             ("dbname", self.settings.database.clone()),
-        ]
-        .iter()
-        .map(|(k, v)| format!("{k}={}", conninfo_escape(v)))
-        .collect::<Vec<_>>()
-        .join(" ")
+        ];
+        parts.extend(user.options.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        parts
+            .iter()
+            .map(|(k, v)| format!("{k}={}", conninfo_escape(v)))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -141,6 +154,8 @@ mod tests {
             config_dir: "/data".into(),
             bin_dir: PathBuf::new(),
             listen_host: "127.0.0.1".into(),
+            unix_socket_dir: None,
+            local_tls: crate::LocalTls::default(),
             port: 5433,
             database: "postgres".into(),
             superuser: PgUser::new("postgres", Some("su:pw\\x")),
@@ -165,6 +180,18 @@ mod tests {
         );
         s.replication.password = None;
         assert!(!Postgres::primary_conninfo("h", 1, &s).contains("passfile"));
+        s.replication.options = vec![
+            ("sslmode".into(), "verify-ca".into()),
+            ("sslcert".into(), "/etc/pg/rep lica.crt".into()),
+            ("channel_binding".into(), "require".into()),
+        ];
+        assert!(
+            Postgres::primary_conninfo("h", 1, &s).ends_with(
+                r"sslmode=verify-ca sslcert=/etc/pg/rep\ lica.crt gssencmode=prefer channel_binding=require"
+            ),
+            "{}",
+            Postgres::primary_conninfo("h", 1, &s)
+        );
         assert_eq!(conninfo_escape(""), "''");
         assert_eq!(conninfo_escape(r"a\b"), r"a\\b");
     }

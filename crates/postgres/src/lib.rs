@@ -32,6 +32,7 @@ mod remote;
 mod replica;
 mod roles;
 mod sql;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,7 @@ pub use process::StopMode;
 pub use remote::{SystemIdentity, TimelineHistoryEntry, parse_timeline_history};
 pub use roles::slot_name_for;
 pub use sql::{PgStatus, SlotInfo, WalSender};
+pub use tls::{LocalTls, TLS_KEYWORDS};
 
 /// How pgvigil reaches and runs the local PostgreSQL. Built by the runtime from the `postgresql`
 /// section of the configuration.
@@ -59,8 +61,14 @@ pub struct PgSettings {
     pub config_dir: PathBuf,
     /// Directory of `postgres`, `pg_ctl`, `initdb`, ... An empty path means [`find_bin_dir`].
     pub bin_dir: PathBuf,
-    /// Host used for local connections: an address (TCP) or a directory (Unix socket).
+    /// Host of local TCP connections (the first `listen` address; `127.0.0.1` for a wildcard).
     pub listen_host: String,
+    /// With `use_unix_socket`: the socket directory the agent's own superuser connection uses
+    /// instead of TCP (Patroni's `_get_unix_local_address`).
+    pub unix_socket_dir: Option<String>,
+    /// TLS of the agent's own superuser connection, prepared (files read and checked) from
+    /// `postgresql.authentication.superuser` by [`LocalTls::from_options`].
+    pub local_tls: LocalTls,
     pub port: u16,
     /// Database for local connections and DSNs (`postgres`).
     pub database: String,
@@ -84,6 +92,8 @@ impl std::fmt::Debug for PgSettings {
             .field("config_dir", &self.config_dir)
             .field("bin_dir", &self.bin_dir)
             .field("listen_host", &self.listen_host)
+            .field("unix_socket_dir", &self.unix_socket_dir)
+            .field("local_tls", &self.local_tls)
             .field("port", &self.port)
             .field("database", &self.database)
             .field("superuser", &self.superuser)
@@ -101,6 +111,9 @@ impl std::fmt::Debug for PgSettings {
 pub struct PgUser {
     pub username: String,
     pub password: Option<String>,
+    /// Other libpq keywords of the role (`sslmode`, `sslcert`, ... see [`TLS_KEYWORDS`]), put
+    /// into every connection string made for it.
+    pub options: Vec<(String, String)>,
 }
 
 impl PgUser {
@@ -108,7 +121,22 @@ impl PgUser {
         PgUser {
             username: username.into(),
             password: password.map(str::to_string),
+            options: Vec::new(),
         }
+    }
+
+    /// With libpq keywords (`(keyword, value)`), e.g. `sslmode`.
+    pub fn with_options(mut self, options: Vec<(String, String)>) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The value of a libpq keyword, if set.
+    pub fn option(&self, keyword: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .find(|(k, _)| k == keyword)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The password unless absent or empty (PostgreSQL treats an empty password as none).
@@ -122,6 +150,23 @@ impl std::fmt::Debug for PgUser {
         f.debug_struct("PgUser")
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "options",
+                &self
+                    .options
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str(),
+                            if k == "sslpassword" {
+                                "<redacted>"
+                            } else {
+                                v.as_str()
+                            },
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

@@ -69,7 +69,7 @@ impl Postgres {
         let s = &self.settings;
         let dsn = format!(
             "{} replication=true connect_timeout=3 application_name={}",
-            self.tool_dsn(host, port, &s.replication.username),
+            self.tool_dsn(host, port, &s.replication),
             conninfo_escape(&format!("{} replication check", s.name)),
         );
         let args: Vec<OsString> = ["-X", "-A", "-t", "-q", "-F", "\t", "-v", "ON_ERROR_STOP=1"]

@@ -71,7 +71,7 @@ impl Postgres {
         }
         let s = &self.settings;
         let deadline = Instant::now() + timeout;
-        let dsn = self.tool_dsn(source_host, source_port, &s.replication.username);
+        let dsn = self.tool_dsn(source_host, source_port, &s.replication);
         let mut args = vec![
             arg("--pgdata=", &s.data_dir),
             "-X".into(),
@@ -125,9 +125,9 @@ impl Postgres {
         }
         let s = &self.settings;
         let user = if s.rewind.username.is_empty() {
-            &s.superuser.username
+            &s.superuser
         } else {
-            &s.rewind.username
+            &s.rewind
         };
         // Single-user crash recovery refuses to run in standby mode.
         remove_if_exists(&s.data_dir.join("standby.signal"))?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pgvigil_api::rest::ReplicationInfo;
 use serde::{Deserialize, Serialize};
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::{PgError, Postgres};
 
@@ -250,13 +250,23 @@ impl Postgres {
     fn connect_config(&self) -> tokio_postgres::Config {
         let s = &self.settings;
         let mut cfg = tokio_postgres::Config::new();
-        let host = if s.listen_host.is_empty() {
-            "localhost"
-        } else {
-            s.listen_host.as_str()
-        };
-        cfg.host(host)
-            .port(s.port)
+        match (&s.unix_socket_dir, s.listen_host.as_str()) {
+            (Some(dir), _) => {
+                cfg.host_path(dir);
+            }
+            // Patroni connects to `localhost` when PostgreSQL listens on a wildcard or loopback
+            // address, so that is the name `sslmode=verify-full` checks; the address stays
+            // the IPv4 loopback pgvigil has always used.
+            (None, "" | "127.0.0.1") => {
+                cfg.host("localhost")
+                    .hostaddr(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            (_, host) => {
+                cfg.host(host);
+            }
+        }
+        s.local_tls.apply(&mut cfg);
+        cfg.port(s.port)
             .user(&s.superuser.username)
             .dbname(&s.database)
             .application_name(APPLICATION_NAME)
@@ -297,18 +307,23 @@ impl Postgres {
         if slot.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             let cfg = self.connect_config();
-            let (client, connection) = tokio::time::timeout(left, cfg.connect(NoTls))
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(|e| {
-                    PgError::sql(
-                        format!(
-                            "{op}: connecting to {}:{}",
-                            self.settings.listen_host, self.settings.port
-                        ),
-                        e,
-                    )
-                })?;
+            let (client, connection) =
+                tokio::time::timeout(left, cfg.connect(self.settings.local_tls.connector()))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| {
+                        PgError::sql(
+                            format!(
+                                "{op}: connecting to {}:{}",
+                                self.settings
+                                    .unix_socket_dir
+                                    .as_deref()
+                                    .unwrap_or(&self.settings.listen_host),
+                                self.settings.port
+                            ),
+                            e,
+                        )
+                    })?;
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::debug!(error = %e, "local connection ended");
@@ -347,8 +362,9 @@ impl Postgres {
             Err(_) => {
                 *slot = None;
                 drop(client);
+                let tls = self.settings.local_tls.connector();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel.cancel_query(NoTls)).await;
+                    let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel.cancel_query(tls)).await;
                 });
                 Err(timed_out())
             }

@@ -19,8 +19,8 @@ pub mod operator;
 pub mod peer;
 mod routes;
 pub mod snapshot;
+pub mod tls;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -139,8 +139,31 @@ pub async fn serve(
     ctx: RestContext,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = routes::router(ctx).into_make_service_with_connect_info::<SocketAddr>();
+    let app = routes::router(ctx).into_make_service_with_connect_info::<tls::RemotePeer>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+/// Serves the API over HTTPS (`restapi.certfile`, see [`tls::ServerTls`]).
+/// `verify_client: optional` makes the protected endpoints answer 403 `client certificate
+/// required` to a client that presented none.
+pub async fn serve_https(
+    listener: tokio::net::TcpListener,
+    tls: Arc<tls::ServerTls>,
+    verify_client: pgvigil_config::VerifyClient,
+    ctx: RestContext,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut router = routes::router(ctx);
+    if verify_client == pgvigil_config::VerifyClient::Optional {
+        router = router.layer(axum::Extension(routes::ClientCertForProtected));
+    }
+    let listener = tls::TlsListener::new(listener, tls)?;
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<tls::RemotePeer>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }

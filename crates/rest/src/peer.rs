@@ -18,15 +18,34 @@ impl PeerClient {
     /// `restapi.authentication`). Proxy environment variables are ignored: cluster traffic must
     /// go straight to the peers.
     pub fn new(auth: Option<(String, String)>) -> Self {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .unwrap_or_else(|e| {
-                tracing::error!("cannot build the peer HTTP client with options: {e}");
-                reqwest::Client::new()
-            });
+        let tls = pgvigil_tls::client_config(&pgvigil_tls::ClientSettings::default())
+            .expect("a configuration without files cannot fail");
+        Self::with_tls(auth, tls)
+    }
+
+    /// With the client side of `ctl` ([`crate::tls::client_config`]) for `https://` peers.
+    pub fn with_tls(auth: Option<(String, String)>, tls: rustls::ClientConfig) -> Self {
+        let http = crate::tls::http_client(tls, Duration::from_secs(2));
         PeerClient { http, auth }
+    }
+
+    /// The client the agent uses: `ctl` (else `restapi`) credentials and `ctl` TLS settings.
+    /// The TLS files were checked at start-up; should they have become unusable since, the
+    /// problem is logged and peers are called without a client certificate.
+    pub fn for_config(cfg: &pgvigil_config::Config) -> Self {
+        let auth = cfg
+            .ctl
+            .authentication
+            .clone()
+            .or_else(|| cfg.restapi.authentication.clone())
+            .map(|c| (c.username, c.password));
+        match crate::tls::client_config(&cfg.ctl, cfg.ctl.insecure) {
+            Ok(tls) => Self::with_tls(auth, tls),
+            Err(e) => {
+                tracing::error!("calling other members without the ctl TLS settings: {e}");
+                Self::new(auth)
+            }
+        }
     }
 
     fn get(&self, url: &str, timeout: Duration) -> reqwest::RequestBuilder {

@@ -118,7 +118,9 @@ impl Server {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
+    // reqwest is built without a default crypto provider: hand it the workspace's rustls set-up.
+    let tls = pgvigil_tls::client_config(&Default::default()).unwrap();
+    pgvigil_rest::tls::http_client(tls, Duration::from_secs(5))
 }
 
 async fn call(method: Method, url: &str) -> (StatusCode, reqwest::header::HeaderMap, String) {

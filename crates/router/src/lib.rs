@@ -170,7 +170,7 @@ pub async fn run(
         let listener = bind(kind, &address).await?;
         listeners.push(start(&shared, &workers, kind, &address, listener));
     }
-    let mut watcher = start_watcher(&shared, watch::etcd_options(&cfg));
+    let mut watcher = start_watcher(&shared, watch::etcd_options(&cfg)?);
     tracing::info!(
         scope = %cfg.scope,
         "pgvigil router running: {} -> primary, {} -> replicas, stats on http://{}/",
@@ -284,13 +284,14 @@ async fn reload(
         tracing::info!("{} moved from {} to {address}", kind.key(), old.address);
         old.stop().await;
     }
-    let options = watch::etcd_options(&cfg);
+    let options = watch::etcd_options(&cfg)?;
     let same_etcd = |a: &EtcdOptions, b: &EtcdOptions| {
         a.endpoints == b.endpoints
             && a.namespace == b.namespace
             && a.scope == b.scope
             && a.username == b.username
             && a.password == b.password
+            && a.tls == b.tls
     };
     if !same_etcd(&options, &watcher.options) {
         tracing::info!("the etcd settings or the scope changed: restarting the watch");

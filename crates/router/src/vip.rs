@@ -168,7 +168,7 @@ pub async fn run(
         )
     })?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut dcs = Etcd3Dcs::connect(etcd_options(&config)).await?;
+    let mut dcs = Etcd3Dcs::connect(etcd_options(&config).context("etcd3 TLS settings")?).await?;
     let mut events = dcs.subscribe();
     let mut tick = tokio::time::interval(RESYNC_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -233,7 +233,7 @@ pub async fn run(
                             holding = address.present().unwrap_or(false);
                         }
                         // Cheap, and covers a changed scope, namespace or etcd setting alike.
-                        dcs = Etcd3Dcs::connect(etcd_options(&new)).await?;
+                        dcs = Etcd3Dcs::connect(etcd_options(&new).context("etcd3 TLS settings")?).await?;
                         events = dcs.subscribe();
                         config = new;
                         confirmed_at = None;

@@ -24,9 +24,17 @@ pub const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Deadline of one read (retries included).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The etcd connection settings of a configuration (what a reload compares).
-pub fn etcd_options(cfg: &pgvigil_config::Config) -> EtcdOptions {
-    EtcdOptions {
+/// The etcd connection settings of a configuration (what a reload compares); fails when the
+/// TLS files (`etcd3.cacert`, `cert`, `key`) cannot be used.
+pub fn etcd_options(cfg: &pgvigil_config::Config) -> Result<EtcdOptions, pgvigil_tls::TlsError> {
+    let e = &cfg.etcd3;
+    let tls = pgvigil_dcs::EtcdTls::for_protocol(
+        &e.protocol,
+        e.cacert.as_deref(),
+        e.cert.as_deref(),
+        e.key.as_deref(),
+    )?;
+    Ok(EtcdOptions {
         endpoints: cfg.etcd3.hosts.clone(),
         namespace: cfg.namespace.clone(),
         scope: cfg.scope.clone(),
@@ -35,7 +43,8 @@ pub fn etcd_options(cfg: &pgvigil_config::Config) -> EtcdOptions {
         password: cfg.etcd3.password.clone(),
         retry_timeout: READ_TIMEOUT,
         attempt_timeout: None,
-    }
+        tls,
+    })
 }
 
 /// Runs until `stop` is cancelled.

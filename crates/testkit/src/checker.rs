@@ -63,6 +63,9 @@ pub struct CheckerConfig {
     pub sample_every: Duration,
     /// Bound on each sampler query (connect, recovery check, probe commit).
     pub probe_timeout: Duration,
+    /// TLS for every connection (`sslmode=prefer` with this client configuration: the
+    /// certificate for `clientcert=verify-ca`); `None`: plain connections.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// The writer's first id (then +1 per write). The default, the current time in
     /// microseconds, keeps ids unique across checkers writing to the same table.
     pub first_id: i64,
@@ -86,6 +89,7 @@ impl CheckerConfig {
             write_timeout: Duration::from_secs(5),
             sample_every: Duration::from_millis(200),
             probe_timeout: Duration::from_secs(1),
+            tls: None,
             first_id: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_micros() as i64),
@@ -255,13 +259,31 @@ fn runtime() -> tokio::runtime::Runtime {
 
 async fn connect(cfg: &CheckerConfig, addrs: &[SocketAddr], timeout: Duration) -> Result<Client, String> {
     let pg = cfg.pg_config(addrs, timeout);
-    match tokio::time::timeout(timeout * addrs.len().max(1) as u32, pg.connect(NoTls)).await {
-        Ok(Ok((client, conn))) => {
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(client)
+    let deadline = timeout * addrs.len().max(1) as u32;
+    // The two connectors give the connection future different types: spawn it in each arm.
+    let connected = match &cfg.tls {
+        Some(tls) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+            tokio::time::timeout(deadline, pg.connect(tls)).await.map(|r| {
+                r.map(|(client, conn)| {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    client
+                })
+            })
         }
+        None => tokio::time::timeout(deadline, pg.connect(NoTls)).await.map(|r| {
+            r.map(|(client, conn)| {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            })
+        }),
+    };
+    match connected {
+        Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => Err(describe(&e)),
         Err(_) => Err(format!("connecting to {addrs:?} timed out")),
     }

@@ -13,8 +13,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User, chown};
 use serde_json::Value;
 
+use crate::etcd::EtcdTlsFiles;
 use crate::http;
 use crate::{EtcdCluster, free_port, spawn_owned, test_tmp_root, wait_until};
+use pgvigil_tls::test_pki::{Issued, TestPki};
+use pgvigil_tls::{ClientSettings, ConfFile, Identity, ServerCheck};
 
 pub const SUPERUSER: &str = "postgres";
 pub const SUPERUSER_PASSWORD: &str = "vigil-su-secret";
@@ -36,6 +39,16 @@ pub struct ClusterOptions {
     /// `restapi.authentication` (username, password) on every node. `pgvigilctl -c` and
     /// `patronictl -c` given a node's configuration use it too.
     pub restapi_auth: Option<(String, String)>,
+    /// TLS everywhere, with a CA generated for the test: etcd over HTTPS with client
+    /// certificates, the REST APIs over HTTPS with `verify_client: required`, PostgreSQL with
+    /// `hostssl ... clientcert=verify-ca` only and the agents connecting with `verify-full`
+    /// (superuser) and `verify-ca` (replication).
+    pub tls: bool,
+    /// etcd authentication: `root` with this password is created and auth enabled before the
+    /// agents start; every node's `etcd3` section gets `username`/`password`.
+    pub etcd_password: Option<String>,
+    /// `postgresql.use_unix_socket` on every node.
+    pub use_unix_socket: bool,
 }
 
 impl Default for ClusterOptions {
@@ -48,6 +61,9 @@ impl Default for ClusterOptions {
             extra_dcs: String::new(),
             extra_node_yaml: Vec::new(),
             restapi_auth: None,
+            tls: false,
+            etcd_password: None,
+            use_unix_socket: false,
         }
     }
 }
@@ -76,8 +92,140 @@ impl Node {
     }
 }
 
+/// The certificates of a TLS test cluster ([`ClusterOptions::tls`]), below `<root>/pki`.
+pub struct ClusterPki {
+    pub ca: PathBuf,
+    pub etcd: Issued,
+    /// Per node (by index): PostgreSQL server, REST server, and etcd/REST client certificate.
+    pub nodes: Vec<Issued>,
+    /// Client certificates of the `postgres` and `replicator` roles.
+    pub superuser: Issued,
+    pub replication: Issued,
+}
+
+impl ClusterPki {
+    /// Certificates below `<root>/pki`: node `i` (named `node<i+1>`) valid for `node_ips[i]`,
+    /// 127.0.0.1 and localhost; etcd's for every node address.
+    pub fn create(
+        root: &Path,
+        node_ips: &[String],
+        owner: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
+    ) -> anyhow::Result<Self> {
+        let dir = root.join("pki");
+        let pki = TestPki::new(&dir, "pgvigil test CA")?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+        let local = ["127.0.0.1", "localhost"];
+        let mut etcd_names: Vec<&str> = local.to_vec();
+        etcd_names.extend(node_ips.iter().map(String::as_str));
+        let etcd = pki.issue("etcd", "etcd", &etcd_names)?;
+        let nodes = node_ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                let name = format!("node{}", i + 1);
+                pki.issue(&name, &name, &[ip.as_str(), "127.0.0.1", "localhost"])
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let superuser = pki.issue("superuser", SUPERUSER, &[])?;
+        let replication = pki.issue("replication", REPLICATION_USER, &[])?;
+        // PostgreSQL and libpq want their keys owned by the user they run as.
+        if let Some((uid, gid)) = owner {
+            for issued in nodes.iter().chain([&superuser, &replication]) {
+                chown(&issued.key, Some(uid), Some(gid))?;
+                chown(&issued.cert, Some(uid), Some(gid))?;
+            }
+        }
+        Ok(ClusterPki {
+            ca: pki.ca_cert(),
+            etcd,
+            nodes,
+            superuser,
+            replication,
+        })
+    }
+
+    /// A client that trusts the CA and presents node 1's certificate.
+    pub fn client_config(&self) -> anyhow::Result<rustls::ClientConfig> {
+        Ok(pgvigil_tls::client_config(&ClientSettings {
+            ca: Some(ConfFile::new("ca", &self.ca)),
+            crls: Vec::new(),
+            identity: Some(Identity {
+                cert: ConfFile::new("cert", &self.nodes[0].cert),
+                key: Some(ConfFile::new("key", &self.nodes[0].key)),
+                password: None,
+            }),
+            check: Some(ServerCheck::ChainAndName),
+        })?)
+    }
+
+    /// The TLS parts of node `i`'s configuration, in the sections a Patroni user writes them.
+    pub(crate) fn yaml(&self, i: usize) -> TlsYaml {
+        let (ca, cert, key) = (
+            self.ca.display(),
+            self.nodes[i].cert.display(),
+            self.nodes[i].key.display(),
+        );
+        let role = |issued: &Issued, mode: &str| {
+            format!(
+                "      sslmode: {mode}\n      sslrootcert: {ca}\n      sslcert: {}\n      sslkey: {}\n",
+                issued.cert.display(),
+                issued.key.display()
+            )
+        };
+        TlsYaml {
+            rest: format!(
+                "  certfile: {cert}\n  keyfile: {key}\n  cafile: {ca}\n  verify_client: required\n\
+                 ctl:\n  certfile: {cert}\n  keyfile: {key}\n  cacert: {ca}\n"
+            ),
+            etcd: format!("  protocol: https\n  cacert: {ca}\n  cert: {cert}\n  key: {key}\n"),
+            superuser: role(&self.superuser, "verify-full"),
+            replication: role(&self.replication, "verify-ca"),
+            parameters: format!(
+                "    ssl: 'on'\n    ssl_cert_file: {cert}\n    ssl_key_file: {key}\n    ssl_ca_file: {ca}\n"
+            ),
+            hba_options: " clientcert=verify-ca",
+        }
+    }
+
+    /// A client for PostgreSQL as the superuser: trusts the CA, presents the superuser's
+    /// certificate.
+    pub fn superuser_client_config(&self) -> anyhow::Result<rustls::ClientConfig> {
+        Ok(pgvigil_tls::client_config(&ClientSettings {
+            ca: Some(ConfFile::new("ca", &self.ca)),
+            crls: Vec::new(),
+            identity: Some(Identity {
+                cert: ConfFile::new("cert", &self.superuser.cert),
+                key: Some(ConfFile::new("key", &self.superuser.key)),
+                password: None,
+            }),
+            check: Some(ServerCheck::Chain),
+        })?)
+    }
+
+    /// The etcd files for [`EtcdCluster::start_with_tls`] and the lab.
+    pub fn etcd_files(&self) -> EtcdTlsFiles {
+        EtcdTlsFiles {
+            ca: self.ca.clone(),
+            cert: self.etcd.cert.clone(),
+            key: self.etcd.key.clone(),
+        }
+    }
+
+    /// libpq environment for connecting as the superuser with its certificate.
+    pub fn libpq_env(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("PGSSLMODE", "verify-ca".into()),
+            ("PGSSLROOTCERT", self.ca.clone()),
+            ("PGSSLCERT", self.superuser.cert.clone()),
+            ("PGSSLKEY", self.superuser.key.clone()),
+        ]
+    }
+}
+
 pub struct TestCluster {
     pub etcd: EtcdCluster,
+    /// With [`ClusterOptions::tls`].
+    pub pki: Option<ClusterPki>,
     pub scope: String,
     pub nodes: Vec<Node>,
     pub options: ClusterOptions,
@@ -121,7 +269,21 @@ impl TestCluster {
             .prefix("pgvigil-cluster-")
             .tempdir_in(test_tmp_root())?;
         fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755))?;
-        let etcd = EtcdCluster::start(3)?;
+        let pki = match options.tls {
+            true => Some(ClusterPki::create(
+                root.path(),
+                &vec!["127.0.0.1".to_string(); options.nodes],
+                owner,
+            )?),
+            false => None,
+        };
+        let etcd = EtcdCluster::start_with_tls(3, pki.as_ref().map(ClusterPki::etcd_files))?;
+        if let Some(p) = &pki {
+            http::use_tls(Some(p.client_config()?));
+        }
+        if let Some(password) = &options.etcd_password {
+            etcd.enable_auth(password)?;
+        }
         let scope = format!("test{}", std::process::id());
         let mut nodes = Vec::new();
         for i in 0..options.nodes {
@@ -142,6 +304,7 @@ impl TestCluster {
         }
         let mut cluster = TestCluster {
             etcd,
+            pki,
             scope,
             nodes,
             options,
@@ -172,6 +335,7 @@ impl TestCluster {
         let o = &self.options;
         let hosts = self.etcd.endpoints().join(",");
         let extra = o.extra_node_yaml.get(i).cloned().unwrap_or_default();
+        let tls = self.tls_yaml(i);
         let auth = match &o.restapi_auth {
             Some((user, password)) => {
                 format!("  authentication:\n    username: '{user}'\n    password: '{password}'\n")
@@ -185,9 +349,9 @@ name: {name}
 restapi:
   listen: 127.0.0.1:{api}
   connect_address: 127.0.0.1:{api}
-{auth}etcd3:
+{auth}{rest_tls}etcd3:
   hosts: {hosts}
-bootstrap:
+{etcd_tls}bootstrap:
   dcs:
     ttl: {ttl}
     loop_wait: {loop_wait}
@@ -208,23 +372,39 @@ postgresql:
   connect_address: 127.0.0.1:{pg}
   data_dir: {data}
   pgpass: {dir}/pgpass
-  authentication:
+{unix}  authentication:
     superuser:
       username: {su}
       password: {su_pw}
-    replication:
+{su_tls}    replication:
       username: {rep}
       password: {rep_pw}
-  parameters:
+{rep_tls}  parameters:
     unix_socket_directories: '{dir}'
     shared_buffers: 16MB
     fsync: 'off'
-  pg_hba:
+{pg_tls}  pg_hba:
   - local all all trust
-  - host all all 127.0.0.1/32 scram-sha-256
-  - host replication {rep} 127.0.0.1/32 scram-sha-256
+  - {host} all all 127.0.0.1/32 scram-sha-256{clientcert}
+  - {host} replication {rep} 127.0.0.1/32 scram-sha-256{clientcert}
 {extra}
 "#,
+            rest_tls = tls.rest,
+            etcd_tls = tls.etcd.clone()
+                + &o.etcd_password
+                    .as_ref()
+                    .map(|p| format!("  username: root\n  password: '{p}'\n"))
+                    .unwrap_or_default(),
+            unix = if o.use_unix_socket {
+                "  use_unix_socket: true\n"
+            } else {
+                ""
+            },
+            su_tls = tls.superuser,
+            rep_tls = tls.replication,
+            pg_tls = tls.parameters,
+            host = tls.hba_type(),
+            clientcert = tls.hba_options,
             scope = self.scope,
             name = node.name,
             api = node.api_port,
@@ -240,6 +420,11 @@ postgresql:
             rep = REPLICATION_USER,
             rep_pw = REPLICATION_PASSWORD,
         )
+    }
+
+    /// The TLS parts of node `i`'s configuration, written as a Patroni user would.
+    fn tls_yaml(&self, i: usize) -> TlsYaml {
+        self.pki.as_ref().map(|p| p.yaml(i)).unwrap_or_default()
     }
 
     /// Starts (or restarts) node `i`'s agent, appending to its log.
@@ -339,9 +524,11 @@ postgresql:
         result.map_err(|e| anyhow::anyhow!("{e}\n{}", self.diagnostics()))
     }
 
-    /// Runs SQL with psql on node `i` (TCP, superuser); returns trimmed unaligned output.
+    /// Runs SQL with psql on node `i` (TCP, superuser, with its client certificate in a TLS
+    /// cluster); returns trimmed unaligned output.
     pub fn psql(&self, i: usize, sql: &str) -> anyhow::Result<String> {
-        psql_at(self.nodes[i].pg_port, sql)
+        let env = self.pki.as_ref().map(ClusterPki::libpq_env).unwrap_or_default();
+        psql_with(self.nodes[i].pg_port, sql, &env)
     }
 
     /// Log tails of every agent and the cluster document, for failure messages.
@@ -381,6 +568,29 @@ postgresql:
     }
 }
 
+/// YAML fragments of [`ClusterPki::yaml`] (all empty without TLS).
+#[derive(Default)]
+pub(crate) struct TlsYaml {
+    pub(crate) rest: String,
+    pub(crate) etcd: String,
+    pub(crate) superuser: String,
+    pub(crate) replication: String,
+    pub(crate) parameters: String,
+    /// Appended to the TCP `pg_hba` lines.
+    pub(crate) hba_options: &'static str,
+}
+
+impl TlsYaml {
+    /// The connection type of the TCP `pg_hba` lines: TLS only when the cluster has a CA.
+    pub(crate) fn hba_type(&self) -> &'static str {
+        if self.hba_options.is_empty() {
+            "host"
+        } else {
+            "hostssl"
+        }
+    }
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -392,7 +602,13 @@ impl Drop for TestCluster {
 
 /// Runs SQL on `127.0.0.1:port` as the superuser with psql.
 pub fn psql_at(port: u16, sql: &str) -> anyhow::Result<String> {
+    psql_with(port, sql, &[])
+}
+
+/// [`psql_at`] with extra libpq environment variables (`PGSSLMODE`, ...).
+pub fn psql_with(port: u16, sql: &str, env: &[(&str, PathBuf)]) -> anyhow::Result<String> {
     let out = Command::new("psql")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .arg(format!(
             "host=127.0.0.1 port={port} user={SUPERUSER} dbname=postgres connect_timeout=3"

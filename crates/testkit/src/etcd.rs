@@ -22,6 +22,8 @@ const START_ATTEMPTS: usize = 3;
 struct Member {
     name: String,
     client_port: u16,
+    /// Plain-HTTP `/health` and `/metrics` (used for health checks when clients need TLS).
+    metrics_port: u16,
     peer_port: u16,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -39,17 +41,48 @@ struct Member {
 pub struct EtcdCluster {
     members: Vec<Member>,
     token: String,
+    tls: Option<EtcdTlsFiles>,
     // Dropped last: the processes are gone by then.
     dir: TempDir,
+}
+
+/// Server certificate of the etcd members (valid for 127.0.0.1) and the CA that must sign
+/// every client's certificate (`--client-cert-auth`).
+#[derive(Clone, Debug)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// etcd's arguments for them: HTTPS for clients, which must present a certificate.
+    pub fn etcd_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--cert-file".into(),
+            self.cert.clone().into(),
+            "--key-file".into(),
+            self.key.clone().into(),
+            "--trusted-ca-file".into(),
+            self.ca.clone().into(),
+            "--client-cert-auth".into(),
+        ]
+    }
 }
 
 impl EtcdCluster {
     /// Starts `members` etcd processes and waits (bounded) until every one reports healthy.
     pub fn start(members: usize) -> anyhow::Result<EtcdCluster> {
+        Self::start_with_tls(members, None)
+    }
+
+    /// Like [`EtcdCluster::start`]; with `tls` clients must use HTTPS and present a certificate
+    /// signed by `tls.ca` (peers still talk plain HTTP on loopback).
+    pub fn start_with_tls(members: usize, tls: Option<EtcdTlsFiles>) -> anyhow::Result<EtcdCluster> {
         assert!(members > 0, "an etcd cluster needs at least one member");
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            let mut cluster = Self::create(members)?;
+            let mut cluster = Self::create(members, tls.clone())?;
             match cluster.launch_all() {
                 Ok(()) => return Ok(cluster),
                 Err(e) => {
@@ -67,7 +100,7 @@ impl EtcdCluster {
             .context("etcd ports kept being taken"))
     }
 
-    fn create(members: usize) -> anyhow::Result<EtcdCluster> {
+    fn create(members: usize, tls: Option<EtcdTlsFiles>) -> anyhow::Result<EtcdCluster> {
         let dir = tempfile::Builder::new()
             .prefix("pgvigil-etcd-")
             .tempdir_in(test_tmp_root())
@@ -80,13 +113,19 @@ impl EtcdCluster {
             .map(|i| Member {
                 name: format!("m{i}"),
                 client_port: free_port(),
+                metrics_port: free_port(),
                 peer_port: free_port(),
                 data_dir: dir.path().join(format!("m{i}.etcd")),
                 log_path: dir.path().join(format!("m{i}.log")),
                 child: None,
             })
             .collect();
-        Ok(EtcdCluster { members, token, dir })
+        Ok(EtcdCluster {
+            members,
+            token,
+            tls,
+            dir,
+        })
     }
 
     fn launch_all(&mut self) -> anyhow::Result<()> {
@@ -107,6 +146,44 @@ impl EtcdCluster {
     /// The client endpoint of member `i`, as `127.0.0.1:<port>`.
     pub fn endpoint(&self, i: usize) -> String {
         format!("127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// Creates the `root` user with `password` and enables authentication (`etcdctl`, with the
+    /// cluster's certificate when it uses TLS).
+    pub fn enable_auth(&self, password: &str) -> anyhow::Result<()> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoints = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for args in [
+            vec!["user".to_string(), "add".into(), format!("root:{password}")],
+            vec!["auth".into(), "enable".into()],
+        ] {
+            let mut cmd = Command::new("etcdctl");
+            cmd.env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={endpoints}"));
+            if let Some(tls) = &self.tls {
+                cmd.arg(format!("--cacert={}", tls.ca.display()))
+                    .arg(format!("--cert={}", tls.cert.display()))
+                    .arg(format!("--key={}", tls.key.display()));
+            }
+            let out = cmd
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()
+                .context("running etcdctl")?;
+            if !out.status.success() {
+                bail!(
+                    "etcdctl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Number of members (running or not).
@@ -177,7 +254,7 @@ impl EtcdCluster {
 
     /// Whether member `i` answers `GET /health` with `"health":"true"` (it has a leader).
     pub fn is_healthy(&self, i: usize) -> bool {
-        health(self.members[i].client_port).unwrap_or(false)
+        health(self.members[i].metrics_port).unwrap_or(false)
     }
 
     /// The last 50 lines of member `i`'s log.
@@ -204,7 +281,8 @@ impl EtcdCluster {
             .join(",");
         let member = &self.members[i];
         let bin = std::env::var_os("PGVIGIL_ETCD_BIN").unwrap_or_else(|| "/usr/bin/etcd".into());
-        let client_url = format!("http://127.0.0.1:{}", member.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", member.client_port);
         let peer_url = format!("http://127.0.0.1:{}", member.peer_port);
         let mut log = OpenOptions::new()
             .create(true)
@@ -239,16 +317,19 @@ impl EtcdCluster {
                 "--pre-vote",
             ])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://127.0.0.1:{}", member.metrics_port));
+        if let Some(tls) = &self.tls {
+            cmd.args(tls.etcd_args());
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = spawn_owned(cmd).with_context(|| format!("spawning {}", Path::new(&bin).display()))?;
         self.members[i].child = Some(child);
         Ok(())
     }
 
     fn wait_healthy(&mut self, i: usize) -> anyhow::Result<()> {
-        let port = self.members[i].client_port;
+        let port = self.members[i].metrics_port;
         let mut exited = None;
         let result = wait_until(
             &format!("etcd member {i} to become healthy"),
@@ -295,7 +376,11 @@ fn process_state(pid: u32) -> Option<char> {
 
 /// `GET /health` over plain HTTP/1.0.
 fn health(port: u16) -> std::io::Result<bool> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    health_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
+
+/// `GET /health` of the etcd member whose client or metrics URL is `addr`, over plain HTTP/1.0.
+pub(crate) fn health_at(addr: SocketAddr) -> std::io::Result<bool> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;

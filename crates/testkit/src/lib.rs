@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use etcd::EtcdCluster;
+pub use etcd::{EtcdCluster, EtcdTlsFiles};
 pub use process::spawn_owned;
 
 /// A loopback TCP port that was free a moment ago and that this function has not returned before

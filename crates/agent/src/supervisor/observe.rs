@@ -86,7 +86,7 @@ impl Identity {
                 "postgres://{}/{}",
                 cfg.postgresql.connect_address, cfg.postgresql.database
             ),
-            api_url: format!("http://{}/patroni", cfg.restapi.connect_address),
+            api_url: cfg.restapi.api_url(),
             tags: cfg.tags.to_published(),
         }
     }

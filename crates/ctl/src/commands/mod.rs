@@ -58,6 +58,7 @@ impl Ctx {
     pub fn load(cli: &Cli) -> anyhow::Result<Ctx> {
         let target = crate::target(cli)?;
         let mut auth = None;
+        let mut ctl = pgvigil_config::CtlConfig::default();
         if let Some(path) = cli.config_file.clone().or_else(crate::default_config_path) {
             let env: BTreeMap<String, String> = std::env::vars()
                 .filter(|(k, _)| k.starts_with("PATRONI_"))
@@ -67,10 +68,13 @@ impl Ctx {
             auth = client
                 .authentication()
                 .map(|c| (c.username.clone(), c.password.clone()));
+            ctl = client.ctl;
         }
+        let insecure = cli.insecure || ctl.insecure;
+        let tls = pgvigil_rest::tls::client_config(&ctl, insecure).map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Ctx {
             target,
-            rest: Rest::new(auth),
+            rest: Rest::new(auth, tls),
         })
     }
 
@@ -92,6 +96,7 @@ impl Ctx {
             username: t.username.clone(),
             password: t.password.clone(),
             retry_timeout: Duration::from_secs(10),
+            tls: t.tls.clone(),
             ..Default::default()
         })
         .await
@@ -126,12 +131,9 @@ pub struct Rest {
 }
 
 impl Rest {
-    pub fn new(auth: Option<(String, String)>) -> Self {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+    /// `tls`: the `ctl` client side, see [`pgvigil_rest::tls::client_config`].
+    pub fn new(auth: Option<(String, String)>, tls: rustls::ClientConfig) -> Self {
+        let http = pgvigil_rest::tls::http_client(tls, Duration::from_secs(5));
         Rest { http, auth }
     }
 

@@ -15,6 +15,9 @@ use crate::{DcsError, DcsEvent, LockKeyEvent};
 
 mod lock;
 mod operations;
+mod tls;
+
+pub use tls::EtcdTls;
 
 /// Connection settings of [`Etcd3Dcs`].
 #[derive(Clone)]
@@ -35,6 +38,8 @@ pub struct EtcdOptions {
     /// 1 s). The leader lock uses a shorter one: a hung member must be left well within the
     /// fast-takeover promise.
     pub attempt_timeout: Option<Duration>,
+    /// `etcd3.protocol: https`: TLS settings (endpoints are then given without a scheme).
+    pub tls: Option<EtcdTls>,
 }
 
 impl Default for EtcdOptions {
@@ -48,6 +53,7 @@ impl Default for EtcdOptions {
             password: None,
             retry_timeout: Duration::from_secs(10),
             attempt_timeout: None,
+            tls: None,
         }
     }
 }
@@ -63,6 +69,7 @@ impl fmt::Debug for EtcdOptions {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("retry_timeout", &self.retry_timeout)
             .field("attempt_timeout", &self.attempt_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -176,6 +183,9 @@ impl Etcd3Dcs {
             .with_tcp_keepalive(KEEPALIVE_INTERVAL)
             // A member cut off from the quorum must fail instead of serving stale data.
             .with_require_leader(true);
+        if let Some(tls) = &opts.tls {
+            connect_options = connect_options.with_tls(tls.options());
+        }
         if let Some(user) = &opts.username {
             connect_options = connect_options
                 .with_user(user.clone(), opts.password.clone().unwrap_or_default())

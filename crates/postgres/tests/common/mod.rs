@@ -72,6 +72,8 @@ impl Node {
             config_dir: data_dir,
             bin_dir: find_bin_dir().expect("PostgreSQL binaries"),
             listen_host: "127.0.0.1".into(),
+            unix_socket_dir: None,
+            local_tls: pgvigil_postgres::LocalTls::default(),
             port,
             database: "postgres".into(),
             superuser: PgUser::new(SUPERUSER, Some(SUPERUSER_PASSWORD)),

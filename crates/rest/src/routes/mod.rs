@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Query, State};
@@ -27,6 +28,7 @@ use crate::health::{first_segment, generic_code, health_code};
 use crate::metrics::render_metrics;
 use crate::operator::FailoverAction;
 use crate::snapshot::NodeSnapshot;
+use crate::tls::RemotePeer;
 use crate::{ApiCommand, ApiReply, CLUSTER_READ_TIMEOUT, RestContext};
 
 /// The protected endpoints (`docs/patroni-compat.md` §2.6), selected by method and first segment.
@@ -114,15 +116,25 @@ pub(crate) fn router(ctx: RestContext) -> Router {
         .with_state(Arc::new(App { ctx, extra_headers }))
 }
 
+/// Marks a server whose protected endpoints need a client certificate although the handshake
+/// does not (`restapi.verify_client: optional`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClientCertForProtected;
+
 async fn dispatch(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(remote): ConnectInfo<RemotePeer>,
+    cert_rule: Option<Extension<ClientCertForProtected>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let snap = app.ctx.snapshot.borrow().clone();
+    let peer = remote.addr;
+    // `verify_client: optional`: the handshake let a client without certificate in, but the
+    // protected endpoints want one (§2.1, checked after the allowlist in Patroni).
+    let cert_missing = cert_rule.is_some() && !remote.client_cert;
     let now = Instant::now();
     let path = uri.path();
     let query = Query::<Vec<(String, String)>>::try_from_uri(&uri)
@@ -155,9 +167,15 @@ async fn dispatch(
             _ => app.json(&snap, generic_code(path, &query, &snap, now), &snap.status),
         },
         Method::HEAD | Method::OPTIONS => status_only(health_code(path, &query, &snap, now)),
+        Method::POST
+            if cert_missing && (segment == "failsafe" || Operation::select(&method, segment).is_some()) =>
+        {
+            app.respond(&snap, 403, "text/html", "client certificate required")
+        }
         Method::POST if segment == "failsafe" => app.post_failsafe(&snap, peer, &headers, &body).await,
         _ => match Operation::select(&method, segment) {
             None => app.error_page(&snap, 501),
+            Some(_) if cert_missing => app.respond(&snap, 403, "text/html", "client certificate required"),
             Some(op) => match app.protect(&snap, peer, &headers).await {
                 Err(denied) => denied,
                 Ok(()) => app.operate(&snap, op, &headers, &body).await,

@@ -14,10 +14,17 @@ use crate::wait_until;
 
 impl NetCluster {
     fn etcdctl(&self, endpoints: &str, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoints}"))
-            .arg("--command-timeout=5s")
+            .arg("--command-timeout=5s");
+        if let Some(pki) = &self.pki {
+            let files = pki.etcd_files();
+            cmd.arg("--cacert").arg(&files.ca);
+            cmd.arg("--cert").arg(&files.cert);
+            cmd.arg("--key").arg(&files.key);
+        }
+        let out = cmd
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -32,7 +39,8 @@ impl NetCluster {
     }
 
     fn endpoint(&self, i: usize) -> String {
-        format!("{}:{ETCD_CLIENT_PORT}", self.nodes[i].ip)
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{ETCD_CLIENT_PORT}", self.nodes[i].ip)
     }
 
     /// Member id of host `i`'s etcd and the id of the raft leader it knows of.

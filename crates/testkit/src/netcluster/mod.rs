@@ -20,7 +20,7 @@ use nix::unistd::{Gid, Pid, Uid, User, chown};
 use serde_json::Value;
 
 use crate::checker::{self, CheckerConfig};
-use crate::cluster::{REPLICATION_PASSWORD, REPLICATION_USER, SUPERUSER, SUPERUSER_PASSWORD};
+use crate::cluster::{ClusterPki, REPLICATION_PASSWORD, REPLICATION_USER, SUPERUSER, SUPERUSER_PASSWORD};
 use crate::netns::{Impairment, NetLab, kill_namespace_processes};
 use crate::watchdog::{WatchdogHardware, WatchdogState};
 use crate::{free_port, http, spawn_owned, test_tmp_root, wait_until};
@@ -34,6 +34,8 @@ pub const PG_PORT: u16 = 5432;
 pub const API_PORT: u16 = 8008;
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const ETCD_PEER_PORT: u16 = 2380;
+/// etcd's plain-HTTP `/health` (and `/metrics`), for health checks when clients need TLS.
+pub const ETCD_METRICS_PORT: u16 = 2381;
 
 /// Which HA agent runs on the hosts.
 #[derive(Clone, Debug)]
@@ -89,6 +91,10 @@ pub struct NetOptions {
     /// `postgresql.bin_dir` for every host instead of the installed PostgreSQL's (a directory
     /// of wrappers that inject a fault, such as a slow start).
     pub pg_bin_dir: Option<PathBuf>,
+    /// TLS everywhere, as [`crate::cluster::ClusterOptions::tls`]: etcd with client
+    /// certificates, REST over HTTPS with `verify_client: required`, PostgreSQL `hostssl ...
+    /// clientcert=verify-ca` only; the checker and psql present the superuser's certificate.
+    pub tls: bool,
 }
 
 impl NetOptions {
@@ -117,6 +123,7 @@ impl Default for NetOptions {
             default_timings: false,
             agent_overrides: Vec::new(),
             pg_bin_dir: None,
+            tls: false,
         }
     }
 }
@@ -173,6 +180,8 @@ pub struct NetCluster {
     root: tempfile::TempDir,
     /// Dropped last: the namespaces go once every process is gone.
     pub lab: NetLab,
+    /// With [`NetOptions::tls`].
+    pub pki: Option<ClusterPki>,
 }
 
 /// The newest PostgreSQL `bin` directory under `/usr/lib/postgresql`.
@@ -220,8 +229,18 @@ impl NetCluster {
                     etcd: None,
                 }
             })
-            .collect();
+            .collect::<Vec<NetNode>>();
+        let pki = match options.tls {
+            true => {
+                let ips: Vec<String> = nodes.iter().map(|n| n.ip.to_string()).collect();
+                let pki = ClusterPki::create(root.path(), &ips, Some((user.uid, user.gid)))?;
+                http::use_tls(Some(pki.client_config()?));
+                Some(pki)
+            }
+            false => None,
+        };
         let mut cluster = NetCluster {
+            pki,
             nodes,
             scope: format!("lab{}", lab.slot()),
             options,
@@ -289,6 +308,7 @@ impl NetCluster {
         let o = &self.options;
         let extra = o.extra_node_yaml.get(i).cloned().unwrap_or_default();
         let subnet = self.lab.subnet();
+        let tls = self.pki.as_ref().map(|p| p.yaml(i)).unwrap_or_default();
         format!(
             r#"scope: {scope}
 namespace: /service
@@ -296,9 +316,9 @@ name: {name}
 restapi:
   listen: {ip}:{api}
   connect_address: {ip}:{api}
-etcd3:
+{rest_tls}etcd3:
   hosts: {hosts}
-bootstrap:
+{etcd_tls}bootstrap:
   dcs:
 {timings}    maximum_lag_on_failover: 1048576
     postgresql:
@@ -322,20 +342,27 @@ postgresql:
     superuser:
       username: {su}
       password: {su_pw}
-    replication:
+{su_tls}    replication:
       username: {rep}
       password: {rep_pw}
-  parameters:
+{rep_tls}  parameters:
     unix_socket_directories: '{dir}'
     shared_buffers: 16MB
     fsync: 'off'
-  pg_hba:
+{pg_tls}  pg_hba:
   - local all all trust
-  - host all all {subnet} scram-sha-256
-  - host replication {rep} {subnet} scram-sha-256
+  - {host} all all {subnet} scram-sha-256{clientcert}
+  - {host} replication {rep} {subnet} scram-sha-256{clientcert}
 {watchdog}{extra_all}
 {extra}
 "#,
+            rest_tls = tls.rest,
+            etcd_tls = tls.etcd,
+            su_tls = tls.superuser,
+            rep_tls = tls.replication,
+            pg_tls = tls.parameters,
+            host = tls.hba_type(),
+            clientcert = tls.hba_options,
             scope = self.scope,
             name = node.name,
             ip = node.ip,
@@ -386,7 +413,8 @@ postgresql:
             .create(true)
             .append(true)
             .open(&node.etcd_log)?;
-        let client = format!("http://{}:{ETCD_CLIENT_PORT}", node.ip);
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}:{ETCD_CLIENT_PORT}", node.ip);
         let peer = format!("http://{}:{ETCD_PEER_PORT}", node.ip);
         let bin = std::env::var_os("PGVIGIL_ETCD_BIN").unwrap_or_else(|| "/usr/bin/etcd".into());
         let mut cmd = self.lab.command(i, bin);
@@ -417,23 +445,23 @@ postgresql:
                 "--pre-vote",
             ])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://{}:{ETCD_METRICS_PORT}", node.ip));
+        if let Some(pki) = &self.pki {
+            cmd.args(pki.etcd_files().etcd_args());
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = spawn_owned(cmd).context("starting etcd")?;
         self.nodes[i].etcd = Some(child);
         Ok(())
     }
 
     fn wait_etcd_healthy(&mut self, i: usize) -> anyhow::Result<()> {
-        let addr = SocketAddr::from((self.nodes[i].ip, ETCD_CLIENT_PORT));
+        let addr = SocketAddr::from((self.nodes[i].ip, ETCD_METRICS_PORT));
         let result = wait_until(
             &format!("etcd on {} to be healthy", self.nodes[i].name),
             Duration::from_secs(30),
-            || {
-                let r = http::get_from(addr, "/health").ok()?;
-                r.body.contains("\"health\":\"true\"").then_some(())
-            },
+            || crate::etcd::health_at(addr).ok()?.then_some(()),
         );
         result.with_context(|| format!("etcd log tail:\n{}", tail(&self.nodes[i].etcd_log, 30)))
     }
@@ -653,7 +681,11 @@ postgresql:
     /// Runs SQL with psql on host `i` (from the root namespace, TCP, superuser); returns the
     /// trimmed unaligned output.
     pub fn psql(&self, i: usize, sql: &str) -> anyhow::Result<String> {
-        psql_addr(self.nodes[i].pg_addr(), sql)
+        let addr = self.nodes[i].pg_addr();
+        match &self.pki {
+            Some(pki) => psql_with_at(addr, sql, &pki.libpq_env()),
+            None => psql_addr(addr, sql),
+        }
     }
 
     /// Waits for a leader other than `old` whose PostgreSQL accepts writes; returns it.
@@ -669,12 +701,9 @@ postgresql:
     pub fn checker_config(&self) -> anyhow::Result<CheckerConfig> {
         let write_to = self.write_addr().context("the cluster has no router")?;
         let nodes = self.nodes.iter().map(|n| (n.name.clone(), n.pg_addr())).collect();
-        Ok(CheckerConfig::new(
-            vec![write_to],
-            nodes,
-            SUPERUSER,
-            SUPERUSER_PASSWORD,
-        ))
+        let mut config = CheckerConfig::new(vec![write_to], nodes, SUPERUSER, SUPERUSER_PASSWORD);
+        config.tls = self.checker_tls()?;
+        Ok(config)
     }
 
     /// A checker configuration whose writer bypasses the router: it connects to every node's
@@ -684,7 +713,18 @@ postgresql:
         let nodes: Vec<(String, SocketAddr)> =
             self.nodes.iter().map(|n| (n.name.clone(), n.pg_addr())).collect();
         let direct = nodes.iter().map(|(_, a)| *a).collect();
-        CheckerConfig::new(direct, nodes, SUPERUSER, SUPERUSER_PASSWORD)
+        let mut config = CheckerConfig::new(direct, nodes, SUPERUSER, SUPERUSER_PASSWORD);
+        config.tls = self
+            .checker_tls()
+            .expect("the test CA's files were readable when the lab started");
+        config
+    }
+
+    fn checker_tls(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+        match &self.pki {
+            Some(pki) => Ok(Some(std::sync::Arc::new(pki.superuser_client_config()?))),
+            None => Ok(None),
+        }
     }
 
     /// Creates the checker's tables on the leader and starts the checker; returns once writes
@@ -771,7 +811,13 @@ impl Drop for NetCluster {
 
 /// Runs SQL on `addr` as the superuser with psql.
 pub fn psql_addr(addr: SocketAddr, sql: &str) -> anyhow::Result<String> {
+    psql_with_at(addr, sql, &[])
+}
+
+/// [`psql_addr`] with extra libpq environment variables (the TLS client certificate).
+pub fn psql_with_at(addr: SocketAddr, sql: &str, env: &[(&str, PathBuf)]) -> anyhow::Result<String> {
     let out = Command::new("psql")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .arg(format!(
             "host={} port={} user={SUPERUSER} dbname=postgres connect_timeout=3",
