@@ -31,3 +31,42 @@ fn the_leader_of_pgvigil_members_promises_the_fast_takeover() {
     // The default promise F (`fast_takeover.fence_after`).
     assert_eq!(heartbeat.promise(), Duration::from_millis(3500), "{heartbeat:?}");
 }
+
+/// The promise lasts 3.5 s past each heartbeat while the HA loop runs once per `loop_wait`
+/// (10 s here, Patroni's default): the leader's health check must follow the heartbeats, not
+/// the last cycle, or HAProxy (`on-marked-down shutdown-sessions`) would cut the primary off
+/// between two cycles.
+#[test]
+fn the_leader_stays_primary_for_health_checks_between_two_slow_cycles() {
+    let options = ClusterOptions {
+        ttl: 30,
+        loop_wait: 10,
+        retry_timeout: 10,
+        ..ClusterOptions::default()
+    };
+    let cluster = TestCluster::start(AGENT.as_ref(), options).expect("cluster starts");
+    let leader = cluster
+        .wait_healthy(Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    let port = cluster.nodes[leader].api_port;
+    // Wait until the promise is made, then watch the leader for two full cycles.
+    wait_until("the leader's promise", Duration::from_secs(60), || {
+        let view = cluster.with_operator_dcs(async |dcs| dcs.get_cluster().await.ok())?;
+        view.heartbeat.and_then(|h| HeartbeatValue::parse(&h.value))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    let watched = std::time::Instant::now();
+    let mut answers = 0;
+    while watched.elapsed() < Duration::from_secs(22) {
+        let code = pgvigil_testkit::http::get(port, "/primary").map(|r| r.status);
+        assert!(
+            matches!(code, Ok(200)),
+            "GET /primary on the healthy leader answered {code:?} after {:?}\n{}",
+            watched.elapsed(),
+            cluster.diagnostics()
+        );
+        answers += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(answers > 40, "only {answers} health checks in 22 s");
+}

@@ -604,3 +604,48 @@ fn query_helpers() {
     assert_eq!(first_segment("//cluster"), "cluster");
     assert_eq!(first_segment("/"), "");
 }
+
+/// A lock proof that says what the test set.
+struct FixedProof(std::sync::Mutex<Option<Instant>>);
+
+impl crate::snapshot::LockProof for FixedProof {
+    fn held_until(&self) -> Option<Instant> {
+        *self.0.lock().unwrap()
+    }
+}
+
+#[test]
+fn leadership_is_asked_of_the_live_proof_not_the_snapshot() {
+    let now = Instant::now();
+    let proof = std::sync::Arc::new(FixedProof(std::sync::Mutex::new(Some(
+        now + Duration::from_secs(3),
+    ))));
+    // The snapshot is from an HA cycle long ago: its own deadline has passed, but heartbeats
+    // kept the lock proven since. A healthy leader between two cycles stays the primary.
+    let mut snap = primary(now);
+    snap.leader_until = Some(now - Duration::from_secs(5));
+    snap.live_lock = Some(crate::snapshot::LiveLock(proof.clone()));
+    check(
+        "proven since the snapshot",
+        &snap,
+        now,
+        &[("/primary", 200), ("/leader", 200)],
+    );
+    // The proof ran out (etcd unreachable): 503 at once, even though the snapshot still says
+    // leader until later.
+    *proof.0.lock().unwrap() = Some(now - Duration::from_millis(1));
+    snap.leader_until = Some(now + Duration::from_secs(20));
+    check(
+        "proof ran out",
+        &snap,
+        now,
+        &[("/primary", 503), ("/leader", 503)],
+    );
+    *proof.0.lock().unwrap() = None;
+    check(
+        "lock gone",
+        &snap,
+        now,
+        &[("/primary", 503), ("/read-write", 503)],
+    );
+}

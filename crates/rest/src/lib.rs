@@ -33,7 +33,7 @@ pub use failsafe::{FailsafePost, FailsafeState};
 pub use health::{health_code, liveness_code, parse_bytes, readiness_code};
 pub use metrics::render_metrics;
 pub use peer::PeerClient;
-pub use snapshot::NodeSnapshot;
+pub use snapshot::{LiveLock, LockProof, NodeSnapshot};
 
 /// How long `/cluster`, `/history` and `/config` wait for the DCS.
 pub const CLUSTER_READ_TIMEOUT: Duration = Duration::from_secs(3);

@@ -1,11 +1,27 @@
 //! What the REST API answers from: a snapshot the runtime publishes after every HA cycle and
 //! whenever the local state changes. Health answers never wait on PostgreSQL or the DCS.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgvigil_api::rest::{PatroniInfo, StatusDocument};
 use pgvigil_api::{ClusterView, PATRONI_COMPAT_VERSION};
 use serde_json::{Map, Value};
+
+/// Until when this node's leader lock is proven, as of now (the agent's `Leadership`).
+pub trait LockProof: Send + Sync {
+    fn held_until(&self) -> Option<Instant>;
+}
+
+/// A shared [`LockProof`] in the snapshot.
+#[derive(Clone)]
+pub struct LiveLock(pub Arc<dyn LockProof>);
+
+impl std::fmt::Debug for LiveLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LiveLock").field(&self.0.held_until()).finish()
+    }
+}
 
 /// The node as of the last refresh.
 #[derive(Clone, Debug)]
@@ -16,9 +32,13 @@ pub struct NodeSnapshot {
     pub status: StatusDocument,
     /// The cached DCS view; `None` when older than `ttl` (stale) or never read.
     pub cluster: Option<ClusterView>,
-    /// `is_leader = now < leader_until`; set by the runtime after each successful lease renewal
-    /// while it holds the leader lock (a local timer, not a DCS read).
+    /// `is_leader = now < leader_until` as of the snapshot; see [`NodeSnapshot::live_lock`].
     pub leader_until: Option<Instant>,
+    /// The leader lock's proof, asked at the moment of each request. With the fast takeover
+    /// the proof moves with every heartbeat (0.5 s) and lasts a few seconds, while snapshots
+    /// come once per HA cycle (`loop_wait`, 10 s by default): a snapshot's `leader_until`
+    /// would run out between cycles and `/primary` would answer 503 from a healthy leader.
+    pub live_lock: Option<LiveLock>,
     /// Scheduled start of the next HA cycle (`/liveness`).
     pub next_run: Instant,
     pub ttl: u64,
@@ -65,6 +85,7 @@ impl NodeSnapshot {
             },
             cluster: None,
             leader_until: None,
+            live_lock: None,
             next_run: Instant::now(),
             ttl: 30,
             loop_wait: 10,
@@ -80,9 +101,14 @@ impl NodeSnapshot {
         }
     }
 
-    /// Whether this node renewed the leader lock recently enough to still hold it.
+    /// Whether this node holds the leader lock, proven past `now` (a local clock, not a DCS
+    /// read): asked of the live proof when there is one, else as of the snapshot.
     pub fn is_leader(&self, now: Instant) -> bool {
-        self.leader_until.is_some_and(|until| now < until)
+        let until = match &self.live_lock {
+            Some(live) => live.0.held_until(),
+            None => self.leader_until,
+        };
+        until.is_some_and(|until| now < until)
     }
 
     /// `max(status.optime, wal receiver latest_end_lsn)`, with 0 for unknown parts.

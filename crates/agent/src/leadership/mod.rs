@@ -89,6 +89,13 @@ impl Shared {
     }
 }
 
+/// The REST API's health checks ask the lock itself, at the moment of each request.
+impl pgvigil_rest::LockProof for Leadership {
+    fn held_until(&self) -> Option<std::time::Instant> {
+        Leadership::held_until(self)
+    }
+}
+
 /// The handle the HA loop holds.
 pub struct Leadership {
     shared: Arc<Shared>,

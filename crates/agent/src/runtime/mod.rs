@@ -110,7 +110,13 @@ pub struct Agent {
     watchdog: Arc<Watchdog>,
     cluster: Option<ClusterView>,
     dcs_last_seen: Option<u64>,
+    /// When the loop wakes next: the next cycle, or earlier to look at a silent leader.
     next_run: Instant,
+    /// When the next cycle is due (`loop_wait` after the last, or earlier when asked).
+    cycle_due: Instant,
+    /// A silent leader past its promise that a cycle has already looked at: no more early
+    /// wake-ups for it (another member may be the one to take over).
+    gone_seen: Option<((i64, i64), Instant)>,
     /// The decision asked to be made again this soon.
     recheck_in: Option<Duration>,
     /// The (leader, heartbeat) revisions whose silence already made us probe our etcd member.
@@ -138,6 +144,8 @@ impl Agent {
             cluster: None,
             dcs_last_seen: None,
             next_run: Instant::now(),
+            cycle_due: Instant::now(),
+            gone_seen: None,
             recheck_in: None,
             probed_silence: None,
         }
@@ -221,7 +229,18 @@ impl Agent {
             loop {
                 tokio::select! {
                     _ = wake.shutdown.cancelled() => {}
-                    _ = tokio::time::sleep_until(self.next_run.into()) => {}
+                    _ = tokio::time::sleep_until(self.next_run.into()) => {
+                        if Instant::now() < self.cycle_due && !self.silence_needs_a_cycle() {
+                            // An early wake-up for a silent leader that has been heard from
+                            // since: no cycle, the nap goes on.
+                            self.next_run = self.wake_at(Instant::now());
+                            self.leadership.loop_alive_for(
+                                self.next_run.saturating_duration_since(Instant::now())
+                                    + self.stall_allowance(),
+                            );
+                            continue;
+                        }
+                    }
                     _ = wake.lock_news.notified() => {}
                     done = async { (&mut self.running.as_mut().expect("guarded").handle).await },
                         if self.running.is_some() =>
@@ -272,7 +291,9 @@ impl Agent {
                 }
                 break;
             }
-            self.next_run = self.next_run.min(Instant::now());
+            let now = Instant::now();
+            self.cycle_due = self.cycle_due.min(now);
+            self.next_run = self.next_run.min(now);
         }
     }
 
@@ -281,20 +302,26 @@ impl Agent {
     fn schedule_next(&mut self, rerun: bool) {
         let loop_wait = Duration::from_secs(self.dynamic.loop_wait);
         let now = Instant::now();
-        self.next_run = if rerun {
+        self.cycle_due = if rerun {
             now
         } else {
-            (self.next_run + loop_wait).max(now)
+            (self.cycle_due + loop_wait).max(now)
         };
         if let Some(d) = self.recheck_in.take() {
-            self.next_run = self.next_run.min(now + d);
+            self.cycle_due = self.cycle_due.min(now + d);
         }
         // A scheduled switchover acts at its exact time, not at the next tick.
         if let Some(due) = failover_due_in(self.cluster.as_ref()).filter(|d| *d > 0.0 && d.is_finite()) {
-            self.next_run = self.next_run.min(now + Duration::from_secs_f64(due));
+            self.cycle_due = self.cycle_due.min(now + Duration::from_secs_f64(due));
         }
-        if let Some(d) = self.silence_wake_in() {
-            self.next_run = self.next_run.min(now + d);
+        self.next_run = self.wake_at(now);
+    }
+
+    /// The next cycle, or earlier when a silent leader needs a look.
+    fn wake_at(&self, now: Instant) -> Instant {
+        match self.silence_wake_in() {
+            Some(d) => self.cycle_due.min(now + d),
+            None => self.cycle_due,
         }
     }
 
@@ -320,15 +347,32 @@ impl Agent {
     }
 
     /// When the silence of a leader that promised the fast takeover next needs a look: the
-    /// probe of our etcd member, then the end of the promise.
+    /// probe of our etcd member, then the end of the promise; once a cycle has looked at a
+    /// leader past its promise, once a second while nobody has taken over (our attempt may
+    /// have failed, or another member is the one to take over). `None`: no other leader.
     fn silence_wake_in(&self) -> Option<Duration> {
         let liveness = self.dynamic.liveness;
-        let s = self.leadership.silence().filter(|_| liveness.enabled)?;
-        let probe_at = probe_after(&liveness);
-        if s.silent_for < probe_at && self.probed_silence != Some((s.leader_revision, s.heartbeat_revision)) {
-            return Some(probe_at - s.silent_for);
+        let s = self
+            .leadership
+            .silence()
+            .filter(|s| liveness.enabled && s.leader != self.cfg.name)?;
+        let key = (s.leader_revision, s.heartbeat_revision);
+        if self.probed_silence != Some(key) {
+            return Some(probe_after(&liveness).saturating_sub(s.silent_for));
         }
-        Some(s.gone_in(liveness.takeover_margin))
+        let gone_in = s.gone_in(liveness.takeover_margin);
+        if gone_in.is_zero()
+            && let Some((seen, at)) = self.gone_seen
+            && seen == key
+        {
+            return Some((at + RELOOK_AT_A_GONE_LEADER).saturating_duration_since(Instant::now()));
+        }
+        Some(gone_in)
+    }
+
+    /// Whether a silent leader needs a cycle now (the probe, or its promise ran out).
+    fn silence_needs_a_cycle(&self) -> bool {
+        self.silence_wake_in().is_some_and(|d| d.is_zero())
     }
 
     /// A leader that promised the fast takeover has been silent for a few heartbeats: make sure
@@ -337,7 +381,11 @@ impl Agent {
     /// later does not spend its attempt timeout on a member that died with the leader's host.
     async fn probe_etcd_if_leader_silent(&mut self) {
         let liveness = self.dynamic.liveness;
-        let Some(s) = self.leadership.silence().filter(|_| liveness.enabled) else {
+        let Some(s) = self
+            .leadership
+            .silence()
+            .filter(|s| liveness.enabled && s.leader != self.cfg.name)
+        else {
             return;
         };
         let key = (s.leader_revision, s.heartbeat_revision);
@@ -428,6 +476,11 @@ impl Agent {
         let started = sup.status().map(|s| s.postmaster_start_time.clone());
         let request = self.operator.request(started.as_deref());
         let silence = self.leadership.silence();
+        if let Some(s) = &silence
+            && s.leader_gone(self.dynamic.liveness.takeover_margin)
+        {
+            self.gone_seen = Some(((s.leader_revision, s.heartbeat_revision), Instant::now()));
+        }
         let mut peers: Option<Vec<PeerReport>> = None;
         let decision = loop {
             let decision = pgvigil_engine::decide(&Inputs {
@@ -587,6 +640,9 @@ impl Agent {
         Exit::Shutdown
     }
 }
+
+/// How often a member looks again at a leader past its promise that nobody took over yet.
+const RELOOK_AT_A_GONE_LEADER: Duration = Duration::from_secs(1);
 
 /// Three missed heartbeats, and at most a third of the promise.
 fn probe_after(liveness: &pgvigil_config::Liveness) -> Duration {

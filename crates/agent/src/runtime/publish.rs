@@ -39,6 +39,7 @@ impl Agent {
         snap.status = status;
         snap.cluster = self.cluster.clone();
         snap.leader_until = self.leadership.held_until();
+        snap.live_lock = Some(pgvigil_rest::LiveLock(self.leadership.clone()));
         snap.next_run = self.next_run;
         snap.ttl = self.dynamic.ttl;
         snap.loop_wait = self.dynamic.loop_wait;
