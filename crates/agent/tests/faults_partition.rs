@@ -37,6 +37,28 @@ fn isolated_leader_demotes_before_its_lease_expires_and_majority_elects() {
     heal_and_verify(&cluster, checker, old, new);
 }
 
+/// The same cut-off with default timings and no synchronous replication: the member that
+/// takes the key over (no lease expiry) accepts writes only after the old primary stopped.
+#[test]
+fn isolated_leader_without_synchronous_replication_stops_before_another_accepts_writes() {
+    if !can_run() {
+        return;
+    }
+    let _serial = serial();
+    let (cluster, old, checker) = start(defaults(false));
+    checker.mark("leader host cut off");
+    check!(cluster, cluster.isolate(old));
+    let new = check!(cluster, cluster.wait_new_leader(Some(old), FAILOVER));
+    assert!(
+        took_over(&cluster, new),
+        "{} took the key over from the silent leader",
+        cluster.nodes[new].name
+    );
+    check!(cluster, checker.wait_for_acks(50, Duration::from_secs(60)));
+    assert_not_primary(&cluster, old, "the cut-off leader still runs as a primary");
+    heal_and_verify(&cluster, checker, old, new);
+}
+
 #[test]
 fn replica_cut_off_and_a_slow_lossy_leader_link_cause_no_failover() {
     if !can_run() {

@@ -186,12 +186,19 @@ fn held_back_commits_stay_held(mode: &str) {
     };
     check!(cluster, cluster.verify(&report, expect));
     if quorum {
-        for (how, old) in &rounds {
+        // Each round's claim holds from its agent's return until the next round takes the
+        // next leader's agent away: by then the old primary may be the *new* leader of a later
+        // round, and a later old primary has its own agentless window.
+        for (k, (how, old)) in rounds.iter().enumerate() {
             let back = report.mark(&format!("{how:?}: old agent back")).expect("marked");
+            let until = rounds
+                .get(k + 1)
+                .and_then(|(next, _)| report.mark(&format!("{next:?}: old agent gone")));
             let bad: Vec<String> = report
                 .ticks
                 .iter()
-                .filter(|t| t.at >= back && t.nodes[*old].write_acked)
+                .filter(|t| t.at >= back && until.is_none_or(|u| t.at < u))
+                .filter(|t| t.nodes[*old].write_acked)
                 .filter(|t| t.nodes.iter().filter(|n| n.write_acked).count() >= 2)
                 .map(|t| format!("{:.1}s", (t.at - report.started).as_secs_f64()))
                 .collect();

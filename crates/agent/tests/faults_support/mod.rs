@@ -85,15 +85,19 @@ pub fn start(options: NetOptions) -> (NetCluster, usize, Checker) {
     let leader = cluster
         .wait_healthy(HEALTHY)
         .expect("the cluster becomes healthy");
-    let synchronous = cluster.options.extra_dcs.contains("synchronous_mode: on")
-        || cluster.options.extra_dcs.contains("synchronous_mode: quorum");
-    if synchronous {
+    if synchronous(&cluster) {
         wait_sync_standby(&cluster);
     }
     let checker = cluster
         .start_checker(leader)
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
     (cluster, leader, checker)
+}
+
+/// Whether the cluster runs with synchronous replication (`on` or `quorum`).
+pub fn synchronous(cluster: &NetCluster) -> bool {
+    let dcs = &cluster.options.extra_dcs;
+    dcs.contains("synchronous_mode: on") || dcs.contains("synchronous_mode: quorum")
 }
 
 /// Waits (bounded) until `/cluster` shows a synchronous standby. Returns false (and says so)
@@ -143,17 +147,18 @@ pub fn assert_not_primary(cluster: &NetCluster, i: usize, what: &str) {
     );
 }
 
-/// Heals host `cut_off`, waits for a healthy cluster and runs the checker's assertions
-/// (synchronous mode: nothing acknowledged lost, never two writable nodes); the leader must
-/// still be `leader`.
+/// Heals host `cut_off`, waits for a healthy cluster and runs the checker's assertions (never
+/// two writable nodes; with synchronous replication, nothing acknowledged lost); the leader
+/// must still be `leader`.
 pub fn heal_and_verify(cluster: &NetCluster, checker: Checker, cut_off: usize, leader: usize) {
     checker.mark("partition healed");
     check!(cluster, cluster.heal(cut_off));
     check!(cluster, cluster.wait_healthy(HEALTHY));
     let report = checker.finish();
-    let now = check!(
-        cluster,
-        cluster.verify(&report, pgvigil_testkit::netcluster::Expect::default())
-    );
+    let expect = pgvigil_testkit::netcluster::Expect {
+        zero_loss: synchronous(cluster),
+        ..Default::default()
+    };
+    let now = check!(cluster, cluster.verify(&report, expect));
     assert_eq!(now, leader);
 }
