@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pgvigil_api::{FailoverValue, HistoryEntry, MemberData, StatusValue, SyncValue};
-use pgvigil_dcs::{Dcs, DcsEvent, Etcd3Dcs, LockStore, TermOpening};
+use pgvigil_dcs::{Dcs, DcsEvent, Etcd3Dcs, EtcdOptions, LockStore, TermOpening};
 use pgvigil_testkit::wait_until_async;
 use serde_json::json;
 use support::*;
@@ -461,6 +461,37 @@ async fn a_hung_member_is_left_for_the_next_endpoint() {
             "operation {i} switched endpoints again"
         );
     }
+    etcd.resume_member(0).unwrap();
+}
+
+/// When the endpoint in use stops answering, the client moves to a member that answers, not
+/// blindly to the next one in the list: that one may sit on a dead host and cost a whole
+/// attempt, and the leader lock cannot afford two lost attempts in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_endpoint_is_left_for_a_member_that_answers_not_for_a_dead_one() {
+    let mut etcd = start_etcd(3);
+    // A "dead host": connections are accepted by the kernel, nothing ever answers.
+    let dead_host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("127.0.0.1:{}", dead_host.local_addr().unwrap().port());
+    let endpoints = vec![etcd.endpoint(0), dead.clone(), etcd.endpoint(1), etcd.endpoint(2)];
+    let a = Etcd3Dcs::connect(EtcdOptions {
+        endpoints,
+        namespace: "/service".into(),
+        scope: "batman".into(),
+        member_name: "pg-a".into(),
+        retry_timeout: Duration::from_secs(8),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (lease, _) = acquire(&a, None).await;
+    lead_elsewhere(&etcd, 0).await;
+    etcd.pause_member(0).unwrap();
+    assert!(a.keep_alive(lease).await.is_err(), "member 0 is paused");
+    let moved_to = a.endpoint_in_use().to_string();
+    assert_ne!(moved_to, etcd.endpoint(0), "still on the paused member");
+    assert_ne!(moved_to, dead, "moved to the endpoint that never answers");
+    assert!(a.keep_alive(lease).await.unwrap(), "renewal on {moved_to}");
     etcd.resume_member(0).unwrap();
 }
 

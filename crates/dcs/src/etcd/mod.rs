@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp, TxnResponse};
 use pgvigil_api::Keys;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
 use crate::{DcsError, DcsEvent, LockKeyEvent};
@@ -80,6 +80,9 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How often one attempt tries the first endpoint again while another one is in use.
 const HOME_RETRY: Duration = Duration::from_secs(30);
+/// How long a move away from a failed endpoint waits for the other members' status: well
+/// within one attempt of the leader lock, and long enough for a busy member to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// etcd v3 [`Dcs`](crate::Dcs).
 ///
@@ -305,26 +308,75 @@ impl Inner {
     }
 
     /// An attempt on endpoint `index` failed for want of an answer: forget its connection
-    /// (it may be half-open) and, unless another caller moved on already, use the next
-    /// endpoint from now on.
+    /// (it may be half-open) and, unless another caller moved on already, move to the member
+    /// that [`Inner::next_endpoint`] finds answering.
     async fn endpoint_failed(&self, index: usize, error: &DcsError) {
         self.clients.lock().await[index] = None;
         let n = self.opts.endpoints.len();
-        if n > 1
-            && self
-                .current
-                .compare_exchange(index, (index + 1) % n, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
+        if n < 2 || self.current.load(Ordering::SeqCst) != index {
+            return;
+        }
+        let next = self.next_endpoint(index).await;
+        if self
+            .current
+            .compare_exchange(index, next, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
         {
             *self.home_tried.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             self.moves.send_modify(|n| *n += 1);
             tracing::info!(
                 failed = %self.opts.endpoints[index],
-                next = %self.opts.endpoints[(index + 1) % n],
+                next = %self.opts.endpoints[next],
                 %error,
                 "switching to the next etcd endpoint"
             );
         }
+    }
+
+    /// The endpoint to move to after `failed`: the first of the others to answer a status
+    /// request naming a raft leader within [`PROBE_TIMEOUT`]; else the first that answered at
+    /// all; else simply the next in the list. Asking them all at once matters when a host died:
+    /// moving blindly to the next endpoint sends every operation to a dead member for a whole
+    /// attempt (2 s for the leader lock) when another member would have answered at once, and
+    /// two such attempts in a row are more than the fast-takeover promise allows the leader.
+    async fn next_endpoint(&self, failed: usize) -> usize {
+        let n = self.opts.endpoints.len();
+        let others: Vec<usize> = (1..n).map(|k| (failed + k) % n).collect();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for &i in &others {
+            let existing = self.clients.lock().await[i].clone();
+            let endpoint = self.opts.endpoints[i].clone();
+            let options = self.connect_options.clone();
+            let tx = tx.clone();
+            self.runtime.spawn(async move {
+                let answer = async {
+                    let mut client = match existing {
+                        Some(c) => c,
+                        None => Client::connect([endpoint.as_str()], Some(options)).await.ok()?,
+                    };
+                    let status = client.status().await.ok()?;
+                    Some((client, status.leader() != 0))
+                };
+                let answer = tokio::time::timeout(PROBE_TIMEOUT, answer).await.ok().flatten();
+                let _ = tx.send((i, answer));
+            });
+        }
+        drop(tx);
+        let mut answered = None;
+        while let Some((i, answer)) = rx.recv().await {
+            let Some((client, has_leader)) = answer else {
+                continue;
+            };
+            let mut clients = self.clients.lock().await;
+            if clients[i].is_none() {
+                clients[i] = Some(client);
+            }
+            if has_leader {
+                return i;
+            }
+            answered.get_or_insert(i);
+        }
+        answered.unwrap_or(others[0])
     }
 
     /// Runs `op` until it succeeds, fails with a non-retryable error, or `deadline` passes.
