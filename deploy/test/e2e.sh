@@ -40,6 +40,16 @@ esac
 [[ $(id -u) == 0 ]] || { echo "e2e.sh: run as root (debootstrap, Docker)" >&2; exit 2; }
 command -v docker >/dev/null || { echo "e2e.sh: docker is not installed" >&2; exit 2; }
 docker info >/dev/null 2>&1 || { echo "e2e.sh: the Docker daemon does not answer" >&2; exit 2; }
+# The hosts' own Docker engines use the vfs driver (a full copy of every layer per container):
+# a run needs about 15 GB under Docker's root. Say so up front instead of failing half-way with
+# "no space left on device" from inside a host.
+docker_root=$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)
+free_gb=$(df --output=avail -B1G "$docker_root" 2>/dev/null | tail -1 | tr -d ' ')
+need_gb=${E2E_MIN_FREE_GB:-15}
+if [[ $free_gb =~ ^[0-9]+$ ]] && ((free_gb < need_gb)); then
+    echo "e2e.sh: only ${free_gb} GB free under $docker_root; the run needs ${need_gb} GB (E2E_MIN_FREE_GB)" >&2
+    exit 2
+fi
 
 T0=$SECONDS
 tag=e2e-$$

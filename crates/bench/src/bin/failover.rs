@@ -21,7 +21,8 @@
 //! Runs alternate between the two systems (pgvigil first in odd runs, Patroni first in even
 //! ones); both clusters of a profile are up at the same time, the one not being measured idle.
 //! Run it through `bench/failover/run.sh`. Environment: `BENCH_RUNS`, `BENCH_IDLE_SECONDS`
-//! (default 60), `BENCH_SYSTEMS` (`pgvigil,patroni`), `BENCH_SCENARIOS`
+//! (default 60), `BENCH_SYSTEMS` (`pgvigil,patroni`; `baseline` adds the older pgvigil binary
+//! that `PGVIGIL_BENCH_BASELINE` names, to compare two versions in one run), `BENCH_SCENARIOS`
 //! (`idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,host-fast`),
 //! `PGVIGIL_BENCH_VENV` (where `scripts/install-bench-deps.sh` put Patroni).
 
@@ -37,6 +38,9 @@ use pgvigil_testkit::http;
 use pgvigil_testkit::netcluster::{AgentKind, NetCluster, NetOptions};
 
 const HEALTHY: Duration = Duration::from_secs(300);
+/// What `BENCH_SYSTEMS` may list, in the table's column order; `baseline` is the pgvigil
+/// binary `PGVIGIL_BENCH_BASELINE` names.
+const SYSTEMS: [&str; 3] = ["pgvigil", "baseline", "patroni"];
 
 #[derive(Clone, Copy, Debug)]
 struct Profile {
@@ -294,6 +298,20 @@ fn main() -> anyhow::Result<()> {
             patroni.display()
         );
     }
+    if let Some(unknown) = systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
+        bail!("BENCH_SYSTEMS: unknown system {unknown:?} (known: {})", SYSTEMS.join(", "));
+    }
+    // An older pgvigil agent to compare against in the same run (e.g. before a redesign).
+    let baseline = match std::env::var_os("PGVIGIL_BENCH_BASELINE") {
+        Some(path) => Some(PathBuf::from(path)),
+        None if systems.iter().any(|s| s == "baseline") => {
+            bail!("BENCH_SYSTEMS lists baseline: set PGVIGIL_BENCH_BASELINE to an older pgvigil binary")
+        }
+        None => None,
+    };
+    if let Some(path) = baseline.as_ref().filter(|p| !p.is_file()) {
+        bail!("PGVIGIL_BENCH_BASELINE: {} is not a file", path.display());
+    }
     let version = Command::new(&patroni).arg("--version").output().ok();
     let patroni_version = version
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -303,7 +321,7 @@ fn main() -> anyhow::Result<()> {
     let load_at_start = load_averages();
     let mut results = Results::default();
     let wanted = |s: &str| scenarios.iter().any(|x| x == s);
-    let system_names: Vec<&'static str> = ["pgvigil", "patroni"]
+    let system_names: Vec<&'static str> = SYSTEMS
         .into_iter()
         .filter(|n| systems.iter().any(|s| s == n))
         .collect();
@@ -336,6 +354,10 @@ fn main() -> anyhow::Result<()> {
         for name in &system_names {
             let (agent, ctl) = match *name {
                 "pgvigil" => (AgentKind::Pgvigil(pgvigil.clone()), pgvigilctl.clone()),
+                "baseline" => {
+                    let old = baseline.clone().unwrap_or_else(|| pgvigil.clone());
+                    (AgentKind::Pgvigil(old), pgvigilctl.clone())
+                }
                 _ => (AgentKind::Patroni(patroni.clone()), patronictl.clone()),
             };
             up.push(start_system(name, agent, ctl, profile, &pgvigil)?);
