@@ -37,6 +37,8 @@ pub use inputs::{
 pub use race::{RaceVerdict, race_verdict};
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod failover_tests;
 #[cfg(test)]
 mod failsafe_tests;
@@ -46,6 +48,8 @@ mod following_tests;
 mod lock_tests;
 #[cfg(test)]
 mod operator_tests;
+#[cfg(test)]
+mod pause_tests;
 #[cfg(test)]
 mod properties;
 #[cfg(test)]
