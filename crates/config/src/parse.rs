@@ -360,7 +360,8 @@ fn parse_bootstrap(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<BootstrapConfig, Con
 }
 
 fn parse_tags(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<Tags, ConfigError> {
-    // Published as written (§3.7), read before the typed parsing below validates them.
+    // Published as written (`docs/patroni-compat.md` §3.7), read before the typed parsing
+    // below validates them.
     let mut written = Map::new();
     for key in [
         "clonefrom",
