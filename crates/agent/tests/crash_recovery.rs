@@ -81,3 +81,40 @@ fn killed_leader_postmaster_with_master_start_timeout_0_fails_over_at_once_and_t
     assert_eq!(leader, new);
     assert_eq!(cluster.psql(old, "SELECT pg_is_in_recovery()").unwrap(), "t");
 }
+
+/// With nobody allowed to take over, `primary_start_timeout: 0` does not leave the cluster without
+/// a primary: the crashed one is started again in place, keeping the lock.
+#[test]
+fn killed_leader_postmaster_without_a_possible_failover_restarts_in_place() {
+    let replica_tags = "tags:\n  nofailover: true\n".to_string();
+    let options = ClusterOptions {
+        extra_dcs: "    primary_start_timeout: 0\n".into(),
+        extra_node_yaml: vec![String::new(), replica_tags.clone(), replica_tags],
+        ..ClusterOptions::default()
+    };
+    let cluster = TestCluster::start(AGENT.as_ref(), options).expect("cluster starts");
+    let leader = cluster.wait_healthy(HEALTHY).expect("cluster becomes healthy");
+    assert_eq!(leader, 0, "only node1 may lead");
+    let before = cluster.psql(leader, "SELECT pg_postmaster_start_time()").unwrap();
+
+    cluster.kill_postgres(leader).unwrap();
+    let back = wait_until(
+        "the leader's PostgreSQL to run again",
+        Duration::from_secs(60),
+        || {
+            let now = cluster.psql(leader, "SELECT pg_postmaster_start_time()").ok()?;
+            (now != before).then_some(())
+        },
+    );
+    back.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    assert_eq!(
+        cluster.wait_healthy(HEALTHY).unwrap_or_else(|e| panic!("{e}")),
+        leader
+    );
+    assert_eq!(cluster.psql(leader, "SELECT pg_is_in_recovery()").unwrap(), "f");
+    let log = std::fs::read_to_string(&cluster.nodes[leader].log).unwrap();
+    assert!(
+        log.contains("starting primary after failure: no other member can take over"),
+        "{log}"
+    );
+}

@@ -215,3 +215,30 @@ fn a_crashed_primary_that_fails_to_start_demotes_and_follows_the_new_leader() {
         "{d:?}"
     );
 }
+
+/// A leader that let the key go after a crash stays out of the race for a moment, so a replica
+/// with the same WAL takes over instead of the key coming straight back (Patroni's demotion
+/// sleeps 2 s before starting PostgreSQL again).
+#[test]
+fn a_leader_that_released_the_key_gives_the_others_time_to_take_it() {
+    let cfg = config("a");
+    let view = cluster(None);
+    let pg = running(true, 1, 1000, None);
+    let now = Instant::now();
+    let memory = |ago: Duration| Memory {
+        released_lock_at: Some(now - ago),
+        ..Default::default()
+    };
+    let peers = [replica("bb", 1000), replica("ccc", 1000)];
+    let decide_after = |ago: Duration| {
+        let memory = memory(ago);
+        let mut i = inputs(&cfg, Some(&view), &pg, &memory, Some(&peers), None);
+        i.now = now;
+        decide(&i)
+    };
+    let d = decide_after(Duration::from_millis(500));
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert_eq!(d.recheck_in, Some(Duration::from_millis(1500)), "{d:?}");
+    let d = decide_after(RELEASE_BACKOFF);
+    assert_eq!(d.actions, vec![Action::AcquireLock], "{d:?}");
+}

@@ -494,6 +494,20 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
     if cluster.is_paused() && !(race == Race::Free && crate::failover::paused_candidate(i, cluster)) {
         return Decision::idle("cluster has no leader; paused, not racing");
     }
+    // A leader that just let the key go (its PostgreSQL crashed, would not start, or was slow)
+    // gives the others time to take it, as Patroni's demotion sleeps 2 s before it starts
+    // PostgreSQL again: a tie on WAL would otherwise hand the key straight back to it.
+    if let Some(since) = i.memory.released_lock_at
+        && let waited = i.now.saturating_duration_since(since)
+        && waited < crate::RELEASE_BACKOFF
+        && own.in_recovery
+    {
+        return Decision::idle(format!(
+            "not racing: I released the leader key {:.1} s ago; giving the others time to take it",
+            waited.as_secs_f64()
+        ))
+        .recheck_in(crate::RELEASE_BACKOFF - waited);
+    }
     match race_verdict(i, cluster, own) {
         RaceVerdict::NeedPeers => {
             Decision::new("asking peers before the leader race", vec![Action::QueryPeers])

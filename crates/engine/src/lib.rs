@@ -34,7 +34,7 @@ pub use inputs::{
     ControlInfo, ControlState, DataDir, EngineConfig, Inputs, LocalPg, LockState, Memory, Observed,
     OperatorRequest, PeerReport, RestartRequest, Silence, SwitchoverStop,
 };
-pub use race::{RaceVerdict, race_verdict};
+pub use race::{RELEASE_BACKOFF, RaceVerdict, race_verdict};
 
 #[cfg(test)]
 mod crash_tests;

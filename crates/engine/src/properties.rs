@@ -554,6 +554,7 @@ proptest! {
                 shutdown_lsn: 500,
                 candidates: vec![NAMES[(s.me + 1) % 3].into()],
             }),
+            released_lock_at: e.restarted_ago_ms.filter(|_| e.start_failed).map(|ms| now - Duration::from_millis(ms)),
         };
         let request = match e.request {
             1 => Some(OperatorRequest::Restart(RestartRequest::default())),
