@@ -315,7 +315,8 @@ pub(crate) fn parse_dynamic(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<DynamicConf
             }
         }
     }
-    for key in ["slots", "permanent_slots", "permanent_replication_slots"] {
+    // Patroni 4's order: the oldest name first, the first non-empty one wins.
+    for key in ["permanent_replication_slots", "permanent_slots", "slots"] {
         if let Some(m) = o.object(ctx, key)?
             && d.permanent_slots.is_empty()
         {

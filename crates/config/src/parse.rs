@@ -16,7 +16,7 @@ use crate::postgresql::split_host_port;
 use crate::router::parse_router;
 use crate::tags::Tags;
 use crate::vip::parse_vip;
-use crate::walk::{Ctx, Obj, as_i64, as_string, describe};
+use crate::walk::{Ctx, Obj, as_bool, as_i64, as_string, describe};
 
 /// DCS sections of Patroni that pgvigil does not implement.
 const OTHER_DCS: &[&str] = &["etcd", "consul", "zookeeper", "exhibitor", "kubernetes", "raft"];
@@ -360,6 +360,23 @@ fn parse_bootstrap(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<BootstrapConfig, Con
 }
 
 fn parse_tags(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<Tags, ConfigError> {
+    // Published as written (`docs/patroni-compat.md` §3.7), read before the typed parsing
+    // below validates them.
+    let mut written = Map::new();
+    for key in [
+        "clonefrom",
+        "nofailover",
+        "failover_priority",
+        "noloadbalance",
+        "nosync",
+        "sync_priority",
+        "replicatefrom",
+        "nostream",
+    ] {
+        if let Some(v) = o.raw(key).filter(|v| !v.is_null()) {
+            written.insert(key.to_string(), v.clone());
+        }
+    }
     let nofailover = o.bool(ctx, "nofailover")?;
     let failover_priority = o.i64_min(ctx, "failover_priority", 0)?;
     let nosync = o.bool(ctx, "nosync")?;
@@ -384,8 +401,19 @@ fn parse_tags(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<Tags, ConfigError> {
         clonefrom: o.bool(ctx, "clonefrom")?.unwrap_or(false),
         replicatefrom: o.string(ctx, "replicatefrom")?.filter(|r| !r.is_empty()),
         nostream: o.bool(ctx, "nostream")?.unwrap_or(false),
+        written: Map::new(),
         other: Map::new(),
     };
+    for key in crate::tags::BOOLEAN_TAGS {
+        // A string here reads as a boolean to pgvigil but as true to any Patroni reader, so
+        // the boolean is what is published.
+        if let Some(v) = written.get_mut(key)
+            && let Some(b) = as_bool(v)
+        {
+            *v = Value::Bool(b);
+        }
+    }
+    tags.written = written;
     for key in o.unknown_keys() {
         if let Some(v) = o.raw(key) {
             tags.other.insert(key.to_string(), v.clone());

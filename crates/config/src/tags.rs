@@ -25,39 +25,35 @@ pub struct Tags {
     pub replicatefrom: Option<String>,
     /// `nostream` (default false): no streaming replication, archive recovery only.
     pub nostream: bool,
+    /// The built-in tags that the file sets, as written: what is published (Patroni publishes
+    /// `failover_priority: '1'` as the string `"1"`). A boolean written as a string is kept as
+    /// the boolean it was read as, because Patroni readers take any non-empty string as true.
+    pub written: Map<String, Value>,
     /// Custom tags, published as they are and usable in `?tag_<k>=<v>` health-check filters.
     pub other: Map<String, Value>,
 }
 
+/// The built-in tags that are booleans (published only when true, see [`Tags::to_published`]).
+pub const BOOLEAN_TAGS: [&str; 5] = ["clonefrom", "nofailover", "noloadbalance", "nosync", "nostream"];
+
 impl Tags {
-    /// The tags as published in the member key / REST API: boolean built-ins only when true,
-    /// except that `nofailover` is kept when `failover_priority` is present and `nosync` when
-    /// `sync_priority` is present; priorities, `replicatefrom` and custom tags when set.
+    /// The tags as published in the member key / REST API, as Patroni's `_filter_tags` does it:
+    /// the built-in tags the file sets, as written, except a false boolean — but `nofailover`
+    /// is kept when `failover_priority` is set too, and `nosync` with `sync_priority`, so that
+    /// readers see both halves of a contradiction and apply the same rule (the boolean wins);
+    /// then the custom tags.
     pub fn to_published(&self) -> Map<String, Value> {
         let mut out = Map::new();
-        if self.clonefrom {
-            out.insert("clonefrom".into(), Value::Bool(true));
-        }
-        if self.nofailover || self.failover_priority.is_some() {
-            out.insert("nofailover".into(), Value::Bool(self.nofailover));
-        }
-        if let Some(p) = self.failover_priority {
-            out.insert("failover_priority".into(), Value::from(p));
-        }
-        if self.noloadbalance {
-            out.insert("noloadbalance".into(), Value::Bool(true));
-        }
-        if self.nosync || self.sync_priority.is_some() {
-            out.insert("nosync".into(), Value::Bool(self.nosync));
-        }
-        if let Some(p) = self.sync_priority {
-            out.insert("sync_priority".into(), Value::from(p));
-        }
-        if let Some(r) = &self.replicatefrom {
-            out.insert("replicatefrom".into(), Value::String(r.clone()));
-        }
-        if self.nostream {
-            out.insert("nostream".into(), Value::Bool(true));
+        for (k, v) in &self.written {
+            let keep = match k.as_str() {
+                "nofailover" => v == &Value::Bool(true) || self.written.contains_key("failover_priority"),
+                "nosync" => v == &Value::Bool(true) || self.written.contains_key("sync_priority"),
+                k if BOOLEAN_TAGS.contains(&k) => v == &Value::Bool(true),
+                _ => true,
+            };
+            if keep {
+                out.insert(k.clone(), v.clone());
+            }
         }
         for (k, v) in &self.other {
             out.insert(k.clone(), v.clone());
@@ -90,34 +86,44 @@ mod tests {
 
     use super::*;
 
+    fn written(tags: Value) -> Tags {
+        Tags {
+            written: tags.as_object().unwrap().clone(),
+            ..Tags::default()
+        }
+    }
+
     #[test]
     fn published_form() {
         let cases: Vec<(Tags, Value)> = vec![
             (Tags::default(), json!({})),
             (
-                Tags {
-                    nofailover: true,
-                    noloadbalance: true,
-                    clonefrom: true,
-                    nostream: true,
-                    nosync: true,
-                    ..Tags::default()
-                },
+                written(
+                    json!({"clonefrom": true, "nofailover": true, "noloadbalance": true, "nosync": true, "nostream": true}),
+                ),
                 json!({"clonefrom": true, "nofailover": true, "noloadbalance": true, "nosync": true, "nostream": true}),
             ),
+            // False booleans are left out, unless their priority is set too.
             (
-                Tags {
-                    failover_priority: Some(3),
-                    sync_priority: Some(2),
-                    ..Tags::default()
-                },
-                json!({"nofailover": false, "failover_priority": 3, "nosync": false, "sync_priority": 2}),
+                written(json!({"clonefrom": false, "nofailover": false, "nosync": false, "nostream": false})),
+                json!({}),
+            ),
+            (
+                written(
+                    json!({"nofailover": false, "failover_priority": 3, "nosync": true, "sync_priority": 2}),
+                ),
+                json!({"nofailover": false, "failover_priority": 3, "nosync": true, "sync_priority": 2}),
+            ),
+            // Values as written: a priority written as a string stays one; a priority alone
+            // does not add the boolean.
+            (
+                written(json!({"failover_priority": "1", "sync_priority": 0})),
+                json!({"failover_priority": "1", "sync_priority": 0}),
             ),
             (
                 Tags {
-                    replicatefrom: Some("node2".into()),
                     other: json!({"dc": "east", "rack": 4}).as_object().unwrap().clone(),
-                    ..Tags::default()
+                    ..written(json!({"replicatefrom": "node2"}))
                 },
                 json!({"replicatefrom": "node2", "dc": "east", "rack": 4}),
             ),

@@ -364,3 +364,89 @@ fn warnings_for_wildcard_connect_addresses_and_tag_conflicts() {
     assert!(w[1].starts_with("x.yml: postgresql.connect_address: is a wildcard address"));
     assert!(w[2].starts_with("x.yml: tags: conflicting nofailover: true and failover_priority: 3"));
 }
+
+/// Every legacy name Patroni 4 still reads is accepted, without a warning, and means what the new
+/// name means (`docs/patroni-compat.md` §3.3, §3.5, §3.8). The REST `/master` check and the
+/// `master` role in member keys are covered in the rest and api crates.
+#[test]
+fn every_legacy_name_patroni_4_reads_is_accepted() {
+    let mut v = minimal();
+    set(
+        &mut v,
+        "bootstrap",
+        json!({
+            "dcs": {
+                "master_start_timeout": 0,
+                "master_stop_timeout": 7,
+                "permanent_replication_slots": {"old": {"type": "physical"}},
+                "permanent_slots": {"older": {"type": "physical"}},
+            },
+            "post_init": "/usr/local/bin/setup.sh",
+        }),
+    );
+    let text = serde_json::to_string_pretty(&v).unwrap();
+    let loaded = load_text_env(
+        text,
+        &[
+            ("PATRONI_LOGLEVEL", "DEBUG"),
+            ("PATRONI_LOGFORMAT", "%(message)s"),
+            ("PATRONI_LOG_DATEFMT", "%H:%M"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(warnings_without_dir(&loaded), Vec::<String>::new());
+    let c = loaded.config;
+    assert_eq!(
+        c.bootstrap.post_bootstrap.as_deref(),
+        Some("/usr/local/bin/setup.sh")
+    );
+    assert_eq!(c.log.level, "DEBUG");
+    assert_eq!(c.log.format, Some(json!("%(message)s")));
+    assert_eq!(c.log.dateformat.as_deref(), Some("%H:%M"));
+    let (d, w) = pgvigil_config::DynamicConfig::from_json(&c.bootstrap.dcs);
+    assert!(w.is_empty(), "{w:?}");
+    // `master_start_timeout: 0` is the fail-over-at-once setting, not "unset".
+    assert_eq!((d.primary_start_timeout, d.primary_stop_timeout), (0, 7));
+    // Patroni reads `permanent_replication_slots` before `permanent_slots` before `slots`.
+    assert_eq!(d.permanent_slots.keys().collect::<Vec<_>>(), vec!["old"]);
+}
+
+/// Tags are published as written (`failover_priority: '1'` stays a string); a contradiction
+/// keeps both tags, with a warning that says which one wins (`docs/patroni-compat.md` §3.7).
+#[test]
+fn tags_are_published_as_written_and_a_contradiction_keeps_both() {
+    // YAML `failover_priority: '1'` is the JSON string "1".
+    let mut v = minimal();
+    set(
+        &mut v,
+        "tags",
+        json!({"failover_priority": "1", "sync_priority": "2", "nosync": false, "dc": "east"}),
+    );
+    let loaded = load_value(&v).unwrap();
+    assert_eq!(warnings_without_dir(&loaded), Vec::<String>::new());
+    let c = loaded.config;
+    assert_eq!(
+        Value::Object(c.tags.to_published()),
+        json!({"failover_priority": "1", "sync_priority": "2", "nosync": false, "dc": "east"})
+    );
+    assert_eq!((c.tags.failover_priority(), c.tags.sync_priority()), (1, 2));
+
+    set(
+        &mut v,
+        "tags",
+        json!({"nofailover": true, "failover_priority": "3"}),
+    );
+    let loaded = load_value(&v).unwrap();
+    let w = warnings_without_dir(&loaded);
+    assert_eq!(
+        w,
+        vec![
+            "x.yml: tags: conflicting nofailover: true and failover_priority: 3; nofailover wins".to_string()
+        ]
+    );
+    assert_eq!(
+        Value::Object(loaded.config.tags.to_published()),
+        json!({"nofailover": true, "failover_priority": "3"})
+    );
+    assert_eq!(loaded.config.tags.failover_priority(), 0);
+}

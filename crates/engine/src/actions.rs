@@ -9,6 +9,9 @@ pub struct Decision {
     /// Decide again after this long at the latest (a step that waits for something the
     /// watch does not announce, such as a peer's WAL position).
     pub recheck_in: Option<std::time::Duration>,
+    /// The PostgreSQL state to report from now on, when the decision knows better than the
+    /// observation (a PostgreSQL found down in maintenance mode is `stopped`, not `crashed`).
+    pub report: Option<pgvigil_api::PgState>,
 }
 
 impl Decision {
@@ -17,7 +20,13 @@ impl Decision {
             actions,
             message: message.into(),
             recheck_in: None,
+            report: None,
         }
+    }
+
+    pub fn report(mut self, state: pgvigil_api::PgState) -> Self {
+        self.report = Some(state);
+        self
     }
 
     pub fn recheck_in(mut self, after: std::time::Duration) -> Self {

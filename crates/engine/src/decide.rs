@@ -1,6 +1,6 @@
 //! One HA cycle's decision (`docs/patroni-compat.md` §4.2), as a pure function.
 
-use pgvigil_api::{ClusterView, Member, Role};
+use pgvigil_api::{ClusterView, Member, PgState, Role};
 
 use crate::actions::{Action, Decision, DemoteMode, StartAs};
 use crate::divergence::{Divergence, LocalEnd, divergence};
@@ -139,7 +139,7 @@ fn decide_role(i: &Inputs<'_>) -> Decision {
             None => decision,
         }
     } else {
-        starting_up(i, holds_lock)
+        starting_up(i, cluster, holds_lock)
     };
     prelude.append(&mut decision.actions);
     decision.actions = prelude;
@@ -291,17 +291,23 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
         }
         _ => {}
     }
+    if holds_lock && let Some(stop) = &i.memory.switchover {
+        // A switchover stopped PostgreSQL (also in maintenance mode, where the operator asked
+        // for it by naming the candidate): hand over first.
+        return crate::operator::switchover_handover(i, cluster, stop);
+    }
     if cluster.is_paused() {
-        if holds_lock {
-            return Decision::new(
+        // Maintenance mode: PostgreSQL is down because the operator stopped it, so it is
+        // reported `stopped`, not `crashed` (Patroni's `_run_cycle`).
+        let decision = if holds_lock {
+            Decision::new(
                 "removed leader lock because postgres is not running",
                 vec![Action::ReleaseLock],
-            );
-        }
-        return Decision::idle("postgres is not running");
-    }
-    if holds_lock && let Some(stop) = &i.memory.switchover {
-        return crate::operator::switchover_handover(i, stop);
+            )
+        } else {
+            Decision::idle("postgres is not running")
+        };
+        return decision.report(PgState::Stopped);
     }
     if holds_lock {
         if i.watchdog_failed {
@@ -327,10 +333,34 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
             .primary_restart_since
             .is_some_and(|since| i.now.saturating_duration_since(since) >= cfg.primary_start_timeout);
         if cfg.primary_start_timeout.is_zero() || timed_out {
-            return Decision::new(
-                "released leader key: postgres did not come back within primary_start_timeout",
-                vec![Action::ReleaseLock],
-            );
+            // Failing over is preferred to restarting in place, but only when someone can take
+            // over (Patroni's `recover`); otherwise the primary comes back here.
+            match crate::failover::failover_possible(i, cluster) {
+                None => {
+                    return Decision::new(
+                        "primary crashed: asking the members whether one can take over",
+                        vec![Action::QueryPeers],
+                    );
+                }
+                Some(true) if cfg.primary_start_timeout.is_zero() => {
+                    return Decision::new(
+                        "stopped PostgreSQL to fail over after a crash",
+                        vec![Action::ReleaseLock],
+                    );
+                }
+                Some(true) => {
+                    return Decision::new(
+                        "released leader key: postgres did not come back within primary_start_timeout",
+                        vec![Action::ReleaseLock],
+                    );
+                }
+                Some(false) => {
+                    return Decision::new(
+                        "starting primary after failure: no other member can take over",
+                        vec![Action::Start(StartAs::Primary)],
+                    );
+                }
+            }
         }
         return Decision::new(
             "starting primary after failure",
@@ -432,24 +462,51 @@ fn upstream_for(i: &Inputs<'_>, cluster: &ClusterView, leader: &Member) -> Strin
         .map_or_else(|| leader.name.clone(), |m| m.name.clone())
 }
 
-fn starting_up(i: &Inputs<'_>, holds_lock: bool) -> Decision {
+fn starting_up(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> Decision {
     let timed_out = i
         .memory
         .primary_restart_since
         .is_some_and(|since| i.now.saturating_duration_since(since) >= i.config.primary_start_timeout);
     // Maintenance mode: the operator, not the agent, decides what a slow start means.
     if holds_lock && timed_out && !i.config.paused {
-        return Decision::new(
-            "released leader key: postgres did not come back within primary_start_timeout",
-            vec![Action::Demote(DemoteMode::ImmediateNoLock), Action::ReleaseLock],
-        );
+        // Patroni's `handle_starting_instance`: give up on the start only for someone who can
+        // take over; a slow primary is better than none.
+        return match crate::failover::failover_possible(i, cluster) {
+            None => Decision::new(
+                "primary start has timed out: asking the members whether one can take over",
+                vec![Action::QueryPeers],
+            ),
+            Some(true) => Decision::new(
+                "stopped PostgreSQL because of startup timeout",
+                vec![Action::Demote(DemoteMode::ImmediateNoLock), Action::ReleaseLock],
+            ),
+            Some(false) => Decision::idle(
+                "primary start has timed out, but continuing to wait because failover is not possible",
+            ),
+        };
     }
     Decision::idle("PostgreSQL is still starting up")
 }
 
 fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race) -> Decision {
-    if cluster.is_paused() {
+    // Maintenance mode: nobody races, except the candidate an operator named in a switchover,
+    // and only for a free key (a silent leader is the operator's business).
+    if cluster.is_paused() && !(race == Race::Free && crate::failover::paused_candidate(i, cluster)) {
         return Decision::idle("cluster has no leader; paused, not racing");
+    }
+    // A leader that just let the key go (its PostgreSQL crashed, would not start, or was slow)
+    // gives the others time to take it, as Patroni's demotion sleeps 2 s before it starts
+    // PostgreSQL again: a tie on WAL would otherwise hand the key straight back to it.
+    if let Some(since) = i.memory.released_lock_at
+        && let waited = i.now.saturating_duration_since(since)
+        && waited < crate::RELEASE_BACKOFF
+        && own.in_recovery
+    {
+        return Decision::idle(format!(
+            "not racing: I released the leader key {:.1} s ago; giving the others time to take it",
+            waited.as_secs_f64()
+        ))
+        .recheck_in(crate::RELEASE_BACKOFF - waited);
     }
     match race_verdict(i, cluster, own) {
         RaceVerdict::NeedPeers => {
@@ -486,7 +543,9 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
 
 fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     let me = &i.config.name;
-    if i.watchdog_failed && !cluster.is_paused() {
+    // Paused, a running primary is the operator's; a replica holding the key (the candidate of
+    // a switchover) still never promotes without the watchdog it requires.
+    if i.watchdog_failed && (!cluster.is_paused() || own.in_recovery) {
         return if own.in_recovery {
             Decision::new(
                 "not promoting self because watchdog could not be activated",
@@ -500,7 +559,9 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
         };
     }
     if own.in_recovery {
-        if cluster.is_paused() {
+        // Maintenance mode: a lock holder that is not a primary lets the key go, unless an
+        // operator's switchover named it and it took the key to promote.
+        if cluster.is_paused() && !crate::failover::paused_candidate(i, cluster) {
             return Decision::new(
                 "removed leader lock because postgres is not running as primary",
                 vec![Action::ReleaseLock],

@@ -6,6 +6,7 @@ use pgvigil_api::{ClusterView, FailoverValue};
 
 use crate::actions::{Action, Decision};
 use crate::inputs::{Inputs, Observed};
+use crate::sync::SyncMode;
 
 /// Whether a scheduled request should act now.
 enum Due {
@@ -156,4 +157,58 @@ pub fn race_override(i: &Inputs<'_>, cluster: &ClusterView) -> Option<RaceOverri
         ));
     }
     None
+}
+
+/// Patroni's `is_failover_possible` (`docs/patroni-compat.md` §4.7): whether another member could
+/// take over from this leader now. A candidate is another member with an API address that may
+/// promote (only a synchronous standby while synchronous mode has a `sync` key); it counts when
+/// it answered, is not `nofailover` or `watchdog_failed`, is within `maximum_lag_on_failover` of
+/// the last published leader position and, with `check_timeline`, not behind the cluster's
+/// timeline. Quorum mode needs more than `quorum` of them. `None`: the peers' answers are needed
+/// first (ask with [`Action::QueryPeers`]).
+pub fn failover_possible(i: &Inputs<'_>, cluster: &ClusterView) -> Option<bool> {
+    let me = i.config.name.as_str();
+    let mode = i.config.synchronous_mode;
+    let sync = cluster
+        .sync
+        .as_ref()
+        .map(|s| &s.value)
+        .filter(|s| mode != SyncMode::Off && s.leader.as_deref().is_some_and(|l| !l.is_empty()));
+    let candidates: Vec<&str> = cluster
+        .members
+        .iter()
+        .filter(|m| m.name != me && !m.data.api_url.is_empty() && failover_priority(&m.data.tags) > 0)
+        .filter(|m| sync.is_none_or(|s| s.contains(&m.name)))
+        .map(|m| m.name.as_str())
+        .collect();
+    if candidates.is_empty() {
+        return Some(false);
+    }
+    let peers = i.peers?;
+    let cluster_timeline = cluster.timeline();
+    let healthy = candidates
+        .iter()
+        .filter_map(|name| peers.iter().find(|p| p.name == *name)?.status.as_ref())
+        .filter(|status| {
+            failover_priority(&status.tags) > 0
+                && status.watchdog_failed != Some(true)
+                && cluster.status.optime.saturating_sub(status.wal_position())
+                    <= i.config.maximum_lag_on_failover
+                && (!i.config.check_timeline || status.timeline.is_some_and(|t| t >= cluster_timeline))
+        })
+        .count();
+    Some(match sync {
+        Some(s) if mode == SyncMode::Quorum => healthy > s.quorum as usize,
+        _ => healthy > 0,
+    })
+}
+
+/// Maintenance mode: the one member that may take a free lock and promote is the candidate an
+/// operator named in an unscheduled switchover (Patroni's `manual_failover_process_no_leader`);
+/// a scheduled one cannot be written while paused.
+pub fn paused_candidate(i: &Inputs<'_>, cluster: &ClusterView) -> bool {
+    !i.config.nofailover()
+        && cluster
+            .pending_failover()
+            .is_some_and(|f| f.scheduled_at.is_none() && f.member.as_deref() == Some(i.config.name.as_str()))
 }

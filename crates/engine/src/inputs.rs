@@ -210,6 +210,9 @@ pub struct Memory {
     /// A planned switchover stopped this leader's PostgreSQL; the lock goes once a candidate
     /// has the shutdown checkpoint.
     pub switchover: Option<SwitchoverStop>,
+    /// When this node last let the leader key go on purpose (after a crash, a failed or slow
+    /// start, a switchover): it stays out of the race for [`crate::RELEASE_BACKOFF`].
+    pub released_lock_at: Option<Instant>,
 }
 
 /// The state of a planned switchover between stopping the old primary and releasing the lock.

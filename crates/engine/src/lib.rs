@@ -34,8 +34,10 @@ pub use inputs::{
     ControlInfo, ControlState, DataDir, EngineConfig, Inputs, LocalPg, LockState, Memory, Observed,
     OperatorRequest, PeerReport, RestartRequest, Silence, SwitchoverStop,
 };
-pub use race::{RaceVerdict, race_verdict};
+pub use race::{RELEASE_BACKOFF, RaceVerdict, race_verdict};
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 mod failover_tests;
 #[cfg(test)]
@@ -46,6 +48,8 @@ mod following_tests;
 mod lock_tests;
 #[cfg(test)]
 mod operator_tests;
+#[cfg(test)]
+mod pause_tests;
 #[cfg(test)]
 mod properties;
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pgvigil_api::{ClusterView, Member};
 
-use crate::actions::{Action, Decision};
+use crate::actions::{Action, Decision, StartAs};
 use crate::inputs::{Inputs, Observed, OperatorRequest, RestartRequest, SwitchoverStop};
 
 /// How long a stopped switchover leader waits for a candidate to receive its shutdown
@@ -146,17 +146,22 @@ fn restart_conditions_met(r: &RestartRequest, own: &Observed) -> bool {
 /// After a switchover stopped this leader's PostgreSQL: release the lock once a candidate has
 /// WAL past the shutdown checkpoint (it then has every commit acknowledged before the stop),
 /// or after [`SWITCHOVER_WAIT`] without one (then the race decides, as in Patroni).
-pub fn switchover_handover(i: &Inputs<'_>, stop: &SwitchoverStop) -> Decision {
+///
+/// In maintenance mode nothing else would start PostgreSQL again, so the old primary starts as a
+/// replica right after letting go (Patroni's demotion follows through to the start) and follows
+/// the new leader once it runs.
+pub fn switchover_handover(i: &Inputs<'_>, cluster: &ClusterView, stop: &SwitchoverStop) -> Decision {
     let release = |why: String| {
-        Decision::new(
-            why,
-            vec![
-                Action::PublishPosition {
-                    optime: stop.shutdown_lsn,
-                },
-                Action::ReleaseLock,
-            ],
-        )
+        let mut actions = vec![
+            Action::PublishPosition {
+                optime: stop.shutdown_lsn,
+            },
+            Action::ReleaseLock,
+        ];
+        if cluster.is_paused() {
+            actions.push(Action::Start(StartAs::Replica { upstream: None }));
+        }
+        Decision::new(why, actions)
     };
     let Some(peers) = i.peers else {
         return Decision::new(

@@ -260,7 +260,8 @@ fn a_paused_leader_slow_to_start_keeps_postgres_and_the_lock() {
     assert!(d.actions.is_empty(), "{d:?}");
     cfg.paused = false;
     view.config.as_mut().unwrap().value = json!({});
-    let d = decide(&inputs(&cfg, Some(&view), &pg, &memory, None, None));
+    let peers = [peer("bb", "replica", 1000, Map::new())];
+    let d = decide(&inputs(&cfg, Some(&view), &pg, &memory, Some(&peers), None));
     assert_eq!(
         d.actions,
         vec![Action::Demote(DemoteMode::ImmediateNoLock), Action::ReleaseLock]

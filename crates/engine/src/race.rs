@@ -7,6 +7,9 @@ use pgvigil_api::{ClusterView, HistoryEntry, SyncValue};
 use crate::inputs::{Inputs, Observed, PeerReport};
 use crate::sync::SyncMode;
 
+/// How long a node that let the leader key go on purpose stays out of the race.
+pub const RELEASE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum RaceVerdict {
     /// Take the lock.

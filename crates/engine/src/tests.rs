@@ -494,12 +494,15 @@ fn crashed_leader_restarts_in_place_then_gives_up_after_timeout() {
     let d = decide_with(&cfg, Some(&view), &pg, &Memory::default());
     assert_eq!(d.actions, vec![Action::Start(StartAs::Primary)]);
 
+    // Timed out: the lock goes once a replica answered that it can take over
+    // (`crash_tests.rs` has the rest of that rule).
     let memory = Memory {
         primary_restart_since: Some(Instant::now() - Duration::from_secs(301)),
         ..Default::default()
     };
+    let peers = [peer("bb", "replica", 1000, Map::new())];
     assert_eq!(
-        decide_with(&cfg, Some(&view), &pg, &memory).actions,
+        decide(&inputs(&cfg, Some(&view), &pg, &memory, Some(&peers), None)).actions,
         vec![Action::ReleaseLock]
     );
 
@@ -515,7 +518,15 @@ fn crashed_leader_restarts_in_place_then_gives_up_after_timeout() {
     let mut cfg = config("a");
     cfg.primary_start_timeout = Duration::ZERO;
     assert_eq!(
-        decide_with(&cfg, Some(&view), &pg, &Memory::default()).actions,
+        decide(&inputs(
+            &cfg,
+            Some(&view),
+            &pg,
+            &Memory::default(),
+            Some(&peers),
+            None
+        ))
+        .actions,
         vec![Action::ReleaseLock]
     );
 }

@@ -508,6 +508,9 @@ impl Agent {
             break decision;
         };
         self.log_decision(&decision);
+        if let Some(state) = decision.report {
+            sup.set_state(state);
+        }
         self.operator.decided(&decision.actions);
         self.recheck_in = decision.recheck_in;
         if view.is_some() {

@@ -54,7 +54,15 @@ impl PgSupervisor {
 
     pub(super) async fn release_lock(&mut self) -> Outcome {
         match tokio::time::timeout(self.retry(), self.leadership.release()).await {
-            Ok(Ok(_)) => Ok(true),
+            Ok(Ok(_)) => {
+                self.memory.released_lock_at = Some(Instant::now());
+                // A crashed primary that let the key go is no primary any more: peers asked
+                // during the race must not take it for a live one (Patroni's `demoted`).
+                if self.pg.postmaster_pid().is_none() && self.role == pgvigil_api::Role::Primary {
+                    self.role = pgvigil_api::Role::Demoted;
+                }
+                Ok(true)
+            }
             Ok(Err(e)) => Err(Failed::Recoverable(format!("releasing the leader lock: {e}"))),
             Err(_) => Err(Failed::Recoverable("releasing the leader lock timed out".into())),
         }

@@ -174,6 +174,13 @@ impl PgSupervisor {
         self.cluster = cluster;
     }
 
+    /// The state the engine says to report (e.g. `stopped` for a PostgreSQL found down in
+    /// maintenance mode); published with the member key after the decision.
+    pub fn set_state(&mut self, state: PgState) {
+        self.state = state;
+        self.report();
+    }
+
     pub fn status(&self) -> Option<&PgStatus> {
         self.status.as_ref()
     }
