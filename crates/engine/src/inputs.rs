@@ -210,6 +210,10 @@ pub struct Memory {
     /// A planned switchover stopped this leader's PostgreSQL; the lock goes once a candidate
     /// has the shutdown checkpoint.
     pub switchover: Option<SwitchoverStop>,
+    /// When the `pre_promote` script last refused (or failed to run) a promotion of this node:
+    /// for `ttl` after it the node gives the lock up and stays out of the leader race
+    /// (`docs/patroni-compat.md` §5.6).
+    pub pre_promote_failed_at: Option<Instant>,
 }
 
 /// The state of a planned switchover between stopping the old primary and releasing the lock.

@@ -47,6 +47,8 @@ mod lock_tests;
 #[cfg(test)]
 mod operator_tests;
 #[cfg(test)]
+mod pre_promote_tests;
+#[cfg(test)]
 mod properties;
 #[cfg(test)]
 mod sync_tests;

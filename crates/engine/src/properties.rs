@@ -544,6 +544,7 @@ proptest! {
                 shutdown_lsn: 500,
                 candidates: vec![NAMES[(s.me + 1) % 3].into()],
             }),
+            pre_promote_failed_at: None,
         };
         let request = match e.request {
             1 => Some(OperatorRequest::Restart(RestartRequest::default())),
