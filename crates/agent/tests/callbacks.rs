@@ -28,6 +28,12 @@ else
 fi
 "#;
 
+/// A callback that never ends on its own; notes its pid (it leads its own process group).
+const HANG: &str = r#"#!/bin/sh
+echo "$$" >> "$1"
+exec sleep 600
+"#;
+
 const PRE_PROMOTE: &str = r#"#!/bin/sh
 echo "pre_promote" >> "$1"
 exit "$(cat "$2" 2>/dev/null || echo 0)"
@@ -50,6 +56,7 @@ impl Scripts {
             ("cb.sh", CALLBACK),
             ("stop.sh", BEFORE_STOP),
             ("fence.sh", PRE_PROMOTE),
+            ("hang.sh", HANG),
         ] {
             let path = dir.path().join(name);
             std::fs::write(&path, text).unwrap();
@@ -127,6 +134,15 @@ fn start(scripts: &Scripts) -> TestCluster {
     let cluster = TestCluster::start(AGENT.as_ref(), options).expect("cluster starts");
     std::os::unix::fs::symlink(cluster.root(), &link).unwrap();
     cluster
+}
+
+/// Waits until a node `allowed` accepts holds the leader key and runs as a primary.
+fn primary_leader(cluster: &TestCluster, who: &str, allowed: impl Fn(usize) -> bool) -> usize {
+    let leads = wait_until(&format!("{who} to lead"), Duration::from_secs(120), || {
+        let l = cluster.leader().filter(|&l| allowed(l))?;
+        (cluster.psql(l, "SELECT pg_is_in_recovery()").ok()? == "f").then_some(l)
+    });
+    leads.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()))
 }
 
 fn line(event: &str, role: &str, cluster: &TestCluster) -> String {
@@ -247,11 +263,7 @@ fn a_failing_pre_promote_keeps_the_switchover_candidate_a_replica_and_another_me
     refused.unwrap_or_else(|e| panic!("{e}\nlogs: {:?}\n{}", scripts.all(), cluster.diagnostics()));
 
     // Another member leads, as a running primary; the candidate stays a replica.
-    let new = wait_until("another member to lead", Duration::from_secs(120), || {
-        let l = cluster.leader().filter(|&l| l != candidate)?;
-        (cluster.psql(l, "SELECT pg_is_in_recovery()").ok()? == "f").then_some(l)
-    });
-    let new = new.unwrap_or_else(|e| panic!("{e}\nlogs: {:?}\n{}", scripts.all(), cluster.diagnostics()));
+    let new = primary_leader(&cluster, "another member", |l| l != candidate);
     let healthy = cluster.wait_healthy(HEALTHY).unwrap();
     assert_eq!(healthy, new);
     assert_eq!(
@@ -286,4 +298,52 @@ fn a_failing_pre_promote_keeps_the_switchover_candidate_a_replica_and_another_me
         new + 1,
         scripts.all()
     );
+}
+
+/// Kills what the hanging callbacks left (by the pids they noted, only if still `sleep 600`).
+struct HungCallbacks(PathBuf);
+
+impl Drop for HungCallbacks {
+    fn drop(&mut self) {
+        let pids = std::fs::read_to_string(&self.0).unwrap_or_default();
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("sleep\x00600") {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+#[test]
+fn callbacks_that_never_finish_delay_neither_a_switchover_nor_each_other() {
+    let scripts = Scripts::new();
+    let pids = scripts.path("hung.pids");
+    let _cleanup = HungCallbacks(pids.clone());
+    let hang = format!("{} {}", scripts.path("hang.sh").display(), pids.display());
+    let events = ["on_start", "on_stop", "on_restart", "on_reload", "on_role_change"];
+    let yaml: String = events.iter().map(|e| format!("    {e}: {hang}\n")).collect();
+    let options = ClusterOptions {
+        extra_pg_yaml: vec![format!("  callbacks:\n{yaml}"); 3],
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(AGENT.as_ref(), options).expect("cluster starts");
+    let old = cluster.wait_healthy(HEALTHY).unwrap();
+    let candidate = (0..3).find(|&i| i != old).unwrap();
+
+    let asked = std::time::Instant::now();
+    cluster.request_switchover(&cluster.nodes[old].name, Some(&cluster.nodes[candidate].name));
+    primary_leader(&cluster, "the candidate", |l| l == candidate);
+    eprintln!("switchover with hanging callbacks took {:?}", asked.elapsed());
+    assert_eq!(cluster.wait_healthy(HEALTHY).unwrap(), candidate);
+
+    // Each callback killed the hanging one before it: on every node at most the last one and
+    // the last on_reload (a slot of its own) still run.
+    let noted = std::fs::read_to_string(&pids).unwrap();
+    let running: Vec<&str> = noted
+        .lines()
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    assert!(noted.lines().count() > running.len(), "{noted}");
+    assert!(running.len() <= 6, "still running: {running:?} of {noted}");
 }
