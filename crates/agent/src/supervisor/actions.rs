@@ -441,10 +441,17 @@ impl PgSupervisor {
             DemoteMode::ImmediateNoLock => StopMode::Immediate,
             DemoteMode::Offline => StopMode::Fast,
         };
+        // A primary that must not run as one (the lock is another's, unproven, or etcd is
+        // gone): no before_stop may delay its stop, unlike in Patroni.
         let role = self.current_role();
-        self.stop_postgres(stop, self.pg_ctl_timeout(), Some(role))
+        let was_running = self.pg.is_running();
+        self.pg
+            .stop(stop, self.pg_ctl_timeout())
             .await
             .map_err(recoverable("stopping postgres to demote"))?;
+        if was_running {
+            self.callback(Event::Stop, role);
+        }
         self.state = PgState::Stopped;
         self.role = Role::Demoted;
         self.configured_upstream = None;

@@ -246,8 +246,8 @@ impl PgSupervisor {
 
     /// Stops PostgreSQL as every planned stop does: `before_stop` first (its exit code does not
     /// matter, its time is bounded by `ttl`), then the stop, then `on_stop` with `role` when
-    /// given (a restart runs `on_restart` instead). Stops that fence a primary which must not
-    /// run call `pg.stop` directly: no user script may delay them.
+    /// given (a restart runs `on_restart` instead). Stops of a primary that must not run as
+    /// one (demotions, a lapsed start) call `pg.stop` directly: no user script may delay them.
     pub(super) async fn stop_postgres(
         &mut self,
         mode: StopMode,
