@@ -145,6 +145,14 @@ fn primary_leader(cluster: &TestCluster, who: &str, allowed: impl Fn(usize) -> b
     leads.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()))
 }
 
+/// [`start`], then waits for health: the cluster, its leader and the two replicas.
+fn start_healthy(scripts: &Scripts) -> (TestCluster, usize, Vec<usize>) {
+    let cluster = start(scripts);
+    let leader = cluster.wait_healthy(HEALTHY).unwrap();
+    let replicas = (0..3).filter(|&i| i != leader).collect();
+    (cluster, leader, replicas)
+}
+
 fn line(event: &str, role: &str, cluster: &TestCluster) -> String {
     format!("{event} {role} {}", cluster.scope)
 }
@@ -152,9 +160,7 @@ fn line(event: &str, role: &str, cluster: &TestCluster) -> String {
 #[test]
 fn callbacks_get_patronis_arguments_on_start_restart_reload_switchover_and_stop() {
     let scripts = Scripts::new();
-    let mut cluster = start(&scripts);
-    let leader = cluster.wait_healthy(HEALTHY).unwrap();
-    let replicas: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let (mut cluster, leader, replicas) = start_healthy(&scripts);
     let (candidate, other) = (replicas[0], replicas[1]);
 
     // Start: the bootstrapping leader once it is up, the replicas once cloned and started.
@@ -249,9 +255,8 @@ fn callbacks_get_patronis_arguments_on_start_restart_reload_switchover_and_stop(
 #[test]
 fn a_failing_pre_promote_keeps_the_switchover_candidate_a_replica_and_another_member_leads() {
     let scripts = Scripts::new();
-    let cluster = start(&scripts);
-    let old = cluster.wait_healthy(HEALTHY).unwrap();
-    let candidate = (0..3).find(|&i| i != old).unwrap();
+    let (cluster, old, replicas) = start_healthy(&scripts);
+    let candidate = replicas[0];
     std::fs::write(scripts.verdict(candidate), "1").unwrap();
 
     cluster.request_switchover(&cluster.nodes[old].name, Some(&cluster.nodes[candidate].name));
@@ -346,4 +351,47 @@ fn callbacks_that_never_finish_delay_neither_a_switchover_nor_each_other() {
         .collect();
     assert!(noted.lines().count() > running.len(), "{noted}");
     assert!(running.len() <= 6, "still running: {running:?} of {noted}");
+}
+
+#[test]
+fn after_a_leader_dies_replicas_refused_by_pre_promote_stay_replicas_until_one_is_allowed() {
+    let scripts = Scripts::new();
+    let (mut cluster, old, replicas) = start_healthy(&scripts);
+    for &r in &replicas {
+        std::fs::write(scripts.verdict(r), "1").unwrap();
+    }
+    cluster.signal_agent(old, Signal::SIGKILL).unwrap();
+    cluster.kill_postgres(old).unwrap();
+
+    // Both replicas try, are refused, back off for ttl and try again: nobody promotes.
+    let tries = |i: usize| scripts.lines(i).iter().filter(|l| *l == "pre_promote").count();
+    let retried = wait_until(
+        "both replicas to be refused twice",
+        Duration::from_secs(120),
+        || replicas.iter().all(|&r| tries(r) >= 2).then_some(()),
+    );
+    retried.unwrap_or_else(|e| panic!("{e}\nlogs: {:?}\n{}", scripts.all(), cluster.diagnostics()));
+    for &r in &replicas {
+        assert_eq!(cluster.psql(r, "SELECT pg_is_in_recovery()").unwrap(), "t");
+        assert!(
+            !scripts
+                .lines(r)
+                .contains(&line("on_role_change", "primary", &cluster)),
+            "{:?}",
+            scripts.all()
+        );
+    }
+
+    // Once its script allows it, a replica promotes at its next try.
+    let allowed = replicas[0];
+    std::fs::write(scripts.verdict(allowed), "0").unwrap();
+    assert_eq!(primary_leader(&cluster, "the allowed replica", |_| true), allowed);
+    let lines = scripts.lines(allowed);
+    assert_eq!(
+        lines[lines.len() - 2..],
+        [
+            "pre_promote".to_string(),
+            line("on_role_change", "primary", &cluster)
+        ]
+    );
 }
