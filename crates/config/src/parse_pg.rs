@@ -195,17 +195,26 @@ pub(crate) fn parse_postgresql(
     }
     pg.recovery_conf = o.value_map(ctx, "recovery_conf")?;
     pg.custom_conf = o.path_buf(ctx, "custom_conf")?;
-    pg.callbacks = o.string_map(ctx, "callbacks")?;
-    for name in pg.callbacks.keys() {
-        if !CALLBACKS.contains(&name.as_str()) {
-            ctx.warn(
-                &format!("{}.{name}", o.key_path("callbacks")),
-                "unknown callback, ignored",
-            );
+    if let Some(map) = o.object(ctx, "callbacks")? {
+        for (name, value) in map.iter().filter(|(_, v)| !v.is_null()) {
+            let path = format!("{}.{name}", o.key_path("callbacks"));
+            if !CALLBACKS.contains(&name.as_str()) {
+                ctx.warn(&path, "unknown callback, ignored");
+                continue;
+            }
+            if let Some(words) = command(ctx, &path, value, false)? {
+                pg.callbacks.insert(name.clone(), words);
+            }
         }
     }
-    pg.pre_promote = o.string(ctx, "pre_promote")?;
-    pg.before_stop = o.string(ctx, "before_stop")?;
+    for (key, slot) in [
+        ("pre_promote", &mut pg.pre_promote),
+        ("before_stop", &mut pg.before_stop),
+    ] {
+        if let Some(value) = o.raw(key) {
+            *slot = command(ctx, &o.key_path(key), value, true)?;
+        }
+    }
     if let Some(t) = o.u64(ctx, "pg_ctl_timeout")? {
         pg.pg_ctl_timeout = t;
     }
@@ -355,4 +364,34 @@ pub(crate) fn parse_method(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<MethodConfig
         .collect();
     m.args = method_args(&extra);
     Ok(m)
+}
+
+/// A script setting (`callbacks.*`, `pre_promote`, `before_stop`), split into words the way
+/// Patroni splits it (`shlex.split`, no shell). Patroni treats an empty `pre_promote` or
+/// `before_stop` as unset (`empty_is_unset`); an empty callback would run the event name as a
+/// command there, so it is refused here.
+fn command(
+    ctx: &mut Ctx,
+    path: &str,
+    value: &Value,
+    empty_is_unset: bool,
+) -> Result<Option<Vec<String>>, ConfigError> {
+    let Value::String(text) = value else {
+        return ctx.bad(
+            path,
+            format!("expected a command (a string), found {}", describe(value)),
+        );
+    };
+    match shlex::split(text) {
+        Some(words) if !words.is_empty() => Ok(Some(words)),
+        Some(_) if empty_is_unset => Ok(None),
+        Some(_) => ctx.bad(path, "empty command; remove the key to run nothing"),
+        None => ctx.bad(
+            path,
+            format!(
+                "cannot split {} into words: an unclosed quote or a trailing backslash",
+                describe(value)
+            ),
+        ),
+    }
 }

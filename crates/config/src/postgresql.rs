@@ -68,12 +68,13 @@ pub struct PostgresqlConfig {
     pub recovery_conf: BTreeMap<String, Value>,
     /// `custom_conf`: a base configuration file included instead of `postgresql.base.conf`.
     pub custom_conf: Option<PathBuf>,
-    /// `callbacks`: `on_start`, `on_stop`, `on_restart`, `on_reload`, `on_role_change` scripts.
-    pub callbacks: BTreeMap<String, String>,
-    /// `pre_promote`: fencing script that must exit 0 before a promotion.
-    pub pre_promote: Option<String>,
-    /// `before_stop`: script run before PostgreSQL is stopped (exit code ignored).
-    pub before_stop: Option<String>,
+    /// `callbacks`: `on_start`, `on_stop`, `on_restart`, `on_reload`, `on_role_change` scripts,
+    /// each already split into words (`docs/patroni-compat.md` §5.9).
+    pub callbacks: BTreeMap<String, Vec<String>>,
+    /// `pre_promote`: fencing script that must exit 0 before a promotion (split into words).
+    pub pre_promote: Option<Vec<String>>,
+    /// `before_stop`: script run before PostgreSQL is stopped, exit code ignored (split into words).
+    pub before_stop: Option<Vec<String>>,
     /// `pg_ctl_timeout` (default 60): seconds to wait for PostgreSQL to start or stop.
     pub pg_ctl_timeout: u64,
     /// `remove_data_directory_on_rewind_failure` (default false).

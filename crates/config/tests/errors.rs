@@ -7,6 +7,17 @@ use common::*;
 use pgvigil_config::{ConfigError, load};
 use serde_json::{Value, json};
 
+/// Sets each `path` to `value` in the minimal configuration; the load must fail with an
+/// error containing `expected`.
+fn assert_each_refused(cases: Vec<(&str, Value, &str)>) {
+    for (path, value, expected) in cases {
+        let mut v = minimal();
+        set(&mut v, path, value.clone());
+        let e = load_value(&v).unwrap_err().to_string();
+        assert!(e.contains(expected), "{path} = {value}: {e}");
+    }
+}
+
 #[test]
 fn missing_required_keys_are_named() {
     let cases = [
@@ -203,12 +214,57 @@ fn wrong_types_and_values_are_named() {
             "x.yml: name: `__patroni_strict_sync_replica_placeholder__` is reserved",
         ),
     ];
-    for (path, value, expected) in cases {
-        let mut v = minimal();
-        set(&mut v, path, value.clone());
-        let e = load_value(&v).unwrap_err().to_string();
-        assert!(e.contains(expected), "{path} = {value}: {e}");
-    }
+    assert_each_refused(cases);
+}
+
+#[test]
+fn callback_commands_are_strings_that_split_into_words() {
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "postgresql.callbacks.on_start",
+            json!(5),
+            "x.yml: postgresql.callbacks.on_start: expected a command (a string), found 5",
+        ),
+        (
+            "postgresql.callbacks.on_role_change",
+            json!(["/bin/cb", "x"]),
+            "x.yml: postgresql.callbacks.on_role_change: expected a command (a string), found a list",
+        ),
+        (
+            "postgresql.callbacks.on_stop",
+            json!("  "),
+            "x.yml: postgresql.callbacks.on_stop: empty command",
+        ),
+        (
+            "postgresql.callbacks",
+            json!("/bin/cb"),
+            "x.yml: postgresql.callbacks: expected a mapping",
+        ),
+        (
+            "postgresql.pre_promote",
+            json!("/bin/fence 'unclosed"),
+            "x.yml: postgresql.pre_promote: cannot split \"/bin/fence 'unclosed\" into words",
+        ),
+        (
+            "postgresql.before_stop",
+            json!(true),
+            "x.yml: postgresql.before_stop: expected a command (a string), found boolean true",
+        ),
+    ];
+    assert_each_refused(cases);
+
+    // Split like Patroni's shlex.split; an empty pre_promote/before_stop is unset, as there.
+    let mut v = minimal();
+    set(&mut v, "postgresql.callbacks.on_start", json!("/bin/cb 'a b' c"));
+    set(&mut v, "postgresql.pre_promote", json!(""));
+    set(&mut v, "postgresql.before_stop", json!("/bin/stop --now"));
+    let pg = load_value(&v).unwrap().config.postgresql;
+    assert_eq!(pg.callbacks["on_start"], ["/bin/cb", "a b", "c"]);
+    assert_eq!(pg.pre_promote, None);
+    assert_eq!(
+        pg.before_stop.as_deref(),
+        Some(&["/bin/stop".to_string(), "--now".to_string()][..])
+    );
 }
 
 #[test]
@@ -292,12 +348,7 @@ fn forbidden_tool_options_are_errors() {
             "option `target-pgdata` is not allowed",
         ),
     ];
-    for (path, value, expected) in cases {
-        let mut v = minimal();
-        set(&mut v, path, value.clone());
-        let e = load_value(&v).unwrap_err().to_string();
-        assert!(e.contains(expected), "{path} = {value}: {e}");
-    }
+    assert_each_refused(cases);
     let mut v = minimal();
     set(
         &mut v,

@@ -567,6 +567,19 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
                 vec![Action::ReleaseLock],
             );
         }
+        if pre_promote_backoff(i) {
+            // Patroni clears the failover key when it takes the lock; a switchover whose
+            // candidate refused must not keep the others standing aside for it.
+            let mut actions = Vec::new();
+            if cluster.pending_failover().is_some() {
+                actions.push(Action::ClearFailover);
+            }
+            actions.push(Action::ReleaseLock);
+            return Decision::new(
+                "Promotion cancelled because the pre-promote script failed; releasing the leader key",
+                actions,
+            );
+        }
         return Decision::new(
             "promoted self to leader because I had the session lock",
             vec![Action::Promote],
@@ -587,6 +600,14 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
         format!("no action. I am ({me}), the leader with the lock"),
         vec![housekeeping(i, cluster)],
     )
+}
+
+/// The `pre_promote` script refused a promotion less than `ttl` ago: this node gives the lock
+/// up and stays out of the race meanwhile (Patroni's backoff after releasing the key).
+pub(crate) fn pre_promote_backoff(i: &Inputs<'_>) -> bool {
+    i.memory
+        .pre_promote_failed_at
+        .is_some_and(|at| i.now.saturating_duration_since(at) < i.config.ttl)
 }
 
 fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView) -> Action {

@@ -213,6 +213,10 @@ pub struct Memory {
     /// When this node last let the leader key go on purpose (after a crash, a failed or slow
     /// start, a switchover): it stays out of the race for [`crate::RELEASE_BACKOFF`].
     pub released_lock_at: Option<Instant>,
+    /// When the `pre_promote` script last refused (or failed to run) a promotion of this node:
+    /// for `ttl` after it the node gives the lock up and stays out of the leader race
+    /// (`docs/patroni-compat.md` §5.6).
+    pub pre_promote_failed_at: Option<Instant>,
 }
 
 /// The state of a planned switchover between stopping the old primary and releasing the lock.

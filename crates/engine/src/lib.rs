@@ -51,6 +51,8 @@ mod operator_tests;
 #[cfg(test)]
 mod pause_tests;
 #[cfg(test)]
+mod pre_promote_tests;
+#[cfg(test)]
 mod properties;
 #[cfg(test)]
 mod sync_tests;

@@ -297,6 +297,7 @@ struct Extras {
     rewind_failed: bool,
     failsafe_confirmed: bool,
     switchover_ago_ms: Option<u64>,
+    pre_promote_failed_ago_ms: Option<u64>,
     failover_due_in: Option<f64>,
     /// 0 none, 1 restart now, 2 restart not due, 3 restart of a primary, 4 reinit.
     request: u8,
@@ -311,6 +312,7 @@ fn extras() -> impl Strategy<Value = Extras> {
         prop::option::of(0u64..20_000),
         prop::option::of(prop::sample::select(vec![-100.0, -5.0, 0.0, 5.0])),
         0u8..5,
+        prop::option::of(0u64..60_000),
     )
         .prop_map(|e| Extras {
             restarted_ago_ms: e.0,
@@ -320,6 +322,7 @@ fn extras() -> impl Strategy<Value = Extras> {
             switchover_ago_ms: e.4,
             failover_due_in: e.5,
             request: e.6,
+            pre_promote_failed_ago_ms: e.7,
         })
 }
 
@@ -408,7 +411,13 @@ fn check_decision(
     state: &State,
     silence: Option<&Silence>,
     decision: &Decision,
+    now: Instant,
 ) -> Result<(), TestCaseError> {
+    // A promotion pre_promote refused less than ttl ago: no promotion, no race (docs/patroni-compat.md §5.6).
+    let backoff = state
+        .memory
+        .pre_promote_failed_at
+        .is_some_and(|at| now.saturating_duration_since(at) < config.ttl);
     let lock = state.lock;
     let held = lock.is_held();
     let pg = &state.pg;
@@ -420,6 +429,10 @@ fn check_decision(
             Action::Promote | Action::Start(StartAs::Primary) => {
                 prop_assert!(held, "{action:?} without the lock: {decision:?}");
                 prop_assert!(
+                    !(backoff && *action == Action::Promote),
+                    "promoting after pre_promote refused: {decision:?}"
+                );
+                prop_assert!(
                     !f.watchdog_failed,
                     "{action:?} with a failed required watchdog: {decision:?}"
                 );
@@ -429,6 +442,7 @@ fn check_decision(
                 );
             }
             Action::AcquireLock => {
+                prop_assert!(!backoff, "racing after pre_promote refused: {decision:?}");
                 prop_assert!(
                     s.dcs_up && view_leader.is_none(),
                     "racing for a held lock: {decision:?}"
@@ -451,6 +465,7 @@ fn check_decision(
                 }
             }
             Action::TakeOver { from, .. } => {
+                prop_assert!(!backoff, "taking over after pre_promote refused: {decision:?}");
                 let silent = silence.expect("a takeover needs a silence");
                 prop_assert!(
                     f.fast_takeover && lock == LockState::NotHeld && replica,
@@ -555,6 +570,7 @@ proptest! {
                 candidates: vec![NAMES[(s.me + 1) % 3].into()],
             }),
             released_lock_at: e.restarted_ago_ms.filter(|_| e.start_failed).map(|ms| now - Duration::from_millis(ms)),
+            pre_promote_failed_at: e.pre_promote_failed_ago_ms.map(|ms| now - Duration::from_millis(ms)),
         };
         let request = match e.request {
             1 => Some(OperatorRequest::Restart(RestartRequest::default())),
@@ -575,7 +591,7 @@ proptest! {
             inputs.config_pending = f.config_pending;
             inputs.request = request.as_ref();
             let decision = decide(&inputs);
-            check_decision(&s, &f, &config, &state, silence.as_ref(), &decision)?;
+            check_decision(&s, &f, &config, &state, silence.as_ref(), &decision, at)?;
             apply(&mut state, &decision.actions, NAMES[s.me], at);
         }
     }

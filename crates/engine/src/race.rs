@@ -33,6 +33,12 @@ pub fn history_timeline(history: &[HistoryEntry]) -> u64 {
 /// a create-if-absent transaction, so two equally healthy nodes cannot both win.
 pub fn race_verdict(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> RaceVerdict {
     let cfg = i.config;
+    if crate::decide::pre_promote_backoff(i) {
+        return RaceVerdict::NotHealthiest(
+            "backoff: skip leader race after pre_promote script failure and releasing the lock voluntarily"
+                .into(),
+        );
+    }
     if cfg.nofailover() {
         return RaceVerdict::NotHealthiest("I am not allowed to promote (nofailover)".into());
     }

@@ -36,6 +36,9 @@ pub struct ClusterOptions {
     pub extra_dcs: String,
     /// Extra YAML per node appended at the top level (e.g. `tags:` blocks), by node index.
     pub extra_node_yaml: Vec<String>,
+    /// Extra YAML per node appended inside its `postgresql:` section (indented by the caller
+    /// to 2 spaces; e.g. `callbacks:`), by node index.
+    pub extra_pg_yaml: Vec<String>,
     /// `restapi.authentication` (username, password) on every node. `pgvigilctl -c` and
     /// `patronictl -c` given a node's configuration use it too.
     pub restapi_auth: Option<(String, String)>,
@@ -60,6 +63,7 @@ impl Default for ClusterOptions {
             retry_timeout: 5,
             extra_dcs: String::new(),
             extra_node_yaml: Vec::new(),
+            extra_pg_yaml: Vec::new(),
             restapi_auth: None,
             tls: false,
             etcd_password: None,
@@ -335,6 +339,7 @@ impl TestCluster {
         let o = &self.options;
         let hosts = self.etcd.endpoints().join(",");
         let extra = o.extra_node_yaml.get(i).cloned().unwrap_or_default();
+        let extra_pg = o.extra_pg_yaml.get(i).cloned().unwrap_or_default();
         let tls = self.tls_yaml(i);
         let auth = match &o.restapi_auth {
             Some((user, password)) => {
@@ -387,6 +392,7 @@ postgresql:
   - local all all trust
   - {host} all all 127.0.0.1/32 scram-sha-256{clientcert}
   - {host} replication {rep} 127.0.0.1/32 scram-sha-256{clientcert}
+{extra_pg}
 {extra}
 "#,
             rest_tls = tls.rest,

@@ -9,6 +9,7 @@ use pgvigil_dcs::TermOpening;
 use pgvigil_engine::{Action, DemoteMode, StartAs};
 use pgvigil_postgres::StopMode;
 
+use super::callbacks::Event;
 use super::config::Recovery;
 use super::{PgSupervisor, history, pgconf};
 
@@ -130,6 +131,8 @@ impl PgSupervisor {
         match self.bootstrap_steps().await {
             Ok(()) => {
                 tracing::info!("initialized a new cluster");
+                // No callback runs during the bootstrap itself; Patroni calls on_start after it.
+                self.callback(Event::Start, Role::Primary);
                 Ok(true)
             }
             Err(message) => {
@@ -277,10 +280,14 @@ impl PgSupervisor {
         }
         self.memory.primary_restart_since.get_or_insert_with(Instant::now);
         let files = self.config_files(Recovery::None);
-        let started = self.start_with(files, true).await;
+        let started = self.start_with(files, Some(Role::Primary)).await;
         self.leadership.set_postmaster(self.pg.postmaster_pid());
         if !self.leadership.permits_primary() {
+            // A fencing stop: no before_stop may delay it.
             let _ = self.pg.stop(StopMode::Immediate, self.pg_ctl_timeout()).await;
+            if started.is_ok() {
+                self.callback(Event::Stop, Role::Primary);
+            }
             self.state = PgState::Stopped;
             return Err(Failed::Recoverable(
                 "stopped postgres again: the leader lock lapsed while it started".into(),
@@ -290,6 +297,9 @@ impl PgSupervisor {
     }
 
     async fn start_replica(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
+        // A former primary (demoted, or stopped for a switchover) coming back as a replica is a
+        // role change for the callbacks, not a start (Patroni's `follow`).
+        let role_change = self.cb_called && matches!(self.role, Role::Primary | Role::Demoted);
         // From now on we are a replica, even if the start fails: peers racing for the lock
         // must not see a "primary still alive" in a node that gave the lock up.
         self.role = Role::Replica;
@@ -302,12 +312,22 @@ impl PgSupervisor {
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         self.write_pgpass()?;
         let files = self.config_files(Recovery::Follow(upstream));
-        self.start_with(files, false).await
+        let started = self
+            .start_with(files, (!role_change).then_some(Role::Replica))
+            .await;
+        if role_change {
+            // Patroni calls it whether or not the start succeeded.
+            self.callback(Event::RoleChange, Role::Replica);
+        }
+        started
     }
 
     /// Starts PostgreSQL with `files`; a `primary`'s postmaster is handed to the fences before
     /// it runs (an agent frozen or killed during the start must not leave it unfenced).
-    async fn start_with(&mut self, files: pgvigil_postgres::ConfigFiles, primary: bool) -> Outcome {
+    /// `on_start` runs with `on_start`'s role once it is up (`None`: the caller runs the
+    /// callback that fits).
+    async fn start_with(&mut self, files: pgvigil_postgres::ConfigFiles, on_start: Option<Role>) -> Outcome {
+        let primary = on_start == Some(Role::Primary);
         self.write_config(&files)
             .map_err(recoverable("writing the configuration"))?;
         self.state = PgState::Starting;
@@ -335,6 +355,9 @@ impl PgSupervisor {
             Ok(()) => {
                 self.state = PgState::Running;
                 self.memory.start_failed = false;
+                if let Some(role) = on_start {
+                    self.callback(Event::Start, role);
+                }
                 Ok(true)
             }
             Err(_) if withdrawn.load(std::sync::atomic::Ordering::Relaxed) => {
@@ -359,6 +382,19 @@ impl PgSupervisor {
                 "not promoting: the leader lock is not proven".into(),
             ));
         }
+        // The fencing script runs with the lock in hand and before anything changes; its
+        // refusal is the engine's to act on (release the lock, back off for ttl).
+        if !self.pre_promote_allows().await {
+            tracing::warn!("not promoting: the pre_promote script failed");
+            self.memory.pre_promote_failed_at = Some(Instant::now());
+            return Ok(true);
+        }
+        // The script may have taken long: the lock must still be proven.
+        if !self.leadership.permits_primary() {
+            return Err(Failed::Recoverable(
+                "not promoting: the leader lock is not proven after pre_promote".into(),
+            ));
+        }
         self.leadership.set_postmaster(self.pg.postmaster_pid());
         self.failsafe.clear();
         // The first commits of the new primary must already wait for the standbys the old one
@@ -379,6 +415,7 @@ impl PgSupervisor {
             .map_err(recoverable("promotion failed"))?;
         self.role = Role::Primary;
         self.memory = Default::default();
+        self.callback(Event::RoleChange, Role::Primary);
         // Without a checkpoint pg_control still shows the old timeline and pg_rewind against us
         // would fail; our member key shows the new timeline only after this returns.
         if let Err(e) = self.pg.execute("CHECKPOINT", Duration::from_secs(300)).await {
@@ -404,10 +441,17 @@ impl PgSupervisor {
             DemoteMode::ImmediateNoLock => StopMode::Immediate,
             DemoteMode::Offline => StopMode::Fast,
         };
+        // A primary that must not run as one (the lock is another's, unproven, or etcd is
+        // gone): no before_stop may delay its stop, unlike in Patroni.
+        let role = self.current_role();
+        let was_running = self.pg.is_running();
         self.pg
             .stop(stop, self.pg_ctl_timeout())
             .await
             .map_err(recoverable("stopping postgres to demote"))?;
+        if was_running {
+            self.callback(Event::Stop, role);
+        }
         self.state = PgState::Stopped;
         self.role = Role::Demoted;
         self.configured_upstream = None;
@@ -428,18 +472,17 @@ impl PgSupervisor {
             .reload()
             .await
             .map_err(recoverable("reloading postgres"))?;
+        self.callback(Event::Reload, Role::Replica);
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         Ok(false)
     }
 
     async fn rewind(&mut self, view: Option<&ClusterView>, source: &str) -> Outcome {
         let (host, port) = Self::member_addr(view, source)?;
-        if self.pg.is_running() {
-            self.pg
-                .stop(StopMode::Fast, self.pg_ctl_timeout())
-                .await
-                .map_err(recoverable("stopping for pg_rewind"))?;
-        }
+        let role = self.current_role();
+        self.stop_postgres(StopMode::Fast, self.pg_ctl_timeout(), Some(role))
+            .await
+            .map_err(recoverable("stopping for pg_rewind"))?;
         self.state = PgState::Stopped;
         self.write_pgpass()?;
         let timeout = Duration::from_secs(3600);
@@ -456,12 +499,10 @@ impl PgSupervisor {
     }
 
     async fn reinitialize(&mut self, view: Option<&ClusterView>, source: &str) -> Outcome {
-        if self.pg.is_running() {
-            self.pg
-                .stop(StopMode::Immediate, self.pg_ctl_timeout())
-                .await
-                .map_err(recoverable("stopping to reinitialize"))?;
-        }
+        let role = self.current_role();
+        self.stop_postgres(StopMode::Immediate, self.pg_ctl_timeout(), Some(role))
+            .await
+            .map_err(recoverable("stopping to reinitialize"))?;
         self.pg
             .remove_data_dir()
             .map_err(recoverable("removing the data directory"))?;
@@ -550,7 +591,11 @@ impl PgSupervisor {
         if self.pg.is_running() {
             self.state = PgState::Stopping;
             self.publish_member().await;
-            if let Err(e) = self.pg.stop(StopMode::Fast, self.pg_ctl_timeout()).await {
+            let role = self.current_role();
+            if let Err(e) = self
+                .stop_postgres(StopMode::Fast, self.pg_ctl_timeout(), Some(role))
+                .await
+            {
                 // The fencer process goes on enforcing the deadline once we are gone.
                 tracing::error!("could not stop PostgreSQL, keeping the leader key: {e}");
                 return;
@@ -570,6 +615,7 @@ impl PgSupervisor {
         // PostgreSQL is stopped: nothing left for a machine reset to protect.
         self.watchdog.disable();
         self.publish_member().await;
+        self.callbacks.flush(Duration::from_secs(5));
     }
 }
 

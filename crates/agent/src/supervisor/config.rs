@@ -88,6 +88,8 @@ impl PgSupervisor {
             return;
         }
         tracing::info!("reloaded PostgreSQL configuration");
+        let role = self.current_role();
+        self.callback(super::callbacks::Event::Reload, role);
     }
 
     /// The member name our `primary_conninfo` currently points at, if we know it.

@@ -53,7 +53,19 @@ impl PgSupervisor {
     }
 
     pub(super) async fn release_lock(&mut self) -> Outcome {
-        match tokio::time::timeout(self.retry(), self.leadership.release()).await {
+        // A replica giving the lock up (its pre_promote refused, no watchdog) is no primary:
+        // the end of the term must not make the fence stop it, which it would do at once for
+        // the postmaster it knows, before the end of this action tells it PostgreSQL is a
+        // replica.
+        let replica = self.pg.is_running() && self.status.as_ref().is_some_and(|s| s.in_recovery);
+        if replica {
+            self.leadership.set_postmaster(None);
+        }
+        let released = tokio::time::timeout(self.retry(), self.leadership.release()).await;
+        if replica {
+            self.leadership.primary_gone();
+        }
+        match released {
             Ok(Ok(_)) => {
                 self.memory.released_lock_at = Some(Instant::now());
                 // A crashed primary that let the key go is no primary any more: peers asked

@@ -8,6 +8,7 @@
 //! publishes meanwhile comes from [`Reported`], which the supervisor keeps current.
 
 mod actions;
+pub mod callbacks;
 mod config;
 pub mod history;
 mod lock_actions;
@@ -111,6 +112,10 @@ pub struct PgSupervisor {
     pending_restart_reason: Option<Value>,
     reported: Arc<Mutex<Reported>>,
     scheduled_restart: Arc<Mutex<Option<Value>>>,
+    /// Runs the configured callbacks in the background (`callbacks.rs`).
+    callbacks: callbacks::CallbackExecutor,
+    /// A start, stop, restart or role-change callback was handed over since the agent started.
+    cb_called: bool,
 }
 
 impl PgSupervisor {
@@ -138,6 +143,8 @@ impl PgSupervisor {
             pending_restart_reason: None,
             reported: Arc::default(),
             scheduled_restart: ctx.scheduled_restart,
+            callbacks: callbacks::CallbackExecutor::start(),
+            cb_called: false,
         }
     }
 
@@ -202,6 +209,7 @@ impl PgSupervisor {
             self.standby_names = Some(st.synchronous_standby_names.clone());
         }
         self.refresh_pending_restart_reason().await;
+        self.callback_for_running();
         self.report();
         local
     }

@@ -3,13 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use pgvigil_api::PgState;
+use pgvigil_api::{PgState, Role};
 use pgvigil_engine::SwitchoverStop;
 use pgvigil_postgres::StopMode;
 use serde_json::{Map, Value};
 
 use super::PgSupervisor;
 use super::actions::{Failed, Outcome};
+use super::callbacks::Event;
 use super::config::Recovery;
 
 impl PgSupervisor {
@@ -24,8 +25,8 @@ impl PgSupervisor {
         let timeout = Duration::from_secs(timeout.unwrap_or(self.dynamic.primary_start_timeout).max(10));
         self.state = PgState::Restarting;
         self.publish_member().await;
-        self.pg
-            .stop(StopMode::Fast, timeout)
+        // on_restart replaces on_stop and on_start (Patroni blocks them during a restart).
+        self.stop_postgres(StopMode::Fast, timeout, None)
             .await
             .map_err(|e| format!("stop: {e}"))?;
         let files = if was_replica {
@@ -61,6 +62,8 @@ impl PgSupervisor {
             Ok(()) => {
                 self.state = PgState::Running;
                 tracing::info!("restarted PostgreSQL");
+                let role = if was_replica { Role::Replica } else { Role::Primary };
+                self.callback(Event::Restart, role);
                 Ok(())
             }
             Err(e) => {
@@ -81,12 +84,13 @@ impl PgSupervisor {
         }
         self.state = PgState::Stopping;
         self.publish_member().await;
-        self.pg
-            .stop(StopMode::Fast, pg_ctl_timeout)
+        // Patroni's graceful demotion reports the stop as `demoted` once the replicas have
+        // the shutdown checkpoint, which is what a switchover waits for.
+        self.stop_postgres(StopMode::Fast, pg_ctl_timeout, Some(Role::Demoted))
             .await
             .map_err(|e| Failed::Recoverable(format!("switchover stop: {e}")))?;
         self.state = PgState::Stopped;
-        self.role = pgvigil_api::Role::Demoted;
+        self.role = Role::Demoted;
         self.status = None;
         self.standby_names = None;
         let shutdown_lsn = match self.pg.controldata().await {

@@ -299,7 +299,10 @@ fn main() -> anyhow::Result<()> {
         );
     }
     if let Some(unknown) = systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
-        bail!("BENCH_SYSTEMS: unknown system {unknown:?} (known: {})", SYSTEMS.join(", "));
+        bail!(
+            "BENCH_SYSTEMS: unknown system {unknown:?} (known: {})",
+            SYSTEMS.join(", ")
+        );
     }
     // An older pgvigil agent to compare against in the same run (e.g. before a redesign).
     let baseline = match std::env::var_os("PGVIGIL_BENCH_BASELINE") {
