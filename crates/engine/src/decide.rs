@@ -400,6 +400,25 @@ fn check_divergence(
             "waiting for leader ({}) to publish its timeline history before following it",
             leader.name
         ))),
+        Divergence::SameTimelineFork => {
+            // The rule rests on the leader's key describing a running primary; a key that
+            // predates its promotion can still show the timeline it is leaving.
+            if leader.data.role().is_none_or(|r| r != Role::Primary) {
+                return Some(Decision::idle(format!(
+                    "waiting for leader ({}) to run as primary before comparing histories",
+                    leader.name
+                )));
+            }
+            let source = leader.name.clone();
+            Some(Decision::new(
+                format!(
+                    "reinitializing from {source}: this data directory was a primary on timeline {}, \
+                     the timeline {source} leads with another history; pg_rewind cannot tell them apart",
+                    leader.data.timeline.unwrap_or(0)
+                ),
+                vec![Action::Reinitialize { source }],
+            ))
+        }
         Divergence::RewindNeeded => {
             if leader.data.checkpoint_after_promote == Some(false) {
                 return Some(Decision::idle(format!(
