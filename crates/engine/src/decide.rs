@@ -578,9 +578,15 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
         return Decision::idle(format!("waiting for leader ({}) to run as primary", leader.name));
     }
     if !own.streaming {
-        let local = LocalEnd::Replica {
-            timeline: own.timeline,
-            lsn: own.wal_position,
+        let leader_timeline = leader.data.timeline.unwrap_or(0);
+        let local = match i.memory.former_primary_timeline {
+            // Started read-only from a former primary's data directory (no leader then), on
+            // the timeline the leader now leads: judged as the primary it was.
+            Some(t) if t == own.timeline && t == leader_timeline => LocalEnd::CrashedPrimary { timeline: t },
+            _ => LocalEnd::Replica {
+                timeline: own.timeline,
+                lsn: own.wal_position,
+            },
         };
         if let Some(decision) = check_divergence(i, cluster, leader, local) {
             if cluster.is_paused() && !decision.actions.is_empty() {
@@ -591,7 +597,7 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             }
             // A replica that is not streaming may simply be between connections; only act when
             // the published history proves it diverged.
-            if !decision.actions.is_empty() || own.timeline < leader.data.timeline.unwrap_or(0) {
+            if !decision.actions.is_empty() || own.timeline < leader_timeline {
                 return decision;
             }
         }

@@ -298,6 +298,46 @@ fn former_primary_on_the_leaders_timeline_is_recloned() {
     assert!(d.actions.is_empty(), "{d:?}");
 }
 
+/// The same fork found later: `a` came back while nobody led and started read-only from its
+/// data directory (a primary on timeline 2), then `bb` led on timeline 2. As a replica `a`
+/// reports timeline 2 like any replica of `bb`; only the memory of what it started from shows
+/// it holds its own history. Without that memory it simply follows.
+#[test]
+fn replica_started_from_a_former_primary_on_the_leaders_timeline_is_recloned() {
+    let view = after_failover();
+    let pg = running(true, 2, 1200, None);
+    let memory = Memory {
+        former_primary_timeline: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_with(&config("a"), Some(&view), &pg, &memory).actions,
+        vec![Action::Reinitialize { source: "bb".into() }]
+    );
+    let follow = vec![Action::Follow {
+        upstream: Some("bb".into()),
+    }];
+    assert_eq!(
+        decide_with(&config("a"), Some(&view), &pg, &Memory::default()).actions,
+        follow
+    );
+    // A former primary of timeline 1 is judged by its position against the switch, as before.
+    let old_primary = Memory {
+        former_primary_timeline: Some(1),
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_with(
+            &config("a"),
+            Some(&view),
+            &running(true, 1, 900, None),
+            &old_primary
+        )
+        .actions,
+        follow
+    );
+}
+
 // --- divergence, directly --------------------------------------------------------------------
 
 #[test]

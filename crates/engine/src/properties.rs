@@ -300,6 +300,7 @@ struct Extras {
     failover_due_in: Option<f64>,
     /// 0 none, 1 restart now, 2 restart not due, 3 restart of a primary, 4 reinit.
     request: u8,
+    former_primary_timeline: Option<u64>,
 }
 
 fn extras() -> impl Strategy<Value = Extras> {
@@ -311,6 +312,7 @@ fn extras() -> impl Strategy<Value = Extras> {
         prop::option::of(0u64..20_000),
         prop::option::of(prop::sample::select(vec![-100.0, -5.0, 0.0, 5.0])),
         0u8..5,
+        prop::option::of(1u64..4),
     )
         .prop_map(|e| Extras {
             restarted_ago_ms: e.0,
@@ -320,6 +322,7 @@ fn extras() -> impl Strategy<Value = Extras> {
             switchover_ago_ms: e.4,
             failover_due_in: e.5,
             request: e.6,
+            former_primary_timeline: e.7,
         })
 }
 
@@ -544,6 +547,7 @@ proptest! {
                 shutdown_lsn: 500,
                 candidates: vec![NAMES[(s.me + 1) % 3].into()],
             }),
+            former_primary_timeline: e.former_primary_timeline,
         };
         let request = match e.request {
             1 => Some(OperatorRequest::Restart(RestartRequest::default())),

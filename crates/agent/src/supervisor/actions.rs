@@ -10,7 +10,7 @@ use pgvigil_engine::{Action, DemoteMode, StartAs};
 use pgvigil_postgres::{ClusterState, StopMode};
 
 use super::config::Recovery;
-use super::{PgSupervisor, history, pgconf};
+use super::{PgSupervisor, history, observe, pgconf};
 
 #[derive(Debug)]
 pub enum Failed {
@@ -298,6 +298,13 @@ impl PgSupervisor {
         // and the next cycle would start it again (found by the simulation).
         if self.pg.postmaster_pid().is_none() {
             self.leadership.primary_gone();
+            // What the data directory was, read now (a rewind or clone may just have changed
+            // it): as a replica it will report the timeline it replays, not that it once wrote
+            // its own WAL there (`Memory::former_primary_timeline`).
+            self.memory.former_primary_timeline = match self.pg.controldata().await {
+                Ok(cd) if observe::control_info(&cd).state.was_primary() => Some(cd.checkpoint_timeline),
+                _ => None,
+            };
         }
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         self.write_pgpass()?;
