@@ -302,7 +302,13 @@ impl PgSupervisor {
             // it): as a replica it will report the timeline it replays, not that it once wrote
             // its own WAL there (`Memory::former_primary_timeline`).
             self.memory.former_primary_timeline = match self.pg.controldata().await {
-                Ok(cd) if observe::control_info(&cd).state.was_primary() => Some(cd.checkpoint_timeline),
+                Ok(cd)
+                    if observe::control_info(&cd, self.has_backup_label())
+                        .state
+                        .was_primary() =>
+                {
+                    Some(cd.checkpoint_timeline)
+                }
                 _ => None,
             };
         }
