@@ -20,7 +20,8 @@ use std::time::Duration;
 use faults_support::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use pgvigil_testkit::netcluster::NetOptions;
+use pgvigil_testkit::checker::Checker;
+use pgvigil_testkit::netcluster::{NetCluster, NetOptions};
 use pgvigil_testkit::wait_until;
 
 /// A directory of PostgreSQL's tools in which `pg_ctl promote` waits on demand.
@@ -50,12 +51,12 @@ exec {real}/pg_ctl "$@"
     })
 }
 
-fn log_of(cluster: &pgvigil_testkit::netcluster::NetCluster, i: usize) -> String {
+fn log_of(cluster: &NetCluster, i: usize) -> String {
     std::fs::read_to_string(&cluster.nodes[i].log).unwrap_or_default()
 }
 
 /// The timeline `/cluster` shows for host `i`.
-fn timeline_in_cluster_doc(cluster: &pgvigil_testkit::netcluster::NetCluster, i: usize) -> Option<u64> {
+fn timeline_in_cluster_doc(cluster: &NetCluster, i: usize) -> Option<u64> {
     let doc = cluster.cluster_doc()?;
     doc.get("members")?
         .as_array()?
@@ -64,12 +65,30 @@ fn timeline_in_cluster_doc(cluster: &pgvigil_testkit::netcluster::NetCluster, i:
         .as_u64()
 }
 
-#[test]
-fn a_promotion_interrupted_by_sigterm_leaves_no_second_history_on_its_timeline() {
+/// A cluster whose leader was stopped (SIGTERM) and whose synchronous standby holds the key
+/// with its promotion held in the `pg_ctl` wrapper.
+struct HeldPromotion(
+    NetCluster,
+    Checker,
+    /// The old leader and its synchronous standby, whose promotion is held.
+    usize,
+    usize,
+    /// The timeline the cluster was on before.
+    u64,
+    /// The file that holds the promotion while it exists.
+    std::path::PathBuf,
+);
+
+/// What must outlive the cluster: the wrapper directory its PostgreSQL runs from, and this
+/// binary's lab serialization.
+type Lab = (tempfile::TempDir, std::sync::MutexGuard<'static, ()>);
+
+/// `None` when the lab cannot run here (see `can_run`).
+fn hold_a_promotion() -> Option<(Lab, HeldPromotion)> {
     if !can_run() {
-        return;
+        return None;
     }
-    let _serial = serial();
+    let serial = serial();
     let bin_dir = slow_promote_bin_dir();
     // Strict synchronous mode: the standby that promotes while shutting down waits for the
     // old leader (the synchronous partner of record, stopped) before it acknowledges anything,
@@ -104,7 +123,39 @@ fn a_promotion_interrupted_by_sigterm_leaves_no_second_history_on_its_timeline()
             .exists()
             .then_some(()))
     );
+    let held = HeldPromotion(cluster, checker, old, standby, first_timeline, hold);
+    Some(((bin_dir, serial), held))
+}
 
+/// The old leader's agent starts and must lead again; then the standby's, and the cluster must
+/// end healthy (every member streaming on the leader's timeline) with no acknowledged write lost.
+fn old_leader_then_standby_back(cluster: &mut NetCluster, checker: Checker, old: usize, standby: usize) {
+    checker.mark("old leader back");
+    check!(cluster, cluster.start_agent(old));
+    let leader = check!(cluster, cluster.wait_new_leader(None, FAILOVER));
+    assert_eq!(
+        leader,
+        old,
+        "the old leader leads again\n{}",
+        cluster.diagnostics()
+    );
+    checker.mark("standby back");
+    check!(cluster, cluster.start_agent(standby));
+    check!(cluster, cluster.wait_healthy(HEALTHY));
+    let report = checker.finish();
+    let now = check!(
+        cluster,
+        cluster.verify(&report, pgvigil_testkit::netcluster::Expect::default())
+    );
+    assert_eq!(now, old);
+}
+
+#[test]
+fn a_promotion_interrupted_by_sigterm_leaves_no_second_history_on_its_timeline() {
+    let Some((_lab, held)) = hold_a_promotion() else {
+        return;
+    };
+    let HeldPromotion(mut cluster, checker, old, standby, first_timeline, hold) = held;
     // SIGTERM to the standby while it promotes; the promotion then goes through.
     checker.mark("SIGTERM to the promoting standby");
     let agent = cluster.nodes[standby]
@@ -132,27 +183,9 @@ fn a_promotion_interrupted_by_sigterm_leaves_no_second_history_on_its_timeline()
         cluster.diagnostics()
     );
 
-    // The old leader comes back, never having received that promotion, and leads.
-    checker.mark("old leader back");
-    check!(cluster, cluster.start_agent(old));
-    let leader = check!(cluster, cluster.wait_new_leader(None, FAILOVER));
-    assert_eq!(
-        leader,
-        old,
-        "the old leader leads again\n{}",
-        cluster.diagnostics()
-    );
-
-    // The standby comes back on the timeline it promoted to: diverged, rewound, streaming.
-    checker.mark("interrupted standby back");
-    check!(cluster, cluster.start_agent(standby));
-    check!(cluster, cluster.wait_healthy(HEALTHY));
-    let report = checker.finish();
-    let now = check!(
-        cluster,
-        cluster.verify(&report, pgvigil_testkit::netcluster::Expect::default())
-    );
-    assert_eq!(now, old);
+    // The old leader comes back, never having received that promotion, and leads; then the
+    // standby comes back on the timeline it promoted to: diverged, rewound, streaming.
+    old_leader_then_standby_back(&mut cluster, checker, old, standby);
     assert_eq!(
         timeline_in_cluster_doc(&cluster, old),
         Some(first_timeline + 2),
@@ -175,6 +208,55 @@ fn a_promotion_interrupted_by_sigterm_leaves_no_second_history_on_its_timeline()
     assert!(
         log_of(&cluster, standby).contains("running pg_rewind from"),
         "the standby that promoted was found diverged and rewound\n{}",
+        cluster.diagnostics()
+    );
+}
+
+/// The same race when the promoting agent is killed instead: its PostgreSQL finishes the
+/// promotion on its own and the fencer stops it, and nobody published the new timeline. The
+/// old leader then promotes onto the same timeline number (nothing tells it otherwise); the
+/// node that promoted first must be found to hold a second history of the leader's timeline
+/// and be cloned again (pg_rewind cannot repair that).
+#[test]
+fn a_promotion_whose_agent_was_killed_is_recloned_after_a_second_promotion_to_its_timeline() {
+    let Some((_lab, held)) = hold_a_promotion() else {
+        return;
+    };
+    let HeldPromotion(mut cluster, checker, old, standby, first_timeline, hold) = held;
+
+    checker.mark("SIGKILL to the promoting standby's agent");
+    check!(cluster, cluster.signal_agent(standby, Signal::SIGKILL));
+    std::fs::remove_file(&hold).unwrap();
+    let promoted = format!("selected new timeline ID: {}", first_timeline + 1);
+    check!(
+        cluster,
+        wait_until(
+            "the orphaned promotion to finish",
+            Duration::from_secs(60),
+            || { log_of(&cluster, standby).contains(&promoted).then_some(()) }
+        )
+    );
+    check!(
+        cluster,
+        wait_until(
+            "the fencer to stop the orphaned primary",
+            Duration::from_secs(120),
+            || { cluster.nodes[standby].postmaster_pid().is_none().then_some(()) }
+        )
+    );
+
+    // The old leader comes back and promotes onto the same timeline number; then the standby
+    // comes back: a second history of the leader's timeline, cloned again.
+    old_leader_then_standby_back(&mut cluster, checker, old, standby);
+    assert_eq!(
+        timeline_in_cluster_doc(&cluster, old),
+        Some(first_timeline + 1),
+        "the scenario needs both promotions on one timeline number\n{}",
+        cluster.diagnostics()
+    );
+    assert!(
+        log_of(&cluster, standby).contains("pg_rewind cannot tell them apart"),
+        "the standby was found on a second history of the leader's timeline\n{}",
         cluster.diagnostics()
     );
 }

@@ -609,7 +609,7 @@ impl PgSupervisor {
             // in `/status` when it deletes the leader key; so do we, and the timeline too: a
             // promotion that finished while we were shutting down never reached the cycle that
             // publishes `history`, and without it the next leader and the other members could
-            // not know that timeline exists (`docs/patroni-compat.md` §5.5).
+            // not know that timeline exists (`docs/patroni-compat.md` §4.14).
             if let Ok(cd) = self.pg.controldata().await {
                 let view = self.cluster.clone();
                 if let Some(view) = &view
