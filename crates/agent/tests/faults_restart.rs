@@ -13,36 +13,19 @@
 mod faults_support;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use faults_support::*;
-use pgvigil_testkit::netcluster::{NetOptions, pg_bin_dir, psql_addr};
+use pgvigil_testkit::netcluster::{NetOptions, psql_addr};
 use pgvigil_testkit::{http, wait_until};
 
 /// A directory of PostgreSQL's tools in which `postgres` starts slowly on demand.
-struct SlowStartBinDir {
-    dir: tempfile::TempDir,
-}
-
-impl SlowStartBinDir {
-    fn new() -> SlowStartBinDir {
-        let real = pg_bin_dir().expect("PostgreSQL is installed");
-        let dir = tempfile::Builder::new()
-            .prefix("pgvigil-slow-start-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        for entry in std::fs::read_dir(&real).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_name() != "postgres" {
-                std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name())).unwrap();
-            }
-        }
-        // Bounded: the hold ends after 10 minutes whatever happens.
-        let script = format!(
+fn slow_start_bin_dir() -> tempfile::TempDir {
+    // Bounded: the hold ends after 10 minutes whatever happens.
+    wrapped_bin_dir("postgres", |real| {
+        format!(
             r#"#!/bin/sh
 data=""
 prev=""
@@ -58,16 +41,8 @@ fi
 exec {real}/postgres "$@"
 "#,
             real = real.display()
-        );
-        let wrapper = dir.path().join("postgres");
-        std::fs::write(&wrapper, script).unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        SlowStartBinDir { dir }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
-    }
+        )
+    })
 }
 
 /// Whether `pid` is a live process (a zombie is dead: it runs nothing).
@@ -107,9 +82,9 @@ fn a_leader_cut_off_during_a_long_restart_is_fenced_in_time_and_a_switchover_mea
         return;
     }
     let _serial = serial();
-    let bin_dir = SlowStartBinDir::new();
+    let bin_dir = slow_start_bin_dir();
     let options = NetOptions {
-        pg_bin_dir: Some(bin_dir.path()),
+        pg_bin_dir: Some(bin_dir.path().to_path_buf()),
         ..defaults(true)
     };
     let (cluster, old, checker) = start(options);

@@ -430,6 +430,25 @@ fn check_divergence(
             "waiting for leader ({}) to publish its timeline history before following it",
             leader.name
         ))),
+        Divergence::SameTimelineFork => {
+            // The rule rests on the leader's key describing a running primary; a key that
+            // predates its promotion can still show the timeline it is leaving.
+            if leader.data.role().is_none_or(|r| r != Role::Primary) {
+                return Some(Decision::idle(format!(
+                    "waiting for leader ({}) to run as primary before comparing histories",
+                    leader.name
+                )));
+            }
+            let source = leader.name.clone();
+            Some(Decision::new(
+                format!(
+                    "reinitializing from {source}: this data directory was a primary on timeline {}, \
+                     the timeline {source} leads with another history; pg_rewind cannot tell them apart",
+                    leader.data.timeline.unwrap_or(0)
+                ),
+                vec![Action::Reinitialize { source }],
+            ))
+        }
         Divergence::RewindNeeded => {
             if leader.data.checkpoint_after_promote == Some(false) {
                 return Some(Decision::idle(format!(
@@ -641,9 +660,15 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
         return Decision::idle(format!("waiting for leader ({}) to run as primary", leader.name));
     }
     if !own.streaming {
-        let local = LocalEnd::Replica {
-            timeline: own.timeline,
-            lsn: own.wal_position,
+        let leader_timeline = leader.data.timeline.unwrap_or(0);
+        let local = match i.memory.former_primary_timeline {
+            // Started read-only from a former primary's data directory (no leader then), on
+            // the timeline the leader now leads: judged as the primary it was.
+            Some(t) if t == own.timeline && t == leader_timeline => LocalEnd::CrashedPrimary { timeline: t },
+            _ => LocalEnd::Replica {
+                timeline: own.timeline,
+                lsn: own.wal_position,
+            },
         };
         if let Some(decision) = check_divergence(i, cluster, leader, local) {
             if cluster.is_paused() && !decision.actions.is_empty() {
@@ -654,7 +679,7 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             }
             // A replica that is not streaming may simply be between connections; only act when
             // the published history proves it diverged.
-            if !decision.actions.is_empty() || own.timeline < leader.data.timeline.unwrap_or(0) {
+            if !decision.actions.is_empty() || own.timeline < leader_timeline {
                 return decision;
             }
         }

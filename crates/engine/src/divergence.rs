@@ -4,6 +4,13 @@
 //! leader publishes its timeline switches in the `history` key (`[parent_tl, switch_lsn, ...]`),
 //! so the check needs no replication connection: find the switch away from our timeline and
 //! compare our position with it (`docs/patroni-compat.md` §5.5).
+//!
+//! One case the timeline numbers alone do not settle: two nodes promoted from the same parent
+//! timeline both end up on the same timeline number with two different histories (a promotion
+//! that finished while its agent was shutting down, then another node promoted from the same
+//! WAL). Their history files are identical, so neither the `history` key nor pg_rewind can tell
+//! them apart (pg_rewind does nothing when source and target are on one timeline); only the
+//! fact that this data directory was itself a primary on the leader's timeline shows it.
 
 use pgvigil_api::HistoryEntry;
 
@@ -25,6 +32,10 @@ pub enum Divergence {
     /// Following the leader works without touching the data directory.
     NoRewind,
     RewindNeeded,
+    /// This data directory was a primary on the leader's own timeline: a second history under
+    /// the same timeline number. pg_rewind cannot repair it (it compares timelines, and sees
+    /// one), so the data directory must be cloned again.
+    SameTimelineFork,
     /// Not enough information yet (the leader's timeline or history is not published): wait.
     Unknown,
 }
@@ -41,9 +52,15 @@ pub fn divergence(local: LocalEnd, leader_timeline: u64, history: Option<&[Histo
         return Divergence::Unknown;
     }
     if local_timeline == leader_timeline {
-        // Same timeline: a replica is a prefix of the leader. A former primary on the leader's
-        // timeline cannot happen unless it *is* the history the leader continues.
-        return Divergence::NoRewind;
+        // Same timeline: a replica received its WAL from that timeline's primary, so it is a
+        // prefix of the leader's. A primary on the leader's timeline wrote its own WAL there,
+        // and another node leads on that timeline: every promotion starts a new timeline, so
+        // the leader cannot have continued our history on ours; it promoted separately from
+        // the same parent and wrote a different one.
+        return match local {
+            LocalEnd::Replica { .. } => Divergence::NoRewind,
+            LocalEnd::CleanPrimary { .. } | LocalEnd::CrashedPrimary { .. } => Divergence::SameTimelineFork,
+        };
     }
     if local_timeline > leader_timeline {
         return Divergence::RewindNeeded;

@@ -242,6 +242,102 @@ fn pause_leaves_postgres_alone() {
     assert!(d.actions.is_empty());
 }
 
+/// The interrupted promotion: `a` promoted from timeline 1 to 2 while its agent was shutting
+/// down, stopped, and `bb` promoted from the same WAL onto timeline 2 as well. The histories
+/// agree up to the switch (950) and then differ; `a`'s control data shows it was a primary on
+/// timeline 2. pg_rewind would see one timeline and do nothing, so `a` is cloned again, with or
+/// without `use_pg_rewind`, crashed or stopped cleanly.
+#[test]
+fn former_primary_on_the_leaders_timeline_is_recloned() {
+    let view = after_failover();
+    let on_timeline_2 = |state| {
+        let mut pg = stopped(state);
+        if let DataDir::Initialized(c) = &mut pg.data {
+            c.checkpoint_timeline = 2;
+            c.checkpoint_lsn = 1200;
+        }
+        pg
+    };
+    let reclone = vec![Action::Reinitialize { source: "bb".into() }];
+    for state in [ControlState::ShutDown, ControlState::InProduction] {
+        let pg = on_timeline_2(state);
+        let d = decide_with(&config("a"), Some(&view), &pg, &Memory::default());
+        assert_eq!(d.actions, reclone, "{state:?}");
+        assert!(
+            d.message.contains("pg_rewind cannot tell them apart"),
+            "{}",
+            d.message
+        );
+        let mut cfg = config("a");
+        cfg.use_pg_rewind = false;
+        assert_eq!(
+            decide_with(&cfg, Some(&view), &pg, &Memory::default()).actions,
+            reclone
+        );
+    }
+    // A replica stopped on timeline 2 got its WAL from timeline 2's primary: it follows.
+    let mut replica = on_timeline_2(ControlState::ShutDownInRecovery);
+    if let DataDir::Initialized(c) = &mut replica.data {
+        c.min_recovery_timeline = 2;
+    }
+    assert_eq!(
+        decide_with(&config("a"), Some(&view), &replica, &Memory::default()).actions,
+        vec![Action::Start(StartAs::Replica {
+            upstream: Some("bb".into())
+        })]
+    );
+    // A leader key that does not show a running primary yet proves nothing: wait.
+    let mut early = view.clone();
+    early.members[1].data.role = "replica".into();
+    let d = decide_with(
+        &config("a"),
+        Some(&early),
+        &on_timeline_2(ControlState::ShutDown),
+        &Memory::default(),
+    );
+    assert!(d.actions.is_empty(), "{d:?}");
+}
+
+/// The same fork found later: `a` came back while nobody led and started read-only from its
+/// data directory (a primary on timeline 2), then `bb` led on timeline 2. As a replica `a`
+/// reports timeline 2 like any replica of `bb`; only the memory of what it started from shows
+/// it holds its own history. Without that memory it simply follows.
+#[test]
+fn replica_started_from_a_former_primary_on_the_leaders_timeline_is_recloned() {
+    let view = after_failover();
+    let pg = running(true, 2, 1200, None);
+    let memory = Memory {
+        former_primary_timeline: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_with(&config("a"), Some(&view), &pg, &memory).actions,
+        vec![Action::Reinitialize { source: "bb".into() }]
+    );
+    let follow = vec![Action::Follow {
+        upstream: Some("bb".into()),
+    }];
+    assert_eq!(
+        decide_with(&config("a"), Some(&view), &pg, &Memory::default()).actions,
+        follow
+    );
+    // A former primary of timeline 1 is judged by its position against the switch, as before.
+    let old_primary = Memory {
+        former_primary_timeline: Some(1),
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_with(
+            &config("a"),
+            Some(&view),
+            &running(true, 1, 900, None),
+            &old_primary
+        )
+        .actions,
+        follow
+    );
+}
+
 // --- divergence, directly --------------------------------------------------------------------
 
 #[test]
@@ -303,6 +399,22 @@ fn divergence_rules() {
     assert_eq!(
         divergence(LocalEnd::CrashedPrimary { timeline: 1 }, 2, some),
         Divergence::RewindNeeded
+    );
+    // A primary on the leader's own timeline: a second history under one timeline number.
+    assert_eq!(
+        divergence(
+            LocalEnd::CleanPrimary {
+                timeline: 2,
+                checkpoint_lsn: 5
+            },
+            2,
+            some
+        ),
+        Divergence::SameTimelineFork
+    );
+    assert_eq!(
+        divergence(LocalEnd::CrashedPrimary { timeline: 2 }, 2, some),
+        Divergence::SameTimelineFork
     );
     assert_eq!(
         divergence(LocalEnd::Replica { timeline: 1, lsn: 5 }, 2, None),

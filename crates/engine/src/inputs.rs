@@ -217,6 +217,13 @@ pub struct Memory {
     /// for `ttl` after it the node gives the lock up and stays out of the leader race
     /// (`docs/patroni-compat.md` §5.6).
     pub pre_promote_failed_at: Option<Instant>,
+    /// PostgreSQL runs as a replica started from a data directory that was a primary on this
+    /// timeline: it may hold a history of its own on that timeline (`divergence.rs`), which
+    /// its timeline as a replica does not show. Kept until the next start, clone or promotion;
+    /// once the replica moves on to a newer timeline the fact no longer matters. (A walreceiver
+    /// that connects is no proof: on a forked history it connects, streams, and the startup
+    /// process rejects the records.)
+    pub former_primary_timeline: Option<u64>,
 }
 
 /// The state of a planned switchover between stopping the old primary and releasing the lock.

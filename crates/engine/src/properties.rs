@@ -301,6 +301,7 @@ struct Extras {
     failover_due_in: Option<f64>,
     /// 0 none, 1 restart now, 2 restart not due, 3 restart of a primary, 4 reinit.
     request: u8,
+    former_primary_timeline: Option<u64>,
 }
 
 fn extras() -> impl Strategy<Value = Extras> {
@@ -313,6 +314,7 @@ fn extras() -> impl Strategy<Value = Extras> {
         prop::option::of(prop::sample::select(vec![-100.0, -5.0, 0.0, 5.0])),
         0u8..5,
         prop::option::of(0u64..60_000),
+        prop::option::of(1u64..4),
     )
         .prop_map(|e| Extras {
             restarted_ago_ms: e.0,
@@ -323,6 +325,7 @@ fn extras() -> impl Strategy<Value = Extras> {
             failover_due_in: e.5,
             request: e.6,
             pre_promote_failed_ago_ms: e.7,
+            former_primary_timeline: e.8,
         })
 }
 
@@ -571,6 +574,7 @@ proptest! {
             }),
             released_lock_at: e.restarted_ago_ms.filter(|_| e.start_failed).map(|ms| now - Duration::from_millis(ms)),
             pre_promote_failed_at: e.pre_promote_failed_ago_ms.map(|ms| now - Duration::from_millis(ms)),
+            former_primary_timeline: e.former_primary_timeline,
         };
         let request = match e.request {
             1 => Some(OperatorRequest::Restart(RestartRequest::default())),

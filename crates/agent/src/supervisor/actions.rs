@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use pgvigil_api::{ClusterView, PgState, Role};
 use pgvigil_dcs::TermOpening;
 use pgvigil_engine::{Action, DemoteMode, StartAs};
-use pgvigil_postgres::StopMode;
+use pgvigil_postgres::{ClusterState, StopMode};
 
 use super::callbacks::Event;
 use super::config::Recovery;
-use super::{PgSupervisor, history, pgconf};
+use super::{PgSupervisor, history, observe, pgconf};
 
 #[derive(Debug)]
 pub enum Failed {
@@ -308,6 +308,19 @@ impl PgSupervisor {
         // and the next cycle would start it again (found by the simulation).
         if self.pg.postmaster_pid().is_none() {
             self.leadership.primary_gone();
+            // What the data directory was, read now (a rewind or clone may just have changed
+            // it): as a replica it will report the timeline it replays, not that it once wrote
+            // its own WAL there (`Memory::former_primary_timeline`).
+            self.memory.former_primary_timeline = match self.pg.controldata().await {
+                Ok(cd)
+                    if observe::control_info(&cd, self.has_backup_label())
+                        .state
+                        .was_primary() =>
+                {
+                    Some(cd.checkpoint_timeline)
+                }
+                _ => None,
+            };
         }
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         self.write_pgpass()?;
@@ -408,6 +421,9 @@ impl PgSupervisor {
                 self.apply_config().await;
             }
         }
+        if let (Some(view), Some(st)) = (self.cluster.clone(), self.status.as_ref()) {
+            self.reserve_timelines(&view, st.timeline);
+        }
         let timeout = Duration::from_secs(self.dynamic.loop_wait.max(30));
         self.pg
             .promote(timeout)
@@ -433,6 +449,36 @@ impl PgSupervisor {
         };
         tracing::info!("promoted to primary");
         Ok(true)
+    }
+
+    /// Makes the coming promotion start a timeline number above every one the cluster's
+    /// `history` knows (`history::reservations`): a node behind the cluster's timeline would
+    /// otherwise reuse a number another promotion already started. Best effort: without the
+    /// files the promotion still happens, and the divergence check finds the clash later.
+    fn reserve_timelines(&self, view: &ClusterView, own_timeline: u64) {
+        let Some(published) = view.history.as_ref().map(|h| h.value.as_slice()) else {
+            return;
+        };
+        let pg_wal = self.pg.data_dir().join("pg_wal");
+        let own_history = if own_timeline > 1 {
+            std::fs::read_to_string(pg_wal.join(format!("{own_timeline:08X}.history"))).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        for (timeline, text) in history::reservations(own_timeline, &own_history, published) {
+            let path = pg_wal.join(format!("{timeline:08X}.history"));
+            if path.exists() {
+                continue;
+            }
+            tracing::warn!(
+                "timeline {timeline} was started by another promotion this node never received; \
+                 reserving it so that ours starts a new timeline"
+            );
+            let tmp = path.with_extension("history.pgvigil-tmp");
+            if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+                tracing::warn!("could not write {}: {e}", path.display());
+            }
+        }
     }
 
     async fn demote(&mut self, mode: DemoteMode) -> Outcome {
@@ -556,7 +602,7 @@ impl PgSupervisor {
                 .join("pg_wal")
                 .join(format!("{timeline:08X}.history"));
             match std::fs::read_to_string(&path) {
-                Ok(text) => history::parse_history_file(&text),
+                Ok(text) => history::fill_skipped(history::parse_history_file(&text), timeline),
                 Err(e) => {
                     tracing::warn!("could not read {}: {e}", path.display());
                     return;
@@ -604,8 +650,24 @@ impl PgSupervisor {
         self.state = PgState::Stopped;
         self.status = None;
         if was_leader {
+            // Only now, with PostgreSQL down, is the last position final. Patroni records it
+            // in `/status` when it deletes the leader key; so do we, and the timeline too: a
+            // promotion that finished while we were shutting down never reached the cycle that
+            // publishes `history`, and without it the next leader and the other members could
+            // not know that timeline exists (`docs/patroni-compat.md` §4.14).
             if let Ok(cd) = self.pg.controldata().await {
-                self.publish_position(None, cd.checkpoint_lsn).await.ok();
+                let view = self.cluster.clone();
+                if let Some(view) = &view
+                    && cd.cluster_state == ClusterState::ShutDown
+                    && view.timeline() < cd.checkpoint_timeline
+                {
+                    tracing::info!(
+                        "publishing timeline {} before releasing the leader key",
+                        cd.checkpoint_timeline
+                    );
+                    self.publish_history(view, cd.checkpoint_timeline).await;
+                }
+                self.publish_position(view.as_ref(), cd.checkpoint_lsn).await.ok();
             }
             match self.release_lock().await {
                 Ok(_) => tracing::info!("released the leader lock"),

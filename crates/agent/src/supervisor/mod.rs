@@ -245,7 +245,7 @@ impl PgSupervisor {
         let data = if matches!(self.pg.data_dir_state(), DataDirState::Initialized) {
             if !alive || self.control.is_none() || self.status.is_none() {
                 match self.pg.controldata().await {
-                    Ok(cd) => self.control = Some(observe::control_info(&cd)),
+                    Ok(cd) => self.control = Some(observe::control_info(&cd, self.has_backup_label())),
                     Err(e) => {
                         return LocalPg {
                             data: DataDir::Invalid(format!("pg_controldata failed: {e}")),
@@ -344,6 +344,11 @@ impl PgSupervisor {
     }
 
     /// Writes our member key (on the lease `Leadership` keeps alive).
+    /// A `backup_label` in the data directory: a clone or rewind not yet started.
+    pub(crate) fn has_backup_label(&self) -> bool {
+        self.pg.data_dir().join("backup_label").exists()
+    }
+
     pub async fn publish_member(&mut self) {
         let id = self.identity();
         let paused = self.cluster.as_ref().is_some_and(ClusterView::is_paused);

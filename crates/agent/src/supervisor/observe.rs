@@ -7,10 +7,17 @@ use pgvigil_engine::{ControlInfo, ControlState, Observed};
 use pgvigil_postgres::{ClusterState, ControlData, PgStatus};
 use serde_json::{Map, Value};
 
-pub fn control_info(cd: &ControlData) -> ControlInfo {
+/// The engine's view of `pg_controldata`. `backup_label` present: a base backup (or a rewound
+/// directory) not yet started; its control file is the source's, often `in production`, but
+/// it never wrote WAL of its own, so it is reported as a directory in archive recovery, not
+/// as a former primary (the divergence rules treat a former primary very differently).
+pub fn control_info(cd: &ControlData, backup_label: bool) -> ControlInfo {
     ControlInfo {
         sysid: cd.system_identifier.clone(),
         state: match cd.cluster_state {
+            ClusterState::InProduction | ClusterState::ShutDown if backup_label => {
+                ControlState::InArchiveRecovery
+            }
             ClusterState::ShutDown => ControlState::ShutDown,
             ClusterState::ShutDownInRecovery => ControlState::ShutDownInRecovery,
             ClusterState::ShuttingDown => ControlState::ShuttingDown,

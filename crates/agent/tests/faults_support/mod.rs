@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+use std::os::unix::fs::PermissionsExt;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -161,4 +162,26 @@ pub fn heal_and_verify(cluster: &NetCluster, checker: Checker, cut_off: usize, l
     };
     let now = check!(cluster, cluster.verify(&report, expect));
     assert_eq!(now, leader);
+}
+
+/// A directory of links to the installed PostgreSQL tools in which `tool` is the shell script
+/// `script` instead (for `postgresql.bin_dir`); the script can reach the real tools in
+/// `{real}`, which it is formatted with.
+pub fn wrapped_bin_dir(tool: &str, script: impl Fn(&std::path::Path) -> String) -> tempfile::TempDir {
+    let real = pgvigil_testkit::netcluster::pg_bin_dir().expect("PostgreSQL is installed");
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("pgvigil-wrapped-{tool}-"))
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(&real).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != tool {
+            std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let wrapper = dir.path().join(tool);
+    std::fs::write(&wrapper, script(&real)).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
 }
