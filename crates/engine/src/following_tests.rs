@@ -104,13 +104,19 @@ fn crashed_former_primary_is_rewound_or_recloned() {
     };
     assert_eq!(
         decide_with(&config("a"), Some(&view), &pg, &memory).actions,
-        vec![Action::Reinitialize { source: "bb".into() }]
+        vec![Action::Reinitialize {
+            source: "bb".into(),
+            methods: vec!["basebackup".into()]
+        }]
     );
     let mut cfg = config("a");
     cfg.use_pg_rewind = false;
     assert_eq!(
         decide_with(&cfg, Some(&view), &pg, &Memory::default()).actions,
-        vec![Action::Reinitialize { source: "bb".into() }]
+        vec![Action::Reinitialize {
+            source: "bb".into(),
+            methods: vec!["basebackup".into()]
+        }]
     );
 }
 

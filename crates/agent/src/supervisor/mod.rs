@@ -8,7 +8,9 @@
 //! publishes meanwhile comes from [`Reported`], which the supervisor keeps current.
 
 mod actions;
+mod clone;
 mod config;
+mod custom_bootstrap;
 pub mod history;
 mod lock_actions;
 pub mod observe;
@@ -29,6 +31,7 @@ use pgvigil_rest::FailsafeState;
 use serde_json::Value;
 
 pub use self::actions::Failed;
+pub use self::clone::replica_methods;
 pub use self::observe::Identity;
 use crate::leadership::Leadership;
 use crate::leadership::watchdog::Watchdog;
