@@ -265,6 +265,25 @@ fn custom_bootstrap_and_replica_methods() {
     set(&mut v, "postgresql.wal_g.command", json!(["wal-g"]));
     let e = load_value(&v).unwrap_err().to_string();
     assert!(e.starts_with("x.yml: postgresql.wal_g.command: "), "{e}");
+    set(
+        &mut v,
+        "postgresql.wal_g",
+        json!({"command": "wal-g", "keep_data": "maybe"}),
+    );
+    let e = load_value(&v).unwrap_err().to_string();
+    assert!(
+        e.starts_with("x.yml: postgresql.wal_g.keep_data: expected a boolean"),
+        "{e}"
+    );
+    set(&mut v, "postgresql.wal_g.keep_data", json!(true));
+    set(
+        &mut v,
+        "bootstrap.restore.recovery_conf",
+        json!("restore_command=cp"),
+    );
+    let e = load_value(&v).unwrap_err().to_string();
+    assert!(e.starts_with("x.yml: bootstrap.restore.recovery_conf: "), "{e}");
+    set(&mut v, "bootstrap.restore.recovery_conf", json!({}));
     set(&mut v, "postgresql.wal_g", json!({"no_master": 1}));
     let e = load_value(&v).unwrap_err().to_string();
     assert_eq!(e, "x.yml: postgresql.wal_g.command: missing (required)");
