@@ -31,6 +31,13 @@ fn as_postgres(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
+/// A PostgreSQL program, found as the agent finds it (Debian keeps them off `PATH`).
+fn pg_bin(name: &str) -> PathBuf {
+    pgvigil_postgres::find_bin_dir()
+        .expect("PostgreSQL 15 binaries")
+        .join(name)
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("command runs");
     assert!(
@@ -89,9 +96,9 @@ impl Standalone {
         let port = pgvigil_testkit::free_port();
         let data = dir.path().join("data");
         let archive = dir.path().join("archive");
-        as_postgres(Command::new("mkdir").arg(&archive));
+        run(as_postgres(Command::new("mkdir").arg(&archive)));
         run(as_postgres(
-            Command::new("initdb").arg("--pgdata").arg(&data).args([
+            Command::new(pg_bin("initdb")).arg("--pgdata").arg(&data).args([
                 "--username=postgres",
                 "--auth=trust",
                 "--encoding=UTF8",
@@ -107,7 +114,7 @@ impl Standalone {
         );
         let standalone = Standalone { dir, port };
         run(as_postgres(
-            Command::new("pg_ctl")
+            Command::new(pg_bin("pg_ctl"))
                 .arg("--pgdata")
                 .arg(&data)
                 .arg("--log")
@@ -125,7 +132,7 @@ impl Standalone {
 impl Drop for Standalone {
     fn drop(&mut self) {
         let _ = as_postgres(
-            Command::new("pg_ctl")
+            Command::new(pg_bin("pg_ctl"))
                 .arg("--pgdata")
                 .arg(self.dir.path().join("data"))
                 .args(["--mode=immediate", "stop"]),
@@ -135,8 +142,8 @@ impl Drop for Standalone {
 }
 
 /// Node 1 bootstraps the cluster by cloning a standalone PostgreSQL with its own
-/// `pg_basebackup` script and recovering to the end of the backup (`recovery_target:
-/// immediate`) from the standalone's archive; `post_bootstrap` creates a role. Node 2's
+/// `pg_basebackup` script and replaying the standalone's archive up to a restore point
+/// (`recovery_target_name`); `post_bootstrap` creates a role. Node 2's
 /// replica comes from a user's method that runs `pg_basebackup` itself with the connection
 /// string it is given; node 3's first method fails and `basebackup` takes over.
 #[test]
@@ -152,8 +159,16 @@ fn a_cluster_cloned_by_a_custom_bootstrap_gets_replicas_from_custom_methods_and_
     script(
         s,
         "clone",
-        r#"for a in "$@"; do case "$a" in --datadir=*) d="${a#--datadir=}";; --source-port=*) p="${a#--source-port=}";; esac; done
-exec pg_basebackup -D "$d" -h 127.0.0.1 -p "$p" -U postgres -X stream -c fast"#,
+        r#"for a in "$@"; do case "$a" in --datadir=*) d="${a#--datadir=}";; --source-port=*) p="${a#--source-port=}";; --archive=*) w="${a#--archive=}";; esac; done
+pg_basebackup -D "$d" -h 127.0.0.1 -p "$p" -U postgres -X stream -c fast
+# Written after the backup, so only the archive has them: one row before the target, one after.
+q() { psql -X -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$p" -U postgres -d postgres -c "$1"; }
+q "INSERT INTO t VALUES ('replayed from the archive')"
+q "SELECT pg_create_restore_point('target')"
+q "INSERT INTO t VALUES ('past the target')"
+f=$(q "SELECT pg_walfile_name(pg_switch_wal())")
+i=0
+until [ -f "$w/$f" ]; do i=$((i+1)); [ "$i" -lt 600 ] || exit 1; sleep 0.1; done"#,
     );
     script(
         s,
@@ -173,8 +188,8 @@ exec pg_basebackup -D "$d" -d "$c" -X stream -c fast"#,
 exit 3"#,
     );
     let bootstrap = format!(
-        "  method: clone\n  clone:\n    command: {s}/clone.sh\n    source-port: {port}\n    recovery_conf:\n      \
-         restore_command: cp {archive}/%f %p\n      recovery_target: immediate\n      \
+        "  method: clone\n  clone:\n    command: {s}/clone.sh\n    source-port: {port}\n    archive: {archive}\n    \
+         recovery_conf:\n      restore_command: cp {archive}/%f %p\n      recovery_target_name: target\n      \
          recovery_target_action: promote\n  post_bootstrap: {s}/post.sh\n",
         s = s.display(),
         port = source.port,
@@ -220,10 +235,14 @@ exit 3"#,
             format!("--scope={}", cluster.scope),
             format!("--datadir={}", node(0).data_dir.display()),
             format!("--source-port={}", source.port),
+            format!("--archive={}", source.archive().display()),
         ]
     );
-    // The clone's data, recovered from the archive and promoted onto a new timeline.
-    assert_eq!(cluster.psql(0, "SELECT x FROM t").unwrap(), "from the source");
+    // The clone's data, replayed from the archive up to the restore point and promoted onto a
+    // new timeline.
+    let rows = "SELECT string_agg(x, ',' ORDER BY x) FROM t";
+    let expected = "from the source,replayed from the archive";
+    assert_eq!(cluster.psql(0, rows).unwrap(), expected);
     let doc = cluster.cluster_doc().unwrap();
     let timeline = doc["members"]
         .as_array()
@@ -251,7 +270,7 @@ exit 3"#,
     let hba = fs::read_to_string(node(0).data_dir.join("pg_hba.conf")).unwrap();
     assert!(!hba.contains("127.0.0.1/32 trust"), "{hba}");
     assert!(!node(0).data_dir.join("recovery.signal").exists());
-    assert_eq!(cluster.psql(0, "SHOW recovery_target").unwrap(), "");
+    assert_eq!(cluster.psql(0, "SHOW recovery_target_name").unwrap(), "");
 
     // Node 2: the user's method, with its option first and then Patroni's four.
     let mine = lines(&s.join("mine.args"));
@@ -284,7 +303,7 @@ exit 3"#,
     );
     assert!(!node(2).data_dir.join("left-behind").exists());
     for i in [1, 2] {
-        assert_eq!(cluster.psql(i, "SELECT x FROM t").unwrap(), "from the source");
+        assert_eq!(cluster.psql(i, rows).unwrap(), expected);
     }
 }
 
@@ -342,7 +361,7 @@ cp -a {b}/base/. "$d"/"#,
     assert_eq!(cluster.wait_healthy(HEALTHY).unwrap(), 0);
     cluster.psql(0, "CREATE TABLE t(x int)").unwrap();
     run(as_postgres(
-        Command::new("pg_basebackup")
+        Command::new(pg_bin("pg_basebackup"))
             .arg("--pgdata")
             .arg(b.join("base"))
             .arg(format!(
