@@ -277,9 +277,9 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
     {
         return Decision::new("bootstrapping a new cluster", vec![Action::Bootstrap]);
     }
-    // No leader to clone from (no key, or a key without a member): a method that restores from a backup (`no_leader`) may still
-    // create the data directory, unless another node is bootstrapping a new cluster right now
-    // (Patroni's `bootstrap (without leader)`). The result starts as a replica without an
+    // No leader to clone from (no key, or a key without a member): a method that restores
+    // from a backup (`no_leader`) may still create the data directory, unless another node is
+    // bootstrapping a new cluster right now (Patroni's `bootstrap (without leader)`). The result starts as a replica without an
     // upstream and races for the lock only under the usual rules (lag against the last leader
     // position), never because it was restored.
     let methods = i.config.replica_plan(false, false);
