@@ -83,6 +83,16 @@ fn log_count(cluster: &TestCluster, i: usize, needle: &str) -> usize {
         .count()
 }
 
+/// The start of a custom bootstrap script: its arguments read, the source cloned into the data
+/// directory.
+const CLONE: &str = r#"for a in "$@"; do case "$a" in --datadir=*) d="${a#--datadir=}";; --source-port=*) p="${a#--source-port=}";; --archive=*) w="${a#--archive=}";; esac; done
+pg_basebackup -D "$d" -h 127.0.0.1 -p "$p" -U postgres -X stream -c fast"#;
+
+/// [`script`] starting with [`CLONE`].
+fn clone_script(dir: &Path, name: &str, rest: &str) {
+    script(dir, name, &format!("{CLONE}\n{rest}"));
+}
+
 /// A standalone PostgreSQL 15 outside any cluster, archiving its WAL: the source a custom
 /// bootstrap clones. Stopped (by its data directory's postmaster.pid) on drop.
 struct Standalone {
@@ -91,7 +101,8 @@ struct Standalone {
 }
 
 impl Standalone {
-    fn start() -> Standalone {
+    /// Started, with a table `t` holding `row`; with a directory for the scripts.
+    fn start(row: &str) -> (Standalone, tempfile::TempDir) {
         let dir = shared_dir("pgvigil-standalone-");
         let port = pgvigil_testkit::free_port();
         let data = dir.path().join("data");
@@ -121,7 +132,9 @@ impl Standalone {
                 .arg(standalone.dir.path().join("postgres.log"))
                 .args(["--wait", "--options", &options, "start"]),
         ));
-        standalone
+        let sql = format!("CREATE TABLE t(x text); INSERT INTO t VALUES ('{row}')");
+        psql_at(standalone.port, &sql).unwrap();
+        (standalone, shared_dir("pgvigil-methods-"))
     }
 
     fn archive(&self) -> PathBuf {
@@ -148,20 +161,12 @@ impl Drop for Standalone {
 /// string it is given; node 3's first method fails and `basebackup` takes over.
 #[test]
 fn a_cluster_cloned_by_a_custom_bootstrap_gets_replicas_from_custom_methods_and_the_fallback() {
-    let source = Standalone::start();
-    psql_at(
-        source.port,
-        "CREATE TABLE t(x text); INSERT INTO t VALUES ('from the source')",
-    )
-    .unwrap();
-    let scripts = shared_dir("pgvigil-methods-");
+    let (source, scripts) = Standalone::start("from the source");
     let s = scripts.path();
-    script(
+    clone_script(
         s,
         "clone",
-        r#"for a in "$@"; do case "$a" in --datadir=*) d="${a#--datadir=}";; --source-port=*) p="${a#--source-port=}";; --archive=*) w="${a#--archive=}";; esac; done
-pg_basebackup -D "$d" -h 127.0.0.1 -p "$p" -U postgres -X stream -c fast
-# Written after the backup, so only the archive has them: one row before the target, one after.
+        r#"# Written after the backup, so only the archive has them: one row before the target, one after.
 q() { psql -X -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$p" -U postgres -d postgres -c "$1"; }
 q "INSERT INTO t VALUES ('replayed from the archive')"
 q "SELECT pg_create_restore_point('target')"
@@ -305,6 +310,54 @@ exit 3"#,
     for i in [1, 2] {
         assert_eq!(cluster.psql(i, rows).unwrap(), expected);
     }
+}
+
+/// `keep_existing_recovery_conf`: the script writes its own recovery settings, as pgBackRest or
+/// Barman do (`recovery.signal` and `restore_command`/targets in `postgresql.auto.conf`);
+/// pgvigil recovers with them, then removes them.
+#[test]
+fn a_custom_bootstrap_keeping_the_scripts_recovery_settings_recovers_with_them() {
+    let (source, scripts) = Standalone::start("restored");
+    let s = scripts.path();
+    clone_script(
+        s,
+        "restore",
+        r#"cat >> "$d/postgresql.auto.conf" <<END
+restore_command = 'cp $w/%f %p'
+recovery_target = 'immediate'
+recovery_target_action = 'promote'
+END
+touch "$d/recovery.signal""#,
+    );
+    let bootstrap = format!(
+        "  method: restore\n  restore:\n    command: {s}/restore.sh\n    keep_existing_recovery_conf: true\n    \
+         source-port: {port}\n    archive: {archive}\n",
+        s = s.display(),
+        port = source.port,
+        archive = source.archive().display()
+    );
+    let options = ClusterOptions {
+        nodes: 1,
+        extra_bootstrap_yaml: vec![bootstrap],
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(AGENT.as_ref(), options).expect("cluster starts");
+    assert_eq!(cluster.wait_healthy(HEALTHY).unwrap(), 0);
+    assert_eq!(cluster.psql(0, "SELECT x FROM t").unwrap(), "restored");
+    assert_eq!(cluster.psql(0, "SELECT pg_is_in_recovery()").unwrap(), "f");
+    assert_eq!(
+        lines(&s.join("restore.args"))[..2],
+        [
+            format!("--scope={}", cluster.scope),
+            format!("--datadir={}", cluster.nodes[0].data_dir.display()),
+        ]
+    );
+    // The script's settings did the recovery (a new timeline), and are gone now.
+    let doc = cluster.cluster_doc().unwrap();
+    assert_eq!(doc["members"][0]["timeline"], Value::from(2), "{doc}");
+    let auto_conf = fs::read_to_string(cluster.nodes[0].data_dir.join("postgresql.auto.conf")).unwrap();
+    assert!(!auto_conf.contains("restore_command"), "{auto_conf}");
+    assert_eq!(cluster.psql(0, "SHOW restore_command").unwrap(), "");
 }
 
 /// The value of `/service/<scope>/<key>` in etcd, read with etcdctl (empty when absent).
