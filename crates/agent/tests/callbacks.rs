@@ -128,7 +128,7 @@ impl Scripts {
 fn start(scripts: &Scripts) -> TestCluster {
     let link = scripts.path("cluster");
     let options = ClusterOptions {
-        extra_pg_yaml: (0..3).map(|i| scripts.pg_yaml(&link, i)).collect(),
+        extra_postgresql_yaml: (0..3).map(|i| scripts.pg_yaml(&link, i)).collect(),
         ..Default::default()
     };
     let cluster = TestCluster::start(AGENT.as_ref(), options).expect("cluster starts");
@@ -329,7 +329,7 @@ fn callbacks_that_never_finish_delay_neither_a_switchover_nor_each_other() {
     let events = ["on_start", "on_stop", "on_restart", "on_reload", "on_role_change"];
     let yaml: String = events.iter().map(|e| format!("    {e}: {hang}\n")).collect();
     let options = ClusterOptions {
-        extra_pg_yaml: vec![format!("  callbacks:\n{yaml}"); 3],
+        extra_postgresql_yaml: vec![format!("  callbacks:\n{yaml}"); 3],
         ..Default::default()
     };
     let cluster = TestCluster::start(AGENT.as_ref(), options).expect("cluster starts");

@@ -69,7 +69,7 @@ fn bootstrap_replication_rest_and_patronictl() {
         cluster.diagnostics()
     );
     assert_eq!(
-        count_in_logs(&cluster, "replica created from"),
+        count_in_logs(&cluster, "replica has been created using basebackup"),
         2,
         "{}",
         cluster.diagnostics()

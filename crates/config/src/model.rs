@@ -268,11 +268,13 @@ impl Etcd3Config {
     }
 }
 
-/// A custom method section: `bootstrap.<method>` or `postgresql.<replica method>`.
+/// A custom method section: `bootstrap.<method>` or `postgresql.<replica method>`
+/// (`docs/patroni-compat.md` §3.5, §5.4).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MethodConfig {
-    /// `command` (required): the script to run.
-    pub command: String,
+    /// `command` (required), split into words as a POSIX shell would (Patroni's `shlex.split`);
+    /// it runs without a shell.
+    pub command: Vec<String>,
     /// `no_params` (default false): do not pass pgvigil's standard `--scope`/`--datadir`/...
     /// arguments.
     pub no_params: bool,
@@ -285,8 +287,59 @@ pub struct MethodConfig {
     pub keep_existing_recovery_conf: bool,
     /// `recovery_conf` (bootstrap methods): recovery settings written after the script.
     pub recovery_conf: BTreeMap<String, Value>,
-    /// Every other key, rendered as `--key=value` arguments in the order written.
-    pub args: Vec<String>,
+    /// Every key but `command`, in the order written, with its value as Patroni renders it on a
+    /// command line (`True`, `1`, `latest`); nulls are left out.
+    pub options: Vec<(String, String)>,
+}
+
+impl MethodConfig {
+    /// The arguments after the command for a custom bootstrap: `--scope` and `--datadir`
+    /// (unless `no_params`), then every other option as `--key=value`.
+    pub fn bootstrap_args(&self, scope: &str, data_dir: &str) -> Vec<String> {
+        const RESERVED: &[&str] = &[
+            "no_params",
+            "keep_existing_recovery_conf",
+            "recovery_conf",
+            "scope",
+            "datadir",
+        ];
+        let mut args = Vec::new();
+        if !self.no_params {
+            args.push(format!("--scope={scope}"));
+            args.push(format!("--datadir={data_dir}"));
+        }
+        args.extend(
+            self.options
+                .iter()
+                .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
+                .map(|(k, v)| format!("--{k}={v}")),
+        );
+        args
+    }
+
+    /// The arguments after the command for a replica method: every option as `--key=value`
+    /// in the order written, then `--scope`, `--role=replica`, `--datadir` and `--connstring`
+    /// (a key the user set to one of these keeps its place and takes pgvigil's value). With
+    /// `no_params`, only the user's options without `no_params`, `no_leader`, `keep_data`.
+    pub fn replica_args(&self, scope: &str, data_dir: &str, connstring: &str) -> Vec<String> {
+        let mut options = self.options.clone();
+        if self.no_params {
+            options.retain(|(k, _)| !["no_params", "no_leader", "keep_data"].contains(&k.as_str()));
+        } else {
+            for (key, value) in [
+                ("scope", scope),
+                ("role", "replica"),
+                ("datadir", data_dir),
+                ("connstring", connstring),
+            ] {
+                match options.iter_mut().find(|(k, _)| k == key) {
+                    Some(slot) => slot.1 = value.to_string(),
+                    None => options.push((key.to_string(), value.to_string())),
+                }
+            }
+        }
+        options.into_iter().map(|(k, v)| format!("--{k}={v}")).collect()
+    }
 }
 
 /// `bootstrap` section (§3.5).

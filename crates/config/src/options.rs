@@ -110,10 +110,12 @@ pub(crate) fn render_options(
 
 /// Renders the extra keys of a custom method section as `--key=value`, formatting values the
 /// way Patroni (Python's `str`) does so existing scripts keep working.
-pub(crate) fn method_args(extra: &Map<String, Value>) -> Vec<String> {
-    extra
+/// A method section's keys but `command`, in the order written, with values as Patroni's
+/// `--{key}={value}` renders them (Python's `str()`: `True`, `1`, `latest`); nulls left out.
+pub(crate) fn method_options(section: &Map<String, Value>) -> Vec<(String, String)> {
+    section
         .iter()
-        .filter(|(_, v)| !v.is_null())
+        .filter(|(k, v)| *k != "command" && !v.is_null())
         .map(|(k, v)| {
             let v = match v {
                 Value::String(s) => s.clone(),
@@ -121,9 +123,63 @@ pub(crate) fn method_args(extra: &Map<String, Value>) -> Vec<String> {
                 Value::Bool(false) => "False".to_string(),
                 other => other.to_string(),
             };
-            format!("--{k}={v}")
+            (k.clone(), v)
         })
         .collect()
+}
+
+/// Splits a command line into words as a POSIX shell (and Python's `shlex.split`) would:
+/// single quotes literal, double quotes with `\` escapes for `\ " $ ``, backslash outside
+/// quotes escaping the next character. `None` for unbalanced quotes or a trailing backslash.
+pub(crate) fn split_words(text: &str) -> Option<Vec<String>> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if let Some(w) = word.take() {
+                    words.push(w);
+                }
+            }
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next()? {
+                        '\'' => break,
+                        c => w.push(c),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '\\' => match chars.next()? {
+                            c @ ('\\' | '"' | '$' | '`') => w.push(c),
+                            '\n' => {}
+                            c => {
+                                w.push('\\');
+                                w.push(c);
+                            }
+                        },
+                        c => w.push(c),
+                    }
+                }
+            }
+            '\\' => {
+                let next = chars.next()?;
+                let w = word.get_or_insert_with(String::new);
+                if next != '\n' {
+                    w.push(next);
+                }
+            }
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    Some(words)
 }
 
 fn unquote(v: &str) -> String {
@@ -212,6 +268,35 @@ mod tests {
 
     use super::*;
     use crate::yaml::Origins;
+
+    #[test]
+    fn commands_split_like_a_shell() {
+        let words = |t: &str| split_words(t).unwrap();
+        assert_eq!(words("/bin/restore.sh  --a=1"), ["/bin/restore.sh", "--a=1"]);
+        assert_eq!(
+            words(r#"sh -c 'echo "$1"' "two words" a\ b"#),
+            ["sh", "-c", "echo \"$1\"", "two words", "a b"]
+        );
+        assert_eq!(words(r#""a\"b\$c\x""#), [r#"a"b$c\x"#]);
+        assert_eq!(words("''"), [""]);
+        assert_eq!(split_words("'open"), None);
+        assert_eq!(split_words("a\\"), None);
+    }
+
+    #[test]
+    fn method_options_keep_order_and_python_spelling() {
+        let section =
+            json!({"command": "x", "no_leader": 1, "flag": true, "off": false, "n": null, "s": "v"});
+        assert_eq!(
+            method_options(section.as_object().unwrap()),
+            [
+                ("no_leader".to_string(), "1".to_string()),
+                ("flag".into(), "True".into()),
+                ("off".into(), "False".into()),
+                ("s".into(), "v".into())
+            ]
+        );
+    }
 
     fn render(v: Value, forbidden: &[&str]) -> Result<Vec<String>, String> {
         let mut ctx = Ctx::new(Origins::new("x.yml"));

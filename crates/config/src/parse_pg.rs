@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::error::ConfigError;
 use crate::gucs::{ControlledGuc, controlled_guc};
 use crate::model::MethodConfig;
-use crate::options::{BASEBACKUP_FORBIDDEN, REWIND_FORBIDDEN, method_args, render_options};
+use crate::options::{BASEBACKUP_FORBIDDEN, REWIND_FORBIDDEN, method_options, render_options, split_words};
 use crate::postgresql::{PgAuthentication, PgCredentials, PostgresqlConfig, RoleOverrides, split_host_port};
 use crate::walk::{Ctx, Obj, describe};
 
@@ -187,10 +187,12 @@ pub(crate) fn parse_postgresql(
             pg.replica_methods
                 .insert(method.clone(), parse_method(section, ctx)?);
         } else {
+            // Patroni would run a program named like the method; a typo would then fail only
+            // when a replica is needed, so this is refused up front.
             let msg = format!(
-                "method `{method}` has no `postgresql.{method}` section with a `command`; it will be skipped"
+                "missing: create_replica_methods lists `{method}`, which needs a section with a `command`"
             );
-            ctx.warn(&o.key_path("create_replica_methods"), msg);
+            return Err(ctx.error(&o.key_path(&method), msg));
         }
     }
     pg.recovery_conf = o.value_map(ctx, "recovery_conf")?;
@@ -342,27 +344,21 @@ pub(crate) fn parse_method(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<MethodConfig
         Some(c) if !c.trim().is_empty() => c,
         _ => return Err(o.missing(ctx, "command")),
     };
+    let Some(command) = split_words(&command).filter(|w| !w.is_empty()) else {
+        let msg = format!("`{command}`: unbalanced quotes or a trailing backslash");
+        return Err(ctx.error(&o.key_path("command"), msg));
+    };
     let no_leader = o.bool(ctx, "no_leader")?;
     let no_master = o.bool(ctx, "no_master")?;
-    let mut m = MethodConfig {
+    let m = MethodConfig {
         command,
         no_params: o.bool(ctx, "no_params")?.unwrap_or(false),
         keep_data: o.bool(ctx, "keep_data")?.unwrap_or(false),
         no_leader: no_leader.or(no_master).unwrap_or(false),
         keep_existing_recovery_conf: o.bool(ctx, "keep_existing_recovery_conf")?.unwrap_or(false),
         recovery_conf: o.value_map(ctx, "recovery_conf")?,
-        args: Vec::new(),
+        options: o.object_ref().map(method_options).unwrap_or_default(),
     };
-    let extra: serde_json::Map<String, Value> = o
-        .unknown_keys()
-        .into_iter()
-        .filter_map(|k| {
-            o.object_ref()
-                .and_then(|map| map.get(k))
-                .map(|v| (k.to_string(), v.clone()))
-        })
-        .collect();
-    m.args = method_args(&extra);
     Ok(m)
 }
 

@@ -221,17 +221,69 @@ fn custom_bootstrap_and_replica_methods() {
         "postgresql.create_replica_methods",
         json!(["wal_g", "basebackup"]),
     );
+    let e = load_value(&v).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "x.yml: postgresql.wal_g: missing: create_replica_methods lists `wal_g`, which needs a section with a `command`"
+    );
+    set(
+        &mut v,
+        "postgresql.wal_g",
+        json!({"command": "wal-g 'backup fetch'", "no_leader": 1, "envdir": "/etc/wal-g"}),
+    );
     let loaded = load_value(&v).unwrap();
     let custom = loaded.config.bootstrap.custom.clone().unwrap();
     assert!(custom.no_params);
-    assert_eq!(custom.args, ["--target=latest", "--flag=True"]);
-    assert_eq!(custom.recovery_conf["recovery_target_action"], json!("promote"));
-    let w = warnings_without_dir(&loaded);
-    assert_eq!(w.len(), 1, "{w:?}");
-    assert!(
-        w[0].contains("create_replica_methods: method `wal_g` has no `postgresql.wal_g` section"),
-        "{w:?}"
+    assert_eq!(custom.command, ["/bin/restore.sh"]);
+    assert_eq!(
+        custom.bootstrap_args("main", "/data"),
+        ["--target=latest", "--flag=True"]
     );
+    assert_eq!(custom.recovery_conf["recovery_target_action"], json!("promote"));
+    let wal_g = &loaded.config.postgresql.replica_methods["wal_g"];
+    assert!(wal_g.no_leader);
+    assert_eq!(wal_g.command, ["wal-g", "backup fetch"]);
+    // Patroni's order: the section's own keys (no_leader included), then its four.
+    assert_eq!(
+        wal_g.replica_args("main", "/data", "host=a"),
+        [
+            "--no_leader=1",
+            "--envdir=/etc/wal-g",
+            "--scope=main",
+            "--role=replica",
+            "--datadir=/data",
+            "--connstring=host=a"
+        ]
+    );
+    assert!(warnings_without_dir(&loaded).is_empty());
+    set(&mut v, "postgresql.wal_g.command", json!("wal-g 'open"));
+    let e = load_value(&v).unwrap_err().to_string();
+    assert!(
+        e.starts_with("x.yml: postgresql.wal_g.command: `wal-g 'open`: unbalanced quotes"),
+        "{e}"
+    );
+    set(&mut v, "postgresql.wal_g.command", json!(["wal-g"]));
+    let e = load_value(&v).unwrap_err().to_string();
+    assert!(e.starts_with("x.yml: postgresql.wal_g.command: "), "{e}");
+    set(
+        &mut v,
+        "postgresql.wal_g",
+        json!({"command": "wal-g", "keep_data": "maybe"}),
+    );
+    let e = load_value(&v).unwrap_err().to_string();
+    assert!(
+        e.starts_with("x.yml: postgresql.wal_g.keep_data: expected a boolean"),
+        "{e}"
+    );
+    set(&mut v, "postgresql.wal_g.keep_data", json!(true));
+    set(
+        &mut v,
+        "bootstrap.restore.recovery_conf",
+        json!("restore_command=cp"),
+    );
+    let e = load_value(&v).unwrap_err().to_string();
+    assert!(e.starts_with("x.yml: bootstrap.restore.recovery_conf: "), "{e}");
+    set(&mut v, "bootstrap.restore.recovery_conf", json!({}));
     set(&mut v, "postgresql.wal_g", json!({"no_master": 1}));
     let e = load_value(&v).unwrap_err().to_string();
     assert_eq!(e, "x.yml: postgresql.wal_g.command: missing (required)");

@@ -44,8 +44,15 @@ pub enum Action {
     /// Race for `initialize`; the winner runs initdb, starts PostgreSQL, creates the roles,
     /// publishes the sysid and the dynamic config, and takes the lock.
     Bootstrap,
-    /// Clone the data directory with pg_basebackup from this member, then start as a replica.
-    CreateReplica { source: String },
+    /// Create the data directory with `methods` in order, the first that succeeds wins
+    /// (`basebackup` is pg_basebackup, any other name a `postgresql.<method>` section's
+    /// command), then start as a replica. `source` is the member to clone from; `None` only
+    /// for methods that work without a leader (`no_leader`). If every method fails, the data
+    /// directory is left empty and the next cycle decides again.
+    CreateReplica {
+        source: Option<String>,
+        methods: Vec<String>,
+    },
     /// Start PostgreSQL.
     Start(StartAs),
     /// `pg_ctl promote`, then the post-promotion checkpoint and history update.
@@ -56,8 +63,9 @@ pub enum Action {
     Follow { upstream: Option<String> },
     /// Stop, pg_rewind from the member, start following it.
     Rewind { source: String },
-    /// Wipe the data directory and clone again from the member.
-    Reinitialize { source: String },
+    /// Stop PostgreSQL, wipe the data directory and create it again from `source` with
+    /// `methods`, as [`Action::CreateReplica`] does.
+    Reinitialize { source: String, methods: Vec<String> },
     /// Ask every other member for its status, then call `decide` again with the answers.
     QueryPeers,
     /// Create-if-absent transaction on the leader key, then run a new cycle at once.

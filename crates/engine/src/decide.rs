@@ -261,7 +261,14 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
         } else {
             format!("trying to bootstrap from replica '{source}'")
         };
-        return Decision::new(message, vec![Action::CreateReplica { source }]);
+        let methods = i.config.replica_plan(true, false);
+        return Decision::new(
+            message,
+            vec![Action::CreateReplica {
+                source: Some(source),
+                methods,
+            }],
+        );
     }
     if cluster.is_unlocked()
         && cluster.initialize.is_none()
@@ -269,6 +276,22 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
         && !i.config.nofailover()
     {
         return Decision::new("bootstrapping a new cluster", vec![Action::Bootstrap]);
+    }
+    // No leader to clone from (no key, or a key without a member): a method that restores
+    // from a backup (`no_leader`) may still create the data directory, unless another node is
+    // bootstrapping a new cluster right now (Patroni's `bootstrap (without leader)`). The result starts as a replica without an
+    // upstream and races for the lock only under the usual rules (lag against the last leader
+    // position), never because it was restored.
+    let methods = i.config.replica_plan(false, false);
+    let bootstrapping_elsewhere = cluster.initialize.as_deref() == Some("");
+    if !methods.is_empty() && !bootstrapping_elsewhere {
+        return Decision::new(
+            "trying to bootstrap (without leader)",
+            vec![Action::CreateReplica {
+                source: None,
+                methods,
+            }],
+        );
     }
     Decision::idle("waiting for leader to bootstrap")
 }
@@ -446,7 +469,10 @@ fn check_divergence(
                      the timeline {source} leads with another history; pg_rewind cannot tell them apart",
                     leader.data.timeline.unwrap_or(0)
                 ),
-                vec![Action::Reinitialize { source }],
+                vec![Action::Reinitialize {
+                    source,
+                    methods: i.config.replica_plan(true, false),
+                }],
             ))
         }
         Divergence::RewindNeeded => {
@@ -465,7 +491,10 @@ fn check_divergence(
             } else {
                 Some(Decision::new(
                     format!("reinitializing from {source}: the data directory diverged from the leader"),
-                    vec![Action::Reinitialize { source }],
+                    vec![Action::Reinitialize {
+                        source,
+                        methods: i.config.replica_plan(true, false),
+                    }],
                 ))
             }
         }

@@ -104,13 +104,19 @@ fn crashed_former_primary_is_rewound_or_recloned() {
     };
     assert_eq!(
         decide_with(&config("a"), Some(&view), &pg, &memory).actions,
-        vec![Action::Reinitialize { source: "bb".into() }]
+        vec![Action::Reinitialize {
+            source: "bb".into(),
+            methods: vec!["basebackup".into()]
+        }]
     );
     let mut cfg = config("a");
     cfg.use_pg_rewind = false;
     assert_eq!(
         decide_with(&cfg, Some(&view), &pg, &Memory::default()).actions,
-        vec![Action::Reinitialize { source: "bb".into() }]
+        vec![Action::Reinitialize {
+            source: "bb".into(),
+            methods: vec!["basebackup".into()]
+        }]
     );
 }
 
@@ -258,7 +264,10 @@ fn former_primary_on_the_leaders_timeline_is_recloned() {
         }
         pg
     };
-    let reclone = vec![Action::Reinitialize { source: "bb".into() }];
+    let reclone = vec![Action::Reinitialize {
+        source: "bb".into(),
+        methods: vec!["basebackup".into()],
+    }];
     for state in [ControlState::ShutDown, ControlState::InProduction] {
         let pg = on_timeline_2(state);
         let d = decide_with(&config("a"), Some(&view), &pg, &Memory::default());
@@ -312,7 +321,10 @@ fn replica_started_from_a_former_primary_on_the_leaders_timeline_is_recloned() {
     };
     assert_eq!(
         decide_with(&config("a"), Some(&view), &pg, &memory).actions,
-        vec![Action::Reinitialize { source: "bb".into() }]
+        vec![Action::Reinitialize {
+            source: "bb".into(),
+            methods: vec!["basebackup".into()],
+        }]
     );
     let follow = vec![Action::Follow {
         upstream: Some("bb".into()),

@@ -61,6 +61,9 @@ pub struct EngineConfig {
     pub use_pg_rewind: bool,
     /// Whether this node has a `bootstrap` section, i.e. may initialize a new cluster.
     pub can_bootstrap: bool,
+    /// `postgresql.create_replica_methods` in order (`basebackup` when the list is empty), each
+    /// with its `no_leader` flag (`docs/patroni-compat.md` §5.4).
+    pub replica_methods: Vec<ReplicaMethod>,
     pub synchronous_mode: crate::sync::SyncMode,
     /// Maintenance mode as last read from the DCS; it still holds while the DCS is unreachable.
     pub paused: bool,
@@ -73,7 +76,46 @@ pub struct EngineConfig {
     pub takeover_margin: Duration,
 }
 
+/// One replica creation method as the engine needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaMethod {
+    pub name: String,
+    /// The method can create a replica without a member to clone from (a restore from a
+    /// backup); never true for `basebackup`.
+    pub no_leader: bool,
+}
+
+impl ReplicaMethod {
+    pub fn basebackup() -> Self {
+        ReplicaMethod {
+            name: "basebackup".into(),
+            no_leader: false,
+        }
+    }
+}
+
 impl EngineConfig {
+    /// The methods to try, in order, to create a replica from `source` (`from_leader`: only
+    /// `basebackup`, as `POST /reinitialize` with `from_leader` asks), or without any source
+    /// (only `no_leader` methods; empty when there are none).
+    pub fn replica_plan(&self, has_source: bool, from_leader: bool) -> Vec<String> {
+        if from_leader {
+            return vec!["basebackup".into()];
+        }
+        if !has_source {
+            return self
+                .replica_methods
+                .iter()
+                .filter(|m| m.no_leader && m.name != "basebackup")
+                .map(|m| m.name.clone())
+                .collect();
+        }
+        if self.replica_methods.is_empty() {
+            return vec!["basebackup".into()];
+        }
+        self.replica_methods.iter().map(|m| m.name.clone()).collect()
+    }
+
     pub fn nofailover(&self) -> bool {
         pgvigil_api::values::failover_priority(&self.tags) <= 0
     }

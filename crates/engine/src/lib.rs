@@ -32,7 +32,7 @@ pub use decide::decide;
 pub use divergence::{Divergence, LocalEnd, divergence};
 pub use inputs::{
     ControlInfo, ControlState, DataDir, EngineConfig, Inputs, LocalPg, LockState, Memory, Observed,
-    OperatorRequest, PeerReport, RestartRequest, Silence, SwitchoverStop,
+    OperatorRequest, PeerReport, ReplicaMethod, RestartRequest, Silence, SwitchoverStop,
 };
 pub use race::{RELEASE_BACKOFF, RaceVerdict, race_verdict};
 

@@ -115,7 +115,10 @@ pub fn request_decision(
             };
             Some(Decision::new(
                 format!("reinitializing from {source} as requested"),
-                vec![Action::Reinitialize { source }],
+                vec![Action::Reinitialize {
+                    source,
+                    methods: i.config.replica_plan(true, *from_leader),
+                }],
             ))
         }
     }

@@ -59,7 +59,14 @@ fn restart(r: RestartRequest) -> OperatorRequest {
 }
 
 fn decide_request(name: &str, view: &ClusterView, pg: &LocalPg, request: &OperatorRequest) -> Decision {
-    let cfg = config(name);
+    let mut cfg = config(name);
+    cfg.replica_methods = vec![
+        ReplicaMethod {
+            name: "restore".into(),
+            no_leader: true,
+        },
+        ReplicaMethod::basebackup(),
+    ];
     let memory = mem();
     let mut i = inputs(&cfg, Some(view), pg, &memory, None, None);
     i.request = Some(request);
@@ -170,13 +177,21 @@ fn reinitialize_requests_pick_the_source_by_the_clone_rule_and_refuse_on_the_lea
     let replica = running(true, 1, 1000, Some(("127.0.0.1", 5433)));
     let from_leader = OperatorRequest::Reinitialize { from_leader: true };
     let any = OperatorRequest::Reinitialize { from_leader: false };
+    // `from_leader` means pg_basebackup from the leader, whatever methods are configured
+    // (Patroni's `clone_from_leader`); otherwise the configured methods in order.
     assert_eq!(
         decide_request("ccc", &view, &replica, &from_leader).actions,
-        vec![Action::Reinitialize { source: "a".into() }]
+        vec![Action::Reinitialize {
+            source: "a".into(),
+            methods: vec!["basebackup".into()]
+        }]
     );
     assert_eq!(
         decide_request("ccc", &view, &replica, &any).actions,
-        vec![Action::Reinitialize { source: "bb".into() }]
+        vec![Action::Reinitialize {
+            source: "bb".into(),
+            methods: vec!["restore".into(), "basebackup".into()]
+        }]
     );
     let leader = running(false, 1, 1000, None);
     assert_eq!(

@@ -146,6 +146,15 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
         check_timeline: false,
         use_pg_rewind: true,
         can_bootstrap: true,
+        // A restore method that works without a leader, then pg_basebackup: the empty-node
+        // rules see both paths.
+        replica_methods: vec![
+            ReplicaMethod {
+                name: "restore".into(),
+                no_leader: true,
+            },
+            ReplicaMethod::basebackup(),
+        ],
         synchronous_mode: [SyncMode::Off, SyncMode::On, SyncMode::Quorum][s.mode as usize],
         paused: s.paused,
         failsafe_mode: false,
@@ -517,6 +526,14 @@ fn check_decision(
                     held && !candidates.is_empty() && !candidates.iter().any(|c| c == NAMES[s.me]),
                     "{decision:?}"
                 );
+            }
+            Action::CreateReplica { source, methods } => {
+                prop_assert!(matches!(pg.data, DataDir::Empty), "{decision:?}");
+                prop_assert!(!held, "the lock holder cloned itself: {decision:?}");
+                match source {
+                    Some(_) => prop_assert_eq!(methods, &vec!["restore".to_string(), "basebackup".into()]),
+                    None => prop_assert_eq!(methods, &vec!["restore".to_string()]),
+                }
             }
             Action::Bootstrap => {
                 prop_assert!(matches!(pg.data, DataDir::Empty) && !s.initialized && view_leader.is_none());

@@ -23,6 +23,7 @@ pub(crate) fn config(name: &str) -> EngineConfig {
         check_timeline: false,
         use_pg_rewind: true,
         can_bootstrap: true,
+        replica_methods: Vec::new(),
         synchronous_mode: crate::sync::SyncMode::Off,
         paused: false,
         failsafe_mode: false,
@@ -297,12 +298,102 @@ fn empty_node_clones_from_leader_or_clonefrom_replica() {
         observed: None,
     };
     let d = decide_with(&config("ccc"), Some(&view), &pg, &Memory::default());
-    assert_eq!(d.actions, vec![Action::CreateReplica { source: "a".into() }]);
+    let clone = |source: &str| Action::CreateReplica {
+        source: Some(source.into()),
+        methods: vec!["basebackup".into()],
+    };
+    assert_eq!(d.actions, vec![clone("a")]);
 
     let mut view = cluster(Some("a"));
     view.members[1].data.tags.insert("clonefrom".into(), json!(true));
     let d = decide_with(&config("ccc"), Some(&view), &pg, &Memory::default());
-    assert_eq!(d.actions, vec![Action::CreateReplica { source: "bb".into() }]);
+    assert_eq!(d.actions, vec![clone("bb")]);
+}
+
+fn with_methods(methods: &[(&str, bool)]) -> EngineConfig {
+    let mut cfg = config("ccc");
+    cfg.replica_methods = methods
+        .iter()
+        .map(|(name, no_leader)| ReplicaMethod {
+            name: name.to_string(),
+            no_leader: *no_leader,
+        })
+        .collect();
+    cfg
+}
+
+fn empty() -> LocalPg {
+    LocalPg {
+        data: DataDir::Empty,
+        postmaster_alive: false,
+        observed: None,
+    }
+}
+
+#[test]
+fn a_replica_is_created_with_the_configured_methods_in_order() {
+    let cfg = with_methods(&[("wal_g", false), ("restore", true), ("basebackup", false)]);
+    let d = decide_with(&cfg, Some(&cluster(Some("a"))), &empty(), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::CreateReplica {
+            source: Some("a".into()),
+            methods: vec!["wal_g".into(), "restore".into(), "basebackup".into()],
+        }]
+    );
+    // Without basebackup listed there is no fallback to it (Patroni's order is the list).
+    let cfg = with_methods(&[("wal_g", false)]);
+    let d = decide_with(&cfg, Some(&cluster(Some("a"))), &empty(), &Memory::default());
+    assert!(
+        matches!(&d.actions[..], [Action::CreateReplica { methods, .. }] if methods == &["wal_g".to_string()]),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn without_a_leader_only_no_leader_methods_create_a_replica() {
+    let cfg = with_methods(&[("wal_g", false), ("restore", true), ("basebackup", false)]);
+    let d = decide_with(&cfg, Some(&cluster(None)), &empty(), &Memory::default());
+    assert_eq!(d.message, "trying to bootstrap (without leader)");
+    assert_eq!(
+        d.actions,
+        vec![Action::CreateReplica {
+            source: None,
+            methods: vec!["restore".into()],
+        }]
+    );
+    // Also before the cluster exists, on a node that may not bootstrap it.
+    let mut nofailover = cfg.clone();
+    nofailover.tags.insert("nofailover".into(), json!(true));
+    let d = decide_with(
+        &nofailover,
+        Some(&ClusterView::default()),
+        &empty(),
+        &Memory::default(),
+    );
+    assert!(
+        matches!(&d.actions[..], [Action::CreateReplica { source: None, .. }]),
+        "{d:?}"
+    );
+    // A node that may bootstrap does so instead (bootstrap comes first, as in Patroni).
+    let d = decide_with(&cfg, Some(&ClusterView::default()), &empty(), &Memory::default());
+    assert_eq!(d.actions, vec![Action::Bootstrap]);
+}
+
+#[test]
+fn no_restore_without_a_leader_while_another_node_bootstraps_or_without_no_leader_methods() {
+    let cfg = with_methods(&[("restore", true)]);
+    let bootstrapping = ClusterView {
+        initialize: Some(String::new()),
+        ..Default::default()
+    };
+    let d = decide_with(&cfg, Some(&bootstrapping), &empty(), &Memory::default());
+    assert_eq!(d.message, "waiting for leader to bootstrap");
+    assert!(d.actions.is_empty());
+    let cfg = with_methods(&[("wal_g", false), ("basebackup", false)]);
+    let d = decide_with(&cfg, Some(&cluster(None)), &empty(), &Memory::default());
+    assert_eq!(d.message, "waiting for leader to bootstrap");
+    assert!(d.actions.is_empty());
 }
 
 // --- sysid -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ mod conninfo;
 mod controldata;
 mod datadir;
 mod error;
+mod method;
 mod process;
 mod remote;
 mod replica;
@@ -39,7 +40,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use conf::{
-    CONTROLLED_GUCS, ConfigFiles, RECOVERY_PARAMETERS, RecoveryConf, quote_conf_value, render_postgresql_conf,
+    CONTROLLED_GUCS, ConfigFiles, RECOVERY_PARAMETERS, RecoveryConf, Restore, quote_conf_value,
+    render_postgresql_conf,
 };
 pub use conninfo::{conninfo_escape, pgpass_escape};
 pub use controldata::{ClusterState, ControlData};

@@ -294,3 +294,57 @@ async fn failed_start_is_reported() {
     node.start().await;
     assert!(node.pg.is_running());
 }
+
+/// A custom bootstrap's recovery (`docs/patroni-compat.md` §5.3): `recovery_conf` becomes an
+/// archive recovery (`recovery.signal`, the settings as given); `keep_existing_recovery_conf`
+/// leaves the signal files and `postgresql.auto.conf` as a restore tool wrote them; afterwards
+/// the ordinary configuration removes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_bootstraps_recovery_is_written_kept_or_removed() {
+    let node = Node::new("node-r");
+    node.pg
+        .initdb(&["--no-sync".into(), "--auth=trust".into()])
+        .await
+        .expect("initdb");
+    let data = node.path("data");
+    let auto_conf = data.join("postgresql.auto.conf");
+    let restored = "restore_command = 'pgbackrest archive-get %f \"%p\"'\n";
+
+    let mut files = node.files(None);
+    let settings = [
+        ("restore_command", "cp /archive/%f %p"),
+        ("recovery_target", "immediate"),
+    ];
+    files.restore = pgvigil_postgres::Restore::Settings(
+        settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    node.pg.write_config(&files).unwrap();
+    assert!(data.join("recovery.signal").is_file());
+    assert!(!data.join("standby.signal").exists());
+    let conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+    assert!(conf.contains("recovery_target = 'immediate'"), "{conf}");
+    assert!(!conf.contains("recovery_target_name"), "no empty targets: {conf}");
+
+    // What pgBackRest or Barman leave behind stays.
+    std::fs::remove_file(data.join("recovery.signal")).unwrap();
+    std::fs::write(data.join("standby.signal"), "").unwrap();
+    std::fs::write(&auto_conf, restored).unwrap();
+    let mut files = node.files(None);
+    files.restore = pgvigil_postgres::Restore::KeepExisting;
+    node.pg.write_config(&files).unwrap();
+    assert!(data.join("standby.signal").is_file());
+    assert_eq!(std::fs::read_to_string(&auto_conf).unwrap(), restored);
+
+    // Once the bootstrap is done, no recovery is left anywhere.
+    node.pg.write_config(&node.files(None)).unwrap();
+    assert!(!data.join("standby.signal").exists());
+    assert!(!data.join("recovery.signal").exists());
+    assert!(
+        !std::fs::read_to_string(&auto_conf)
+            .unwrap()
+            .contains("restore_command")
+    );
+}

@@ -208,7 +208,7 @@ impl Agent {
                 Progress::Done(Ok(false))
             }
             Action::Rewind { source } => self.rewind_from(ctx, host, &source, false),
-            Action::Reinitialize { source } => self.rewind_from(ctx, host, &source, true),
+            Action::Reinitialize { source, .. } => self.rewind_from(ctx, host, &source, true),
             Action::LeaderHousekeeping { .. } => self.housekeeping(ctx, host),
             Action::WriteInitialize => {
                 let request = Request::Put {

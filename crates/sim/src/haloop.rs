@@ -247,6 +247,7 @@ impl Agent {
             check_timeline: false,
             use_pg_rewind: true,
             can_bootstrap: true,
+            replica_methods: Vec::new(),
             synchronous_mode: pgvigil_engine::sync::SyncMode::Off,
             paused: false,
             failsafe_mode: false,

@@ -36,9 +36,15 @@ pub struct ClusterOptions {
     pub extra_dcs: String,
     /// Extra YAML per node appended at the top level (e.g. `tags:` blocks), by node index.
     pub extra_node_yaml: Vec<String>,
-    /// Extra YAML per node appended inside its `postgresql:` section (indented by the caller
-    /// to 2 spaces; e.g. `callbacks:`), by node index.
-    pub extra_pg_yaml: Vec<String>,
+    /// Extra YAML per node appended inside `bootstrap:` (indented by the caller to 2 spaces),
+    /// by node index.
+    pub extra_bootstrap_yaml: Vec<String>,
+    /// Extra YAML per node appended inside `postgresql:` (indented by the caller to 2
+    /// spaces), by node index.
+    pub extra_postgresql_yaml: Vec<String>,
+    /// Nodes whose agents [`TestCluster::start`] does not start (the test starts them with
+    /// [`TestCluster::start_agent`]).
+    pub deferred: Vec<usize>,
     /// `restapi.authentication` (username, password) on every node. `pgvigilctl -c` and
     /// `patronictl -c` given a node's configuration use it too.
     pub restapi_auth: Option<(String, String)>,
@@ -63,7 +69,9 @@ impl Default for ClusterOptions {
             retry_timeout: 5,
             extra_dcs: String::new(),
             extra_node_yaml: Vec::new(),
-            extra_pg_yaml: Vec::new(),
+            extra_bootstrap_yaml: Vec::new(),
+            extra_postgresql_yaml: Vec::new(),
+            deferred: Vec::new(),
             restapi_auth: None,
             tls: false,
             etcd_password: None,
@@ -325,7 +333,9 @@ impl TestCluster {
             }
         }
         for i in 0..cluster.nodes.len() {
-            cluster.start_agent(i)?;
+            if !cluster.options.deferred.contains(&i) {
+                cluster.start_agent(i)?;
+            }
         }
         Ok(cluster)
     }
@@ -339,7 +349,8 @@ impl TestCluster {
         let o = &self.options;
         let hosts = self.etcd.endpoints().join(",");
         let extra = o.extra_node_yaml.get(i).cloned().unwrap_or_default();
-        let extra_pg = o.extra_pg_yaml.get(i).cloned().unwrap_or_default();
+        let extra_bootstrap = o.extra_bootstrap_yaml.get(i).cloned().unwrap_or_default();
+        let extra_pg = o.extra_postgresql_yaml.get(i).cloned().unwrap_or_default();
         let tls = self.tls_yaml(i);
         let auth = match &o.restapi_auth {
             Some((user, password)) => {
@@ -372,6 +383,7 @@ restapi:
   initdb:
   - encoding: UTF8
   - data-checksums
+{extra_bootstrap}
 postgresql:
   listen: 127.0.0.1:{pg}
   connect_address: 127.0.0.1:{pg}

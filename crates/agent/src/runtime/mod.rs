@@ -190,6 +190,7 @@ impl Agent {
             check_timeline: self.dynamic.check_timeline,
             use_pg_rewind: self.cfg.use_pg_rewind(&self.dynamic),
             can_bootstrap: true,
+            replica_methods: crate::supervisor::replica_methods(&self.cfg.postgresql),
             synchronous_mode: crate::supervisor::sync::engine_mode(self.dynamic.synchronous_mode),
             paused: self.dynamic.pause,
             failsafe_mode: self.dynamic.failsafe_mode,

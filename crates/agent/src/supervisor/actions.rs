@@ -23,7 +23,7 @@ pub enum Failed {
 
 pub(super) type Outcome = Result<bool, Failed>;
 
-fn recoverable(what: &str) -> impl FnOnce(pgvigil_postgres::PgError) -> Failed + '_ {
+pub(super) fn recoverable(what: &str) -> impl FnOnce(pgvigil_postgres::PgError) -> Failed + '_ {
     move |e| Failed::Recoverable(format!("{what}: {e}"))
 }
 
@@ -32,7 +32,7 @@ impl PgSupervisor {
         Duration::from_secs(self.dynamic.retry_timeout)
     }
 
-    fn pg_ctl_timeout(&self) -> Duration {
+    pub(super) fn pg_ctl_timeout(&self) -> Duration {
         Duration::from_secs(self.cfg.postgresql.pg_ctl_timeout.max(1))
     }
 
@@ -40,7 +40,9 @@ impl PgSupervisor {
     pub(super) async fn execute(&mut self, action: Action, view: Option<&ClusterView>) -> Outcome {
         match action {
             Action::Bootstrap => self.bootstrap().await,
-            Action::CreateReplica { source } => self.create_replica(view, &source).await,
+            Action::CreateReplica { source, methods } => {
+                self.create_replica(view, source.as_deref(), &methods).await
+            }
             Action::Start(StartAs::Primary) => self.start_primary().await,
             Action::Start(StartAs::Replica { upstream }) => {
                 self.start_replica(view, upstream.as_deref()).await
@@ -49,7 +51,7 @@ impl PgSupervisor {
             Action::Demote(mode) => self.demote(mode).await,
             Action::Follow { upstream } => self.follow(view, upstream.as_deref()).await,
             Action::Rewind { source } => self.rewind(view, &source).await,
-            Action::Reinitialize { source } => self.reinitialize(view, &source).await,
+            Action::Reinitialize { source, methods } => self.reinitialize(view, &source, &methods).await,
             // The cycle gathers peers itself before deciding again.
             Action::QueryPeers => Ok(true),
             Action::AcquireLock => self.acquire_lock(TermOpening::Acquire).await,
@@ -106,13 +108,13 @@ impl PgSupervisor {
         }
     }
 
-    fn member_addr(view: Option<&ClusterView>, name: &str) -> Result<(String, u16), Failed> {
+    pub(super) fn member_addr(view: Option<&ClusterView>, name: &str) -> Result<(String, u16), Failed> {
         view.and_then(|c| c.member(name))
             .and_then(|m| m.data.host_port())
             .ok_or_else(|| Failed::Recoverable(format!("member {name} has no usable conn_url")))
     }
 
-    fn write_pgpass(&self) -> Result<(), Failed> {
+    pub(super) fn write_pgpass(&self) -> Result<(), Failed> {
         self.pg
             .write_pgpass(&[("*".to_string(), 0)])
             .map_err(recoverable("writing the pgpass file"))
@@ -148,45 +150,32 @@ impl PgSupervisor {
                     Ok(()) => format!("; the data directory was moved to {}", failed.display()),
                     Err(e) => format!("; could not move the data directory aside: {e}"),
                 };
-                self.state = PgState::InitdbFailed;
+                self.state = match self.cfg.bootstrap.custom {
+                    Some(_) => PgState::CustomBootstrapFailed,
+                    None => PgState::InitdbFailed,
+                };
                 Err(Failed::Fatal(format!("bootstrap failed: {message}{moved}")))
             }
         }
     }
 
     async fn bootstrap_steps(&mut self) -> Result<(), String> {
-        let cfg = &self.cfg;
-        self.pg
-            .initdb(&cfg.bootstrap.initdb)
-            .await
-            .map_err(|e| format!("initdb: {e}"))?;
-        if pgconf::pg_hba(cfg, &self.dynamic).is_none() && !cfg.bootstrap.pg_hba.is_empty() {
-            let path = self.pg.data_dir().join("pg_hba.conf");
-            let mut text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            text.push_str("\n# bootstrap.pg_hba\n");
-            for line in &cfg.bootstrap.pg_hba {
-                text.push_str(line);
-                text.push('\n');
+        let opened = match self.cfg.bootstrap.custom.clone() {
+            Some(method) => Some(self.custom_bootstrap(&method).await?),
+            None => {
+                self.initdb_and_start().await?;
+                None
             }
-            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        self.write_pgpass().map_err(failed_text)?;
-        let files = self.config_files(Recovery::None);
-        self.write_config(&files)
-            .map_err(|e| format!("writing the configuration: {e}"))?;
-        self.state = PgState::Starting;
-        self.pg
-            .start(self.pg_ctl_timeout())
-            .await
-            .map_err(|e| format!("starting PostgreSQL: {e}"))?;
-        self.state = PgState::Running;
-        self.role = Role::Primary;
+        };
         self.pg
             .create_roles()
             .await
             .map_err(|e| format!("creating roles: {e}"))?;
         if let Some(script) = self.cfg.bootstrap.post_bootstrap.clone() {
             self.run_post_bootstrap(&script).await?;
+        }
+        if let Some(opened) = opened {
+            self.close_custom_bootstrap(opened).await?;
         }
         let cd = self
             .pg
@@ -216,13 +205,47 @@ impl PgSupervisor {
         }
     }
 
+    /// `initdb` with `bootstrap.initdb`, `bootstrap.pg_hba` appended unless pgvigil manages
+    /// the file, the configuration written, PostgreSQL started.
+    async fn initdb_and_start(&mut self) -> Result<(), String> {
+        let cfg = &self.cfg;
+        self.pg
+            .initdb(&cfg.bootstrap.initdb)
+            .await
+            .map_err(|e| format!("initdb: {e}"))?;
+        if pgconf::pg_hba(cfg, &self.dynamic).is_none() && !cfg.bootstrap.pg_hba.is_empty() {
+            let path = self.pg.data_dir().join("pg_hba.conf");
+            let mut text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            append_bootstrap_hba(&mut text, &cfg.bootstrap.pg_hba);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        self.write_pgpass().map_err(failed_text)?;
+        let files = self.config_files(Recovery::None);
+        self.start_new_cluster(&files, PgState::Starting).await
+    }
+
+    /// Writes `files` and starts the new cluster's PostgreSQL (in `state` meanwhile).
+    pub(super) async fn start_new_cluster(
+        &mut self,
+        files: &pgvigil_postgres::ConfigFiles,
+        state: PgState,
+    ) -> Result<(), String> {
+        self.write_config(files)
+            .map_err(|e| format!("writing the configuration: {e}"))?;
+        self.state = state;
+        self.pg
+            .start(self.pg_ctl_timeout())
+            .await
+            .map_err(|e| format!("starting PostgreSQL: {e}"))?;
+        self.state = PgState::Running;
+        self.role = Role::Primary;
+        Ok(())
+    }
+
     /// `bootstrap.post_bootstrap`: run with a superuser connection string as its argument.
     async fn run_post_bootstrap(&self, script: &str) -> Result<(), String> {
         let s = self.pg.settings();
-        let dsn = format!(
-            "host={} port={} user={} dbname={}",
-            s.listen_host, s.port, s.superuser.username, s.database
-        );
+        let dsn = self.pg.superuser_dsn();
         let mut cmd = tokio::process::Command::new("/bin/sh");
         cmd.arg("-c")
             .arg(format!("{script} \"$1\""))
@@ -239,35 +262,6 @@ impl PgSupervisor {
         } else {
             Err(format!("post_bootstrap script failed: {status}"))
         }
-    }
-
-    async fn create_replica(&mut self, view: Option<&ClusterView>, source: &str) -> Outcome {
-        let (host, port) = Self::member_addr(view, source)?;
-        self.state = PgState::CreatingReplica;
-        self.role = Role::Replica;
-        self.publish_member().await;
-        self.write_pgpass()?;
-        let timeout = Duration::from_secs(3600);
-        // Without a fast checkpoint pg_basebackup waits for a spread one, minutes on an idle
-        // source; users who configure a checkpoint option keep theirs.
-        let mut args = self.cfg.postgresql.basebackup.clone();
-        if !args
-            .iter()
-            .any(|a| a.starts_with("--checkpoint") || a.starts_with("-c"))
-        {
-            args.push("--checkpoint=fast".into());
-        }
-        if let Err(e) = self.pg.basebackup(&host, port, &args, timeout).await {
-            let _ = self.pg.remove_data_dir();
-            self.state = PgState::Stopped;
-            self.role = Role::Uninitialized;
-            return Err(Failed::Recoverable(format!(
-                "creating a replica from {source} failed: {e}"
-            )));
-        }
-        tracing::info!("replica created from {source}");
-        let leader = view.and_then(ClusterView::leader_name).map(str::to_string);
-        self.start_replica(view, leader.as_deref()).await
     }
 
     /// Starts PostgreSQL as a primary: only with a permit from `Leadership`, asked again once
@@ -296,7 +290,11 @@ impl PgSupervisor {
         started
     }
 
-    async fn start_replica(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
+    pub(super) async fn start_replica(
+        &mut self,
+        view: Option<&ClusterView>,
+        upstream: Option<&str>,
+    ) -> Outcome {
         // A former primary (demoted, or stopped for a switchover) coming back as a replica is a
         // role change for the callbacks, not a start (Patroni's `follow`).
         let role_change = self.cb_called && matches!(self.role, Role::Primary | Role::Demoted);
@@ -544,19 +542,6 @@ impl PgSupervisor {
         self.start_replica(view, leader.as_deref().or(Some(source))).await
     }
 
-    async fn reinitialize(&mut self, view: Option<&ClusterView>, source: &str) -> Outcome {
-        let role = self.current_role();
-        self.stop_postgres(StopMode::Immediate, self.pg_ctl_timeout(), Some(role))
-            .await
-            .map_err(recoverable("stopping to reinitialize"))?;
-        self.pg
-            .remove_data_dir()
-            .map_err(recoverable("removing the data directory"))?;
-        self.control = None;
-        self.memory.rewind_failed = false;
-        self.create_replica(view, source).await
-    }
-
     /// The leader's per-cycle duties: publish its position and the timeline history, manage the
     /// synchronous standbys, and keep a replication slot for each member the engine named.
     async fn leader_housekeeping(&mut self, view: Option<&ClusterView>, slot_members: &[String]) -> Outcome {
@@ -681,7 +666,19 @@ impl PgSupervisor {
     }
 }
 
-fn failed_text(f: Failed) -> String {
+/// `bootstrap.pg_hba` appended to a `pg_hba.conf` pgvigil does not manage.
+pub(super) fn append_bootstrap_hba(text: &mut String, lines: &[String]) {
+    if lines.is_empty() {
+        return;
+    }
+    text.push_str("\n# bootstrap.pg_hba\n");
+    for line in lines {
+        text.push_str(line);
+        text.push('\n');
+    }
+}
+
+pub(super) fn failed_text(f: Failed) -> String {
     match f {
         Failed::Fatal(m) | Failed::Recoverable(m) => m,
     }

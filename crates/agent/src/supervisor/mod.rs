@@ -9,7 +9,9 @@
 
 mod actions;
 pub mod callbacks;
+mod clone;
 mod config;
+mod custom_bootstrap;
 pub mod history;
 mod lock_actions;
 pub mod observe;
@@ -30,6 +32,7 @@ use pgvigil_rest::FailsafeState;
 use serde_json::Value;
 
 pub use self::actions::Failed;
+pub use self::clone::replica_methods;
 pub use self::observe::Identity;
 use crate::leadership::Leadership;
 use crate::leadership::watchdog::Watchdog;

@@ -80,5 +80,6 @@ pub fn files(
         parameters,
         recovery: recovery_conf,
         pg_hba: pg_hba(cfg, dynamic),
+        restore: Default::default(),
     }
 }

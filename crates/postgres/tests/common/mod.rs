@@ -138,6 +138,7 @@ impl Node {
             parameters: self.parameters(),
             recovery,
             pg_hba: Some(Self::hba()),
+            ..Default::default()
         }
     }
 
