@@ -25,6 +25,7 @@ mod failover;
 mod inputs;
 pub mod operator;
 mod race;
+pub mod slots;
 pub mod sync;
 
 pub use actions::{Action, Decision, DemoteMode, StartAs};
@@ -48,6 +49,8 @@ mod lock_tests;
 mod operator_tests;
 #[cfg(test)]
 mod properties;
+#[cfg(test)]
+mod slots_tests;
 #[cfg(test)]
 mod sync_tests;
 #[cfg(test)]

@@ -151,6 +151,7 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
         failsafe_mode: false,
         fast_takeover: true,
         takeover_margin: Duration::from_millis(500),
+        slots: Default::default(),
     };
     let members = NAMES
         .iter()
@@ -256,6 +257,7 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
             upstream: None,
             server_version: 150010,
             pending_restart: false,
+            slots: Vec::new(),
         }),
     };
     let peers = s.peers.as_ref().map(|answers| {
@@ -397,6 +399,7 @@ fn set_running(pg: &mut LocalPg, in_recovery: bool) {
         upstream: None,
         server_version: 150010,
         pending_restart: false,
+        slots: Vec::new(),
     });
 }
 
@@ -544,6 +547,7 @@ proptest! {
                 shutdown_lsn: 500,
                 candidates: vec![NAMES[(s.me + 1) % 3].into()],
             }),
+            retained_slots_seen: None,
         };
         let request = match e.request {
             1 => Some(OperatorRequest::Restart(RestartRequest::default())),

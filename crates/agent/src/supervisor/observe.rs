@@ -3,8 +3,9 @@
 
 use pgvigil_api::rest::{PatroniInfo, StatusDocument, XlogInfo};
 use pgvigil_api::{MemberData, PATRONI_COMPAT_VERSION, PgState, Role};
+use pgvigil_engine::slots::{LocalSlot, SlotKind};
 use pgvigil_engine::{ControlInfo, ControlState, Observed};
-use pgvigil_postgres::{ClusterState, ControlData, PgStatus};
+use pgvigil_postgres::{ClusterState, ControlData, PgStatus, SlotInfo};
 use serde_json::{Map, Value};
 
 pub fn control_info(cd: &ControlData) -> ControlInfo {
@@ -64,7 +65,35 @@ pub fn observed(st: &PgStatus, configured_upstream: Option<&(String, u16)>) -> O
         upstream,
         server_version: st.server_version,
         pending_restart: st.pending_restart,
+        slots: st.slots.iter().filter_map(local_slot).collect(),
     }
+}
+
+/// A slot as the engine's slot rules see it (§5.8). Temporary slots and, on PostgreSQL 17,
+/// failover slots PostgreSQL synchronised to this standby belong to nobody the agent manages:
+/// Patroni does not see them either.
+fn local_slot(s: &SlotInfo) -> Option<LocalSlot> {
+    if s.temporary || (s.failover && s.synced) {
+        return None;
+    }
+    let kind = match s.slot_type.as_str() {
+        "physical" => SlotKind::Physical,
+        "logical" => SlotKind::Logical {
+            database: s.database.clone().unwrap_or_default(),
+            plugin: s.plugin.clone().unwrap_or_default(),
+        },
+        _ => return None,
+    };
+    Some(LocalSlot {
+        name: s.slot_name.clone(),
+        kind,
+        active: s.active,
+        restart_lsn: s.restart_lsn,
+        confirmed_flush_lsn: s.confirmed_flush_lsn,
+        has_xmin: s.has_xmin,
+        lost: s.wal_status.as_deref() == Some("lost"),
+        failover: s.failover,
+    })
 }
 
 /// Inputs to the published documents that come from the configuration rather than PostgreSQL.

@@ -47,7 +47,7 @@ pub fn recovery(
         .map(|(host, port)| Postgres::primary_conninfo(host, *port, pg.settings()));
     let to_leader = upstream.is_some() && cluster.and_then(|c| c.leader_name()) == upstream;
     let primary_slot_name = (dynamic.use_slots && to_leader && primary_conninfo.is_some())
-        .then(|| Postgres::slot_name_for(&cfg.name));
+        .then(|| pgvigil_postgres::slot_name_for(&cfg.name));
     let extra = cfg
         .postgresql
         .recovery_conf
