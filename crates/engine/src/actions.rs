@@ -88,7 +88,7 @@ pub enum Action {
     /// Write our sysid into `initialize` (adopting an existing primary, or repairing the key).
     WriteInitialize,
     /// Leader housekeeping: `status` (optime, and `slots`/`retain_slots` from `published`),
-    /// `history` when the timeline moved, the synchronous standbys, and the slot plan (§5.8).
+    /// `history` when the timeline moved, the synchronous standbys, and the slot plan (`docs/patroni-compat.md` §5.8).
     /// The runtime remembers `published.seen` for the next cycle.
     LeaderHousekeeping {
         slots: SlotPlan,

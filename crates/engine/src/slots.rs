@@ -161,7 +161,7 @@ impl SlotPlan {
 }
 
 /// What the leader writes into `status` besides `optime`, and the retention clock it keeps.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct PublishedSlots {
     /// `status.slots`: slot name → position (restart LSN, or confirmed flush LSN for a logical
     /// slot; the leader's own slot name → its WAL position).
@@ -171,6 +171,17 @@ pub struct PublishedSlots {
     pub retain_slots: Vec<String>,
     /// When the leader last saw each retained slot's member (the engine's memory of it).
     pub seen: BTreeMap<String, Instant>,
+}
+
+/// Without the instants of `seen`: decisions are logged and replayed (the simulation compares
+/// traces of two runs), and an `Instant` differs between runs.
+impl std::fmt::Debug for PublishedSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishedSlots")
+            .field("slots", &self.slots)
+            .field("retain_slots", &self.retain_slots)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The facts the slot rules need about this node.

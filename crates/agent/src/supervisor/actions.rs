@@ -515,7 +515,7 @@ impl PgSupervisor {
         Ok(false)
     }
 
-    /// Carries out the engine's slot plan (§5.8): drops, then creations, then advances. Each
+    /// Carries out the engine's slot plan (`docs/patroni-compat.md` §5.8): drops, then creations, then advances. Each
     /// slot on its own: a failure is logged and the others go ahead (the next cycle's plan
     /// tries again).
     async fn manage_slots(&self, plan: &SlotPlan) {
