@@ -195,3 +195,41 @@ fn permanent_and_ignored_slots_outlive_switchover_and_failover_and_a_departed_me
         &[],
     );
 }
+
+/// A member tagged `replicatefrom` streams from that replica through its own slot there, so the
+/// replica's slot for it is in use (and holds no WAL in vain).
+#[test]
+fn a_cascading_replica_streams_through_its_slot_on_its_upstream() {
+    let options = ClusterOptions {
+        extra_node_yaml: vec![
+            String::new(),
+            String::new(),
+            "tags:\n  replicatefrom: node2\n".into(),
+        ],
+        ..Default::default()
+    };
+    let (cluster, leader) = operator_support::start(options);
+    wait_settled(&cluster);
+    // node2 must be a replica for node3 to cascade.
+    let (upstream, cascading) = (1, 2);
+    if leader == upstream {
+        cluster.request_switchover(&cluster.nodes[leader].name, Some(&cluster.nodes[0].name));
+        wait_leader(&cluster, 0, HEALTHY);
+    }
+    let r = wait_until("node3 to stream from node2 through its slot", SLOTS_DUE, || {
+        let receiver = cluster
+            .psql(
+                cascading,
+                "SELECT slot_name || '@' || sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+            )
+            .ok()?;
+        let in_use = cluster
+            .psql(
+                upstream,
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'node3'",
+            )
+            .ok()?;
+        (receiver == format!("node3@{}", cluster.nodes[upstream].pg_port) && in_use == "t").then_some(())
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+}
