@@ -33,14 +33,6 @@ fn permanent_problem(v: &Value) -> Option<String> {
             ));
         }
     };
-    if let Some(key) = m
-        .keys()
-        .find(|k| !matches!(k.as_str(), "type" | "database" | "plugin" | "cluster_type"))
-    {
-        return Some(format!(
-            "unknown key {key:?} (known: type, database, plugin, cluster_type)"
-        ));
-    }
     let logical = non_empty_text(m.get("database")) && non_empty_text(m.get("plugin"));
     match m.get("type") {
         None => None,
@@ -73,6 +65,19 @@ pub(crate) fn permanent_slots(
         if let Some(problem) = permanent_problem(v) {
             ctx.bad::<()>(&key, problem)?;
             continue;
+        }
+        // Another writer's extra attributes do not make the slot less permanent: a warning,
+        // not a reason to leave it out (which would drop it).
+        for extra in v
+            .as_object()
+            .into_iter()
+            .flat_map(Map::keys)
+            .filter(|k| !matches!(k.as_str(), "type" | "database" | "plugin" | "cluster_type"))
+        {
+            ctx.warn(
+                &join(&key, extra),
+                "unknown key, ignored (known: type, database, plugin, cluster_type)",
+            );
         }
         out.insert(name.clone(), v.clone());
     }

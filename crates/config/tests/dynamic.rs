@@ -217,13 +217,21 @@ fn bad_slot_entries_from_the_dcs_are_left_out_with_a_warning_naming_them() {
             "cdc": {"type": "logical", "database": "app", "plugin": "pgoutput"},
             "Bad": null,
             "half": {"type": "logical", "plugin": "pgoutput"},
+            "extra": {"type": "physical", "lsn": 5},
         },
         "ignore_slots": [{"name": "keep"}, {"name": 5}],
     });
     let (d, w) = DynamicConfig::from_json(&v);
-    assert_eq!(d.permanent_slots.keys().collect::<Vec<_>>(), ["ok", "cdc"]);
+    assert_eq!(
+        d.permanent_slots.keys().collect::<Vec<_>>(),
+        ["ok", "cdc", "extra"]
+    );
     assert_eq!(d.ignore_slots, vec![json!({"name": "keep"})]);
-    assert_eq!(w.len(), 3, "{w:?}");
+    assert_eq!(w.len(), 4, "{w:?}");
+    assert!(
+        w.iter().any(|w| w.contains("slots.extra.lsn: unknown key")),
+        "{w:?}"
+    );
     assert!(w.iter().any(|w| w.contains("slots.Bad")), "{w:?}");
     assert!(w.iter().any(|w| w.contains("slots.half")), "{w:?}");
     assert!(
