@@ -210,9 +210,9 @@ fn a_cascading_replica_streams_through_its_slot_on_its_upstream() {
     };
     let (cluster, leader) = operator_support::start(options);
     wait_settled(&cluster);
-    // node2 must be a replica for node3 to cascade.
+    // node2 and node3 must be replicas for node3 to cascade from node2.
     let (upstream, cascading) = (1, 2);
-    if leader == upstream {
+    if leader != 0 {
         cluster.request_switchover(&cluster.nodes[leader].name, Some(&cluster.nodes[0].name));
         wait_leader(&cluster, 0, HEALTHY);
     }
