@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod keys;
 pub mod lsn;
 pub mod rest;
+pub mod slots;
 pub mod state;
 pub mod values;
 

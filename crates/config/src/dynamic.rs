@@ -320,12 +320,14 @@ pub(crate) fn parse_dynamic(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<DynamicConf
         if let Some(m) = o.object(ctx, key)?
             && d.permanent_slots.is_empty()
         {
-            d.permanent_slots = m.clone();
+            d.permanent_slots = crate::slots::permanent_slots(ctx, &o.key_path(key), m)?;
         }
     }
     if let Some(v) = o.raw("ignore_slots") {
         match v {
-            Value::Array(items) => d.ignore_slots = items.clone(),
+            Value::Array(items) => {
+                d.ignore_slots = crate::slots::ignore_slots(ctx, &o.key_path("ignore_slots"), items)?;
+            }
             other => {
                 let msg = format!("expected a list of slot matchers, found {}", describe(other));
                 ctx.bad::<()>(&o.key_path("ignore_slots"), msg)?;

@@ -25,6 +25,7 @@ mod parse;
 mod parse_pg;
 mod postgresql;
 mod router;
+mod slots;
 mod tags;
 mod vip;
 mod walk;

@@ -208,3 +208,35 @@ fn aliases_slots_and_standby_cluster() {
         "no host, port or restore_command: not a standby cluster"
     );
 }
+
+#[test]
+fn bad_slot_entries_from_the_dcs_are_left_out_with_a_warning_naming_them() {
+    let v = json!({
+        "slots": {
+            "ok": null,
+            "cdc": {"type": "logical", "database": "app", "plugin": "pgoutput"},
+            "Bad": null,
+            "half": {"type": "logical", "plugin": "pgoutput"},
+            "extra": {"type": "physical", "lsn": 5},
+        },
+        "ignore_slots": [{"name": "keep"}, {"name": 5}],
+    });
+    let (d, w) = DynamicConfig::from_json(&v);
+    assert_eq!(
+        d.permanent_slots.keys().collect::<Vec<_>>(),
+        ["ok", "cdc", "extra"]
+    );
+    assert_eq!(d.ignore_slots, vec![json!({"name": "keep"})]);
+    assert_eq!(w.len(), 4, "{w:?}");
+    assert!(
+        w.iter().any(|w| w.contains("slots.extra.lsn: unknown key")),
+        "{w:?}"
+    );
+    assert!(w.iter().any(|w| w.contains("slots.Bad")), "{w:?}");
+    assert!(w.iter().any(|w| w.contains("slots.half")), "{w:?}");
+    assert!(
+        w.iter()
+            .any(|w| w.contains("ignore_slots[1]: name: expected a string")),
+        "{w:?}"
+    );
+}

@@ -103,6 +103,31 @@ fn wrong_types_and_values_are_named() {
             "x.yml: bootstrap.dcs: expected a mapping, found a list",
         ),
         (
+            "bootstrap.dcs.slots",
+            json!({"Bad-Name": null}),
+            "x.yml: bootstrap.dcs.slots.Bad-Name: not a valid slot name",
+        ),
+        (
+            "bootstrap.dcs.slots",
+            json!({"cdc": {"type": "logical", "database": "app"}}),
+            "x.yml: bootstrap.dcs.slots.cdc: a logical slot needs both `database` and `plugin`",
+        ),
+        (
+            "bootstrap.dcs.slots",
+            json!({"cdc": {"type": "logcal"}}),
+            "x.yml: bootstrap.dcs.slots.cdc: type: expected physical or logical, found \"logcal\"",
+        ),
+        (
+            "bootstrap.dcs.ignore_slots",
+            json!([{"name": "x", "plugn": "p"}]),
+            "x.yml: bootstrap.dcs.ignore_slots[0]: unknown key \"plugn\"",
+        ),
+        (
+            "bootstrap.dcs.ignore_slots",
+            json!(["x"]),
+            "x.yml: bootstrap.dcs.ignore_slots[0]: expected a mapping",
+        ),
+        (
             "restapi.allowlist_include_members",
             json!("maybe"),
             "x.yml: restapi.allowlist_include_members: expected a boolean",

@@ -1,5 +1,7 @@
 //! What the engine asks the runtime to do.
 
+use crate::slots::{PublishedSlots, SlotPlan};
+
 /// One cycle's outcome: actions in order (the runtime stops at the first one that fails) and a
 /// one-line summary logged at INFO, worded like Patroni's so operators recognise it.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,10 +104,16 @@ pub enum Action {
     ClearFailover,
     /// Write our sysid into `initialize` (adopting an existing primary, or repairing the key).
     WriteInitialize,
-    /// Leader housekeeping: `status` (optime), `history` when the timeline moved, the
-    /// synchronous standbys, and a physical replication slot for each member of
-    /// `slot_members` (the slots of other members are dropped).
-    LeaderHousekeeping { slot_members: Vec<String> },
+    /// Leader housekeeping: `status` (optime, and `slots`/`retain_slots` from `published`),
+    /// `history` when the timeline moved, the synchronous standbys, and the slot plan (`docs/patroni-compat.md` §5.8).
+    /// The runtime remembers `published.seen` for the next cycle.
+    LeaderHousekeeping {
+        slots: SlotPlan,
+        published: PublishedSlots,
+    },
+    /// A replica's slot upkeep (§5.8): carry out the plan and forget any leader-time retention
+    /// clock ([`crate::Memory::retained_slots_seen`]).
+    ManageSlots(SlotPlan),
     /// The configuration or data cannot work; the agent exits with this message.
     Fatal(String),
 }

@@ -6,6 +6,7 @@ use crate::actions::{Action, Decision, DemoteMode, StartAs};
 use crate::divergence::{Divergence, LocalEnd, divergence};
 use crate::inputs::{ControlInfo, ControlState, DataDir, Inputs, LockState, Observed, OperatorRequest};
 use crate::race::{RaceVerdict, race_verdict};
+use crate::slots::{self, SlotNode};
 
 /// Decides what this node does now.
 pub fn decide(i: &Inputs<'_>) -> Decision {
@@ -128,7 +129,10 @@ fn decide_role(i: &Inputs<'_>) -> Decision {
         let quiet = decision.actions.iter().all(|a| {
             matches!(
                 a,
-                Action::LeaderHousekeeping { .. } | Action::ApplyConfig | Action::WriteInitialize
+                Action::LeaderHousekeeping { .. }
+                    | Action::ManageSlots(_)
+                    | Action::ApplyConfig
+                    | Action::WriteInitialize
             )
         });
         match quiet
@@ -640,13 +644,13 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
             .iter()
             .any(|a| matches!(a, Action::StopForSwitchover { .. } | Action::QueryPeers))
         {
-            decision.actions.insert(0, housekeeping(i, cluster));
+            decision.actions.insert(0, housekeeping(i, cluster, own));
         }
         return decision;
     }
     Decision::new(
         format!("no action. I am ({me}), the leader with the lock"),
-        vec![housekeeping(i, cluster)],
+        vec![housekeeping(i, cluster, own)],
     )
 }
 
@@ -658,10 +662,35 @@ pub(crate) fn pre_promote_backoff(i: &Inputs<'_>) -> bool {
         .is_some_and(|at| i.now.saturating_duration_since(at) < i.config.ttl)
 }
 
-fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView) -> Action {
-    Action::LeaderHousekeeping {
-        slot_members: crate::operator::slot_members(cluster, &i.config.name),
+/// The facts about this node that the slot rules (§5.8) look at.
+fn slot_node<'a>(i: &'a Inputs<'_>, cluster: &ClusterView, own: &'a Observed) -> SlotNode<'a> {
+    SlotNode {
+        me: &i.config.name,
+        nofailover: i.config.nofailover(),
+        nostream: i.config.nostream(),
+        replicatefrom: i.config.replicatefrom(),
+        primary: !own.in_recovery,
+        server_version: own.server_version,
+        wal_position: own.wal_position,
+        paused: cluster.is_paused(),
+        slots: &own.slots,
     }
+}
+
+fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Action {
+    let node = slot_node(i, cluster, own);
+    let seen = i.memory.retained_slots_seen.as_ref();
+    Action::LeaderHousekeeping {
+        slots: slots::plan(&i.config.slots, cluster, &node),
+        published: slots::published(&i.config.slots, cluster, &node, seen, i.now),
+    }
+}
+
+/// A replica's slot upkeep, when there is something to do (or a leader's retention clock to
+/// forget).
+fn replica_slots(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Action> {
+    let plan = slots::plan(&i.config.slots, cluster, &slot_node(i, cluster, own));
+    (!plan.is_empty() || i.memory.retained_slots_seen.is_some()).then_some(Action::ManageSlots(plan))
 }
 
 fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
@@ -723,8 +752,11 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             }],
         );
     }
-    Decision::idle(format!(
-        "no action. I am ({me}), a secondary, and following a leader ({})",
-        leader.name
-    ))
+    Decision::new(
+        format!(
+            "no action. I am ({me}), a secondary, and following a leader ({})",
+            leader.name
+        ),
+        replica_slots(i, cluster, own).into_iter().collect(),
+    )
 }

@@ -64,13 +64,19 @@ fn unreachable_or_lagging_candidate_cancels_the_request() {
     let d = decide_full(&config("a"), &view, &pg, Some(&unreachable), None);
     assert_eq!(
         d.actions,
-        vec![crate::tests::housekeeping_a(), Action::ClearFailover]
+        vec![
+            crate::tests::housekeeping_a_at(100_000_000),
+            Action::ClearFailover
+        ]
     );
     let lagging = [peer("bb", "replica", 1000, Map::new())];
     let d = decide_full(&config("a"), &view, &pg, Some(&lagging), None);
     assert_eq!(
         d.actions,
-        vec![crate::tests::housekeeping_a(), Action::ClearFailover]
+        vec![
+            crate::tests::housekeeping_a_at(100_000_000),
+            Action::ClearFailover
+        ]
     );
 }
 

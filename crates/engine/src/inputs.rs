@@ -1,5 +1,6 @@
 //! Everything the engine may look at. The runtime builds these from I/O; tests build them by hand.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use pgvigil_api::ClusterView;
@@ -74,6 +75,8 @@ pub struct EngineConfig {
     /// been silent for its promise plus [`EngineConfig::takeover_margin`].
     pub fast_takeover: bool,
     pub takeover_margin: Duration,
+    /// `use_slots`, `member_slots_ttl`, the permanent slots and `ignore_slots` (§5.8).
+    pub slots: crate::slots::SlotsConfig,
 }
 
 /// One replica creation method as the engine needs to know it.
@@ -122,6 +125,10 @@ impl EngineConfig {
 
     pub fn failover_priority(&self) -> i64 {
         pgvigil_api::values::failover_priority(&self.tags)
+    }
+
+    pub fn nostream(&self) -> bool {
+        pgvigil_api::values::tag_is_true(self.tags.get("nostream"))
     }
 
     pub fn replicatefrom(&self) -> Option<&str> {
@@ -205,6 +212,8 @@ pub struct Observed {
     pub server_version: u32,
     /// Some setting changed that needs a restart (`pg_settings.pending_restart`).
     pub pending_restart: bool,
+    /// The replication slots this node has (`pg_replication_slots`, without temporary ones).
+    pub slots: Vec<crate::slots::LocalSlot>,
 }
 
 /// A request an operator made through the REST API, waiting in the agent's queue. The engine
@@ -266,6 +275,9 @@ pub struct Memory {
     /// that connects is no proof: on a forked history it connects, streams, and the startup
     /// process rejects the records.)
     pub former_primary_timeline: Option<u64>,
+    /// As the leader: when it last saw each member slot it retains (`status.retain_slots`,
+    /// §5.8). `None` when it was not the leader in its last cycle.
+    pub retained_slots_seen: Option<BTreeMap<String, Instant>>,
 }
 
 /// The state of a planned switchover between stopping the old primary and releasing the lock.

@@ -25,6 +25,7 @@ mod failover;
 mod inputs;
 pub mod operator;
 mod race;
+pub mod slots;
 pub mod sync;
 
 pub use actions::{Action, Decision, DemoteMode, StartAs};
@@ -54,6 +55,8 @@ mod pause_tests;
 mod pre_promote_tests;
 #[cfg(test)]
 mod properties;
+#[cfg(test)]
+mod slots_tests;
 #[cfg(test)]
 mod sync_tests;
 #[cfg(test)]

@@ -1,6 +1,5 @@
-//! What the leader keeps up and what operators ask for: the members that get a replication slot
-//! on the leader, restart and reinitialize requests, and the hand-over after a planned
-//! switchover stopped the old primary (`docs/patroni-compat.md` §4.5, §5.8, §5.10).
+//! What operators ask for: restart and reinitialize requests, and the hand-over after a planned
+//! switchover stopped the old primary (`docs/patroni-compat.md` §4.5, §5.10).
 
 use std::time::Duration;
 
@@ -12,24 +11,6 @@ use crate::inputs::{Inputs, Observed, OperatorRequest, RestartRequest, Switchove
 /// How long a stopped switchover leader waits for a candidate to receive its shutdown
 /// checkpoint before it lets the lock go anyway (Patroni waits as long).
 pub const SWITCHOVER_WAIT: Duration = Duration::from_secs(10);
-
-/// The members that stream from the leader through a slot: every other member, except
-/// `nostream` ones and those that stream from another running member (`replicatefrom`).
-pub fn slot_members(cluster: &ClusterView, me: &str) -> Vec<String> {
-    cluster
-        .members
-        .iter()
-        .filter(|m| m.name != me && !m.data.tag_bool("nostream"))
-        .filter(|m| {
-            m.data
-                .tags
-                .get("replicatefrom")
-                .and_then(|v| v.as_str())
-                .is_none_or(|up| cluster.member(up).is_none())
-        })
-        .map(|m| m.name.clone())
-        .collect()
-}
 
 /// The member to clone from: a running replica tagged `clonefrom` (first by name, so the
 /// choice is reproducible), else the leader. One rule for new replicas and reinitialize.

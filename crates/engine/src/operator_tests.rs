@@ -1,37 +1,16 @@
-//! Decisions that used to live in the runtime: the slot set, the clone source, operator
+//! Decisions that used to live in the runtime: the clone source, operator
 //! restarts and reinitializations, and the hand-over after a planned switchover.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, json};
 
-use crate::operator::{SWITCHOVER_WAIT, clone_source, slot_members, version_num};
+use crate::operator::{SWITCHOVER_WAIT, clone_source, version_num};
 use crate::tests::{cluster, config, housekeeping_a, inputs, peer, running, stopped};
 use crate::*;
 
 fn mem() -> Memory {
     Memory::default()
-}
-
-#[test]
-fn slots_for_every_other_member_but_nostream_and_cascading_ones() {
-    let mut view = cluster(Some("a"));
-    assert_eq!(slot_members(&view, "a"), ["bb", "ccc"]);
-    view.members[1].data.tags.insert("nostream".into(), json!(true));
-    assert_eq!(slot_members(&view, "a"), ["ccc"]);
-    // ccc streams from bb, which exists: bb keeps its slot for it, the leader does not.
-    view.members[1].data.tags.clear();
-    view.members[2]
-        .data
-        .tags
-        .insert("replicatefrom".into(), json!("bb"));
-    assert_eq!(slot_members(&view, "a"), ["bb"]);
-    // Its upstream is gone: it streams from the leader again.
-    view.members[2]
-        .data
-        .tags
-        .insert("replicatefrom".into(), json!("zz"));
-    assert_eq!(slot_members(&view, "a"), ["bb", "ccc"]);
 }
 
 #[test]

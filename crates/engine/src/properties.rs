@@ -160,6 +160,7 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
         failsafe_mode: false,
         fast_takeover: true,
         takeover_margin: Duration::from_millis(500),
+        slots: Default::default(),
     };
     let members = NAMES
         .iter()
@@ -265,6 +266,7 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
             upstream: None,
             server_version: 150010,
             pending_restart: false,
+            slots: Vec::new(),
         }),
     };
     let peers = s.peers.as_ref().map(|answers| {
@@ -412,6 +414,7 @@ fn set_running(pg: &mut LocalPg, in_recovery: bool) {
         upstream: None,
         server_version: 150010,
         pending_restart: false,
+        slots: Vec::new(),
     });
 }
 
@@ -592,6 +595,7 @@ proptest! {
             released_lock_at: e.restarted_ago_ms.filter(|_| e.start_failed).map(|ms| now - Duration::from_millis(ms)),
             pre_promote_failed_at: e.pre_promote_failed_ago_ms.map(|ms| now - Duration::from_millis(ms)),
             former_primary_timeline: e.former_primary_timeline,
+            retained_slots_seen: None,
         };
         let request = match e.request {
             1 => Some(OperatorRequest::Restart(RestartRequest::default())),

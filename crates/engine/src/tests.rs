@@ -29,7 +29,19 @@ pub(crate) fn config(name: &str) -> EngineConfig {
         failsafe_mode: false,
         fast_takeover: true,
         takeover_margin: Duration::from_millis(500),
+        // Slot rules have their own tests (`slots_tests.rs`); elsewhere a replica with nothing
+        // to do stays idle.
+        slots: crate::slots::SlotsConfig {
+            use_slots: false,
+            ..Default::default()
+        },
     }
+}
+
+/// The `now` of every decision in these tests.
+pub(crate) fn test_now() -> Instant {
+    static NOW: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *NOW.get_or_init(Instant::now)
 }
 
 fn member(name: &str, role: &str, timeline: u64, lsn: u64) -> Member {
@@ -131,6 +143,7 @@ pub(crate) fn running(in_recovery: bool, timeline: u64, lsn: u64, upstream: Opti
             upstream: upstream.map(|(h, p)| (h.to_string(), p)),
             server_version: 150010,
             pending_restart: false,
+            slots: Vec::new(),
         }),
     }
 }
@@ -164,7 +177,7 @@ pub(crate) fn inputs<'a>(
     failover_due_in: Option<f64>,
 ) -> Inputs<'a> {
     Inputs {
-        now: Instant::now(),
+        now: test_now(),
         config: cfg,
         cluster,
         lock: lock_from_view(cfg, cluster),
@@ -191,10 +204,20 @@ pub(crate) fn lock_from_view(cfg: &EngineConfig, cluster: Option<&ClusterView>) 
     }
 }
 
-/// The housekeeping of leader `a` in [`cluster`]: slots for the two other members.
+/// The housekeeping of leader `a` in [`cluster`] (at position 1000, slots off): it publishes
+/// its own position under its slot name and retains that slot.
 pub(crate) fn housekeeping_a() -> Action {
+    housekeeping_a_at(1000)
+}
+
+pub(crate) fn housekeeping_a_at(lsn: u64) -> Action {
     Action::LeaderHousekeeping {
-        slot_members: vec!["bb".into(), "ccc".into()],
+        slots: crate::slots::SlotPlan::default(),
+        published: crate::slots::PublishedSlots {
+            slots: [("a".to_string(), lsn)].into(),
+            retain_slots: vec!["a".into()],
+            seen: [("a".to_string(), test_now())].into(),
+        },
     }
 }
 

@@ -32,6 +32,7 @@ mod process;
 mod remote;
 mod replica;
 mod roles;
+mod slots;
 mod sql;
 mod tls;
 
@@ -47,9 +48,9 @@ pub use conninfo::{conninfo_escape, pgpass_escape};
 pub use controldata::{ClusterState, ControlData};
 pub use datadir::DataDirState;
 pub use error::PgError;
+pub use pgvigil_api::slots::slot_name_for;
 pub use process::StopMode;
 pub use remote::{SystemIdentity, TimelineHistoryEntry, parse_timeline_history};
-pub use roles::slot_name_for;
 pub use sql::{PgStatus, SlotInfo, WalSender};
 pub use tls::{LocalTls, TLS_KEYWORDS};
 
@@ -299,7 +300,10 @@ mod tests {
         send(pg.rewind("h", 1, d));
         send(pg.initdb(&[]));
         send(pg.create_roles());
-        send(pg.ensure_physical_slots(&[]));
+        send(pg.create_physical_slot(""));
+        send(pg.create_logical_slot("", "", ""));
+        send(pg.drop_slot(""));
+        send(pg.advance_slot("", 0));
         send(pg.controldata());
         send(pg.identify_system("h", 1, d));
     }

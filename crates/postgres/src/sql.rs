@@ -48,6 +48,17 @@ pub struct SlotInfo {
     pub restart_lsn: Option<u64>,
     pub confirmed_flush_lsn: Option<u64>,
     pub wal_status: Option<String>,
+    #[serde(default)]
+    pub temporary: bool,
+    /// `xmin` is set (hot-standby feedback reached the slot).
+    #[serde(default)]
+    pub has_xmin: bool,
+    /// PostgreSQL 17: a logical slot PostgreSQL synchronises to standbys itself (false before).
+    #[serde(default)]
+    pub failover: bool,
+    /// PostgreSQL 17: on a standby, a slot PostgreSQL synchronised from the primary.
+    #[serde(default)]
+    pub synced: bool,
 }
 
 /// The result of the monitoring query. LSNs are bytes (`pg_wal_lsn_diff(x, '0/0')`).
@@ -145,10 +156,13 @@ fn status_query() -> String {
      pg_catalog.pg_wal_lsn_diff(replay_lsn, '0/0')::int8 AS replay_lsn
      FROM pg_catalog.pg_stat_replication ORDER BY pid) r),
   (SELECT pg_catalog.json_agg(s)::text FROM (SELECT slot_name::text, slot_type, plugin::text,
-     database::text, active,
+     database::text, active, temporary, xmin IS NOT NULL AS has_xmin,
      pg_catalog.pg_wal_lsn_diff(restart_lsn, '0/0')::int8 AS restart_lsn,
      pg_catalog.pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::int8 AS confirmed_flush_lsn,
-     wal_status FROM pg_catalog.pg_replication_slots ORDER BY slot_name) s),
+     wal_status,
+     COALESCE((pg_catalog.to_jsonb(rs) ->> 'failover')::bool, false) AS failover,
+     COALESCE((pg_catalog.to_jsonb(rs) ->> 'synced')::bool, false) AS synced
+     FROM pg_catalog.pg_replication_slots rs ORDER BY slot_name) s),
   (SELECT pg_catalog.json_agg(name ORDER BY name)::text FROM pg_catalog.pg_settings
      WHERE pending_restart),
   pg_catalog.current_setting('synchronous_standby_names'),
@@ -247,7 +261,7 @@ fn status_from_row(row: &tokio_postgres::Row) -> Result<PgStatus, PgError> {
 }
 
 impl Postgres {
-    fn connect_config(&self) -> tokio_postgres::Config {
+    pub(crate) fn connect_config(&self) -> tokio_postgres::Config {
         let s = &self.settings;
         let mut cfg = tokio_postgres::Config::new();
         match (&s.unix_socket_dir, s.listen_host.as_str()) {

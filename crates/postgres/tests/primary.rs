@@ -129,23 +129,41 @@ async fn bootstrap_monitor_roles_slots() {
     assert!(!log.contains("re:pl") && !log.contains("rw pass"), "{log}");
 
     // Slots.
+    for name in ["node_b", "node_c"] {
+        node.pg.create_physical_slot(name).await.expect("create slot");
+    }
+    // Creating one that exists is a no-op.
     node.pg
-        .ensure_physical_slots(&["node_b".into(), "node_c".into()])
+        .create_physical_slot("node_c")
         .await
-        .expect("create slots");
-    node.pg
-        .ensure_physical_slots(&["node_c".into()])
-        .await
-        .expect("drop a slot");
+        .expect("create again");
+    assert!(node.pg.drop_slot("node_b").await.expect("drop a slot"));
+    assert!(!node.pg.drop_slot("node_b").await.expect("drop a missing slot"));
     let st = node.state().await;
     let names: Vec<&str> = st.slots.iter().map(|s| s.slot_name.as_str()).collect();
     assert_eq!(names, vec!["node_c"]);
     assert_eq!(st.slots[0].slot_type, "physical");
     assert!(!st.slots[0].active && st.slots[0].restart_lsn.is_some());
+    assert!(!st.slots[0].temporary && !st.slots[0].has_xmin && !st.slots[0].failover);
     assert!(matches!(
-        node.pg.ensure_physical_slots(&["Bad-Name".into()]).await,
+        node.pg.create_physical_slot("Bad-Name").await,
         Err(PgError::Invalid(_))
     ));
+    // A logical slot, created through a connection to its database.
+    node.pg
+        .create_logical_slot("cdc", "postgres", "test_decoding")
+        .await
+        .expect("create a logical slot");
+    let st = node.state().await;
+    let cdc = st
+        .slots
+        .iter()
+        .find(|s| s.slot_name == "cdc")
+        .expect("cdc exists");
+    assert_eq!(cdc.slot_type, "logical");
+    assert_eq!(cdc.plugin.as_deref(), Some("test_decoding"));
+    assert_eq!(cdc.database.as_deref(), Some("postgres"));
+    assert!(node.pg.drop_slot("cdc").await.expect("drop the logical slot"));
 
     // execute, and a statement that outlives its timeout is cancelled server-side.
     node.pg.execute("CHECKPOINT", SHORT).await.expect("checkpoint");

@@ -16,7 +16,7 @@ async fn clone_stream_promote_rewind() {
 
     // Primary A, with a slot for B.
     a.init_primary().await;
-    a.pg.ensure_physical_slots(&["node_b".into()]).await.unwrap();
+    a.pg.create_physical_slot("node_b").await.unwrap();
     a.pg.execute(
         "CREATE TABLE t(id int primary key, origin text); INSERT INTO t VALUES (1, 'a')",
         SHORT,
@@ -84,7 +84,7 @@ async fn clone_stream_promote_rewind() {
     assert_eq!(b.scalar("SELECT count(*) FROM t").await.as_deref(), Some("2"));
 
     // Promote B while A keeps running (split brain on purpose).
-    b.pg.ensure_physical_slots(&["node_a".into()]).await.unwrap();
+    b.pg.create_physical_slot("node_a").await.unwrap();
     b.pg.promote(LONG).await.expect("promote");
     let sb = b.state().await;
     assert!(!sb.in_recovery);

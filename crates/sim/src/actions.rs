@@ -222,6 +222,8 @@ impl Agent {
                     then: AfterWrite::Initialize,
                 })
             }
+            // Replication slots are not modelled.
+            Action::ManageSlots(_) => Progress::Done(Ok(false)),
             Action::ApplyConfig | Action::QueryPeers => {
                 Progress::Done(Ok(matches!(action, Action::QueryPeers)))
             }

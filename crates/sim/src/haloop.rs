@@ -231,6 +231,8 @@ impl Agent {
                 upstream,
                 server_version: 160_000,
                 pending_restart: false,
+                // The simulation models no replication slots.
+                slots: Vec::new(),
             }),
         }
     }
@@ -253,6 +255,10 @@ impl Agent {
             failsafe_mode: false,
             fast_takeover: s.fast_takeover,
             takeover_margin: s.takeover_margin,
+            slots: pgvigil_engine::slots::SlotsConfig {
+                use_slots: false,
+                ..Default::default()
+            },
         }
     }
 

@@ -196,6 +196,12 @@ impl Agent {
             failsafe_mode: self.dynamic.failsafe_mode,
             fast_takeover: self.dynamic.liveness.enabled,
             takeover_margin: self.dynamic.liveness.takeover_margin,
+            slots: pgvigil_engine::slots::SlotsConfig::from_dynamic(
+                self.dynamic.use_slots,
+                self.dynamic.member_slots_ttl,
+                &self.dynamic.permanent_slots,
+                &self.dynamic.ignore_slots,
+            ),
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use pgvigil_api::{ClusterView, PgState, Role};
 use pgvigil_dcs::TermOpening;
+use pgvigil_engine::slots::{PublishedSlots, SlotPlan};
 use pgvigil_engine::{Action, DemoteMode, StartAs};
 use pgvigil_postgres::{ClusterState, StopMode};
 
@@ -76,8 +77,13 @@ impl PgSupervisor {
                 Ok(false)
             }
             Action::WriteInitialize => self.write_initialize().await,
-            Action::LeaderHousekeeping { slot_members } => {
-                self.leader_housekeeping(view, &slot_members).await
+            Action::LeaderHousekeeping { slots, published } => {
+                self.leader_housekeeping(view, &slots, published).await
+            }
+            Action::ManageSlots(plan) => {
+                self.memory.retained_slots_seen = None;
+                self.manage_slots(&plan).await;
+                Ok(false)
             }
             Action::StopForSwitchover { candidates } => self.stop_for_switchover(candidates).await,
             Action::PublishPosition { optime } => self.publish_position(view, optime).await,
@@ -542,18 +548,30 @@ impl PgSupervisor {
         self.start_replica(view, leader.as_deref().or(Some(source))).await
     }
 
-    /// The leader's per-cycle duties: publish its position and the timeline history, manage the
-    /// synchronous standbys, and keep a replication slot for each member the engine named.
-    async fn leader_housekeeping(&mut self, view: Option<&ClusterView>, slot_members: &[String]) -> Outcome {
+    /// The leader's per-cycle duties: publish its position, its slots' positions and the slots
+    /// to retain, and the timeline history, manage the synchronous standbys, and carry out the
+    /// slot plan.
+    async fn leader_housekeeping(
+        &mut self,
+        view: Option<&ClusterView>,
+        slots: &SlotPlan,
+        published: PublishedSlots,
+    ) -> Outcome {
         self.memory.primary_restart_since = None;
         self.memory.start_failed = false;
+        self.memory.retained_slots_seen = Some(published.seen);
         let Some(st) = self.status.clone() else {
             return Ok(false);
         };
         let Some(view) = view else { return Ok(false) };
         let status = pgvigil_api::StatusValue {
             optime: super::observe::wal_position(&st),
-            ..view.status.clone()
+            slots: published
+                .slots
+                .into_iter()
+                .map(|(name, lsn)| (name, serde_json::Value::from(lsn)))
+                .collect(),
+            retain_slots: published.retain_slots,
         };
         if let Err(Failed::Recoverable(e)) = self
             .dcs_call("publishing status", self.dcs.set_status(&status))
@@ -565,16 +583,41 @@ impl PgSupervisor {
             self.publish_history(view, st.timeline).await;
         }
         self.manage_sync(view).await;
-        if self.dynamic.use_slots {
-            let wanted: Vec<String> = slot_members
-                .iter()
-                .map(|m| pgvigil_postgres::Postgres::slot_name_for(m))
-                .collect();
-            if let Err(e) = self.pg.ensure_physical_slots(&wanted).await {
-                tracing::warn!("could not manage replication slots: {e}");
+        self.manage_slots(slots).await;
+        Ok(false)
+    }
+
+    /// Carries out the engine's slot plan (`docs/patroni-compat.md` §5.8): drops, then creations, then advances. Each
+    /// slot on its own: a failure is logged and the others go ahead (the next cycle's plan
+    /// tries again).
+    async fn manage_slots(&self, plan: &SlotPlan) {
+        for name in &plan.drop {
+            match self.pg.drop_slot(name).await {
+                Ok(true) => tracing::info!(slot = %name, "dropped replication slot"),
+                Ok(false) => tracing::info!(slot = %name, "replication slot in use or gone, not dropped"),
+                Err(e) => tracing::warn!(slot = %name, "could not drop replication slot: {e}"),
             }
         }
-        Ok(false)
+        for name in &plan.create_physical {
+            match self.pg.create_physical_slot(name).await {
+                Ok(()) => tracing::info!(slot = %name, "created physical replication slot"),
+                Err(e) => tracing::warn!(slot = %name, "could not create physical replication slot: {e}"),
+            }
+        }
+        for s in &plan.create_logical {
+            match self.pg.create_logical_slot(&s.name, &s.database, &s.plugin).await {
+                Ok(()) => tracing::info!(
+                    slot = %s.name, database = %s.database, plugin = %s.plugin,
+                    "created logical replication slot"
+                ),
+                Err(e) => tracing::warn!(slot = %s.name, "could not create logical replication slot: {e}"),
+            }
+        }
+        for (name, lsn) in &plan.advance {
+            if let Err(e) = self.pg.advance_slot(name, *lsn).await {
+                tracing::warn!(slot = %name, "could not advance replication slot: {e}");
+            }
+        }
     }
 
     async fn publish_history(&self, view: &ClusterView, timeline: u64) {

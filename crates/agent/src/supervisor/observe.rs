@@ -3,8 +3,9 @@
 
 use pgvigil_api::rest::{PatroniInfo, StatusDocument, XlogInfo};
 use pgvigil_api::{MemberData, PATRONI_COMPAT_VERSION, PgState, Role};
+use pgvigil_engine::slots::{LocalSlot, SlotKind};
 use pgvigil_engine::{ControlInfo, ControlState, Observed};
-use pgvigil_postgres::{ClusterState, ControlData, PgStatus};
+use pgvigil_postgres::{ClusterState, ControlData, PgStatus, SlotInfo};
 use serde_json::{Map, Value};
 
 /// The engine's view of `pg_controldata`. `backup_label` present: a base backup (or a rewound
@@ -71,7 +72,35 @@ pub fn observed(st: &PgStatus, configured_upstream: Option<&(String, u16)>) -> O
         upstream,
         server_version: st.server_version,
         pending_restart: st.pending_restart,
+        slots: st.slots.iter().filter_map(local_slot).collect(),
     }
+}
+
+/// A slot as the engine's slot rules see it (`docs/patroni-compat.md` §5.8). Temporary slots and, on PostgreSQL 17,
+/// failover slots PostgreSQL synchronised to this standby belong to nobody the agent manages:
+/// Patroni does not see them either.
+fn local_slot(s: &SlotInfo) -> Option<LocalSlot> {
+    if s.temporary || (s.failover && s.synced) {
+        return None;
+    }
+    let kind = match s.slot_type.as_str() {
+        "physical" => SlotKind::Physical,
+        "logical" => SlotKind::Logical {
+            database: s.database.clone().unwrap_or_default(),
+            plugin: s.plugin.clone().unwrap_or_default(),
+        },
+        _ => return None,
+    };
+    Some(LocalSlot {
+        name: s.slot_name.clone(),
+        kind,
+        active: s.active,
+        restart_lsn: s.restart_lsn,
+        confirmed_flush_lsn: s.confirmed_flush_lsn,
+        has_xmin: s.has_xmin,
+        lost: s.wal_status.as_deref() == Some("lost"),
+        failover: s.failover,
+    })
 }
 
 /// Inputs to the published documents that come from the configuration rather than PostgreSQL.
@@ -222,6 +251,52 @@ mod tests {
         assert!(m.is_pgvigil());
         let json = serde_json::to_value(&m).unwrap();
         assert_eq!(json["pgvigil"]["version"], env!("CARGO_PKG_VERSION"));
+    }
+
+    /// Temporary slots and PostgreSQL 17's synced failover slots on a standby are nobody's to
+    /// manage: the engine never sees them, so never drops them.
+    #[test]
+    fn the_engine_sees_only_slots_it_may_manage() {
+        let slot = |name: &str, f: fn(&mut SlotInfo)| {
+            let mut s = SlotInfo {
+                slot_name: name.into(),
+                slot_type: "logical".into(),
+                plugin: Some("pgoutput".into()),
+                database: Some("app".into()),
+                restart_lsn: Some(10),
+                confirmed_flush_lsn: Some(20),
+                wal_status: Some("reserved".into()),
+                ..Default::default()
+            };
+            f(&mut s);
+            s
+        };
+        let st = PgStatus {
+            slots: vec![
+                slot("plain", |_| {}),
+                slot("temp", |s| s.temporary = true),
+                slot("synced", |s| (s.failover, s.synced) = (true, true)),
+                slot("failover", |s| s.failover = true),
+                slot("lost", |s| {
+                    s.slot_type = "physical".into();
+                    s.wal_status = Some("lost".into());
+                    s.has_xmin = true;
+                }),
+            ],
+            ..Default::default()
+        };
+        let seen = observed(&st, None).slots;
+        let names: Vec<&str> = seen.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["plain", "failover", "lost"]);
+        assert_eq!(
+            seen[0].kind,
+            SlotKind::Logical {
+                database: "app".into(),
+                plugin: "pgoutput".into()
+            }
+        );
+        assert!(seen[1].failover);
+        assert!(seen[2].lost && seen[2].has_xmin && seen[2].kind == SlotKind::Physical);
     }
 
     #[test]

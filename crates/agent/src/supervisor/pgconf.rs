@@ -32,8 +32,9 @@ pub fn pg_hba(cfg: &Config, dynamic: &DynamicConfig) -> Option<Vec<String>> {
 }
 
 /// Recovery settings to stream from `upstream` (a member name, looked up in `cluster`), or to
-/// stay read-only without one. A replication slot is used only when the upstream is the leader,
-/// because only the leader creates slots for every member.
+/// stay read-only without one. The node streams through its own slot on whichever member it
+/// follows (the leader, or the member it cascades from: both keep a slot for it, §5.8), except
+/// with `nostream`, for which nobody keeps one.
 pub fn recovery(
     pg: &Postgres,
     cfg: &Config,
@@ -45,9 +46,8 @@ pub fn recovery(
     let primary_conninfo = upstream_addr
         .as_ref()
         .map(|(host, port)| Postgres::primary_conninfo(host, *port, pg.settings()));
-    let to_leader = upstream.is_some() && cluster.and_then(|c| c.leader_name()) == upstream;
-    let primary_slot_name = (dynamic.use_slots && to_leader && primary_conninfo.is_some())
-        .then(|| Postgres::slot_name_for(&cfg.name));
+    let primary_slot_name = (dynamic.use_slots && !cfg.tags.nostream && primary_conninfo.is_some())
+        .then(|| pgvigil_postgres::slot_name_for(&cfg.name));
     let extra = cfg
         .postgresql
         .recovery_conf

@@ -104,7 +104,8 @@ impl Node {
             ("cluster_name", "pgvigil-test".into()),
             ("shared_buffers", "16MB".into()),
             ("max_connections", "30".into()),
-            ("wal_level", "replica".into()),
+            // logical: the slot tests create a logical slot.
+            ("wal_level", "logical".into()),
             ("hot_standby", "on".into()),
             ("wal_log_hints", "on".into()),
             ("max_wal_senders", "10".into()),
