@@ -336,8 +336,19 @@ pub(crate) fn parse_dynamic(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<DynamicConf
     }
     let sc = o.section(ctx, "standby_cluster")?;
     if sc.present() {
+        let path = sc.path.clone();
         let sc = parse_standby_cluster(sc, ctx)?;
-        d.standby_cluster = sc.is_active().then_some(sc);
+        // Accepting the section and running a cluster of its own would be worse than refusing
+        // it: the operator expects a replica of a remote primary, and would get an independent
+        // primary (or, for `demote-cluster`, a primary that stays one).
+        if sc.is_active() {
+            ctx.bad::<()>(
+                &path,
+                "standby clusters are not supported yet; pgvigil would run this cluster with a \
+                 primary of its own instead of following the remote one (remove the section, or \
+                 keep Patroni for the standby cluster)",
+            )?;
+        }
     }
     let section = o.section(ctx, "pgvigil")?;
     d.liveness = crate::liveness::parse_liveness(section, ctx, d.ttl)?;

@@ -166,6 +166,20 @@ fn bad_values_warn_and_fall_back() {
     assert_eq!(w.len(), 8, "{w:#?}");
 }
 
+/// The same section arriving through etcd (`patronictl edit-config`, `demote-cluster`) cannot
+/// stop a running agent: it is ignored with a warning that says why, never silently.
+#[test]
+fn an_active_standby_cluster_from_etcd_is_ignored_with_a_warning() {
+    let v = json!({"standby_cluster": {"host": "10.0.0.9", "port": 5433}});
+    let (d, w) = DynamicConfig::from_json(&v);
+    assert!(d.standby_cluster.is_none());
+    assert!(
+        w.iter().any(|x| x
+            .starts_with("dynamic configuration: standby_cluster: standby clusters are not supported yet")),
+        "{w:#?}"
+    );
+}
+
 #[test]
 fn non_objects_give_defaults() {
     for v in [json!(null), json!([1, 2]), json!("config"), json!(5)] {
@@ -187,13 +201,16 @@ fn aliases_slots_and_standby_cluster() {
         "postgresql": {"parameters_replica": {"work_mem": "8MB"}, "pg_hba_primary": ["host all all 0.0.0.0/0 md5"], "use_pg_rewind": "on", "remove_data_directory_on_rewind_failure": true},
     });
     let (d, w) = DynamicConfig::from_json(&v);
-    assert!(w.is_empty(), "{w:?}");
+    // The standby cluster's keys are all valid; the only warning is that it is not supported.
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("standby_cluster: standby clusters are not supported yet"),
+        "{w:?}"
+    );
+    assert!(d.standby_cluster.is_none());
     assert_eq!((d.primary_start_timeout, d.primary_stop_timeout), (60, 5));
     assert!(d.permanent_slots.contains_key("s1"));
     assert_eq!(d.ignore_slots.len(), 1);
-    let sc = d.standby_cluster.unwrap();
-    assert!(sc.is_active());
-    assert_eq!((sc.host.as_deref(), sc.port), (Some("remote"), Some(5433)));
     assert!(d.use_pg_rewind);
     assert_eq!(
         d.role_overrides["replica"].parameters.as_ref().unwrap()["work_mem"],

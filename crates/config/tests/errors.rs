@@ -509,3 +509,14 @@ fn syntax_error_and_duplicate_keys() {
         loaded.warnings
     );
 }
+
+/// Standby clusters are not supported yet: a file that asks for one is refused, naming the
+/// section, instead of starting a cluster with a primary of its own.
+#[test]
+fn a_standby_cluster_in_bootstrap_dcs_is_refused() {
+    assert_each_refused(vec![(
+        "bootstrap.dcs.standby_cluster",
+        json!({"host": "10.0.0.9", "port": 5433, "primary_slot_name": "dr"}),
+        "x.yml: bootstrap.dcs.standby_cluster: standby clusters are not supported yet",
+    )]);
+}
