@@ -14,8 +14,8 @@ use nix::unistd::{Pid, User, chown};
 use serde_json::Value;
 
 use crate::etcd::EtcdTlsFiles;
-use crate::http;
 use crate::{EtcdCluster, free_port, spawn_owned, test_tmp_root, wait_until};
+use crate::{cluster_doc, http};
 use pgvigil_tls::test_pki::{Issued, TestPki};
 use pgvigil_tls::{ClientSettings, ConfFile, Identity, ServerCheck};
 
@@ -515,11 +515,7 @@ postgresql:
     /// Index of the member `/cluster` calls leader, when it is `running`.
     pub fn leader(&self) -> Option<usize> {
         let doc = self.cluster_doc()?;
-        let members = doc.get("members")?.as_array()?;
-        let leader = members
-            .iter()
-            .find(|m| m["role"] == "leader" && m["state"] == "running")?;
-        self.node_index(leader["name"].as_str()?)
+        self.node_index(cluster_doc::running_leader(&doc)?)
     }
 
     /// Waits until there is a running leader and every other node with an agent streams from
@@ -528,16 +524,7 @@ postgresql:
         let want = self.nodes.iter().filter(|n| n.agent.is_some()).count();
         let result = wait_until("a leader and streaming replicas", timeout, || {
             let doc = self.cluster_doc()?;
-            let members = doc.get("members")?.as_array()?;
-            let leader = members
-                .iter()
-                .find(|m| m["role"] == "leader" && m["state"] == "running")?;
-            let streaming = members
-                .iter()
-                .filter(|m| m["role"] != "leader" && m["state"] == "streaming")
-                .count();
-            (members.len() >= want && streaming + 1 >= want)
-                .then(|| self.node_index(leader["name"].as_str()?))?
+            self.node_index(cluster_doc::healthy_leader(&doc, want)?)
         });
         result.map_err(|e| anyhow::anyhow!("{e}\n{}", self.diagnostics()))
     }

@@ -14,6 +14,7 @@
 
 pub mod checker;
 pub mod cluster;
+mod cluster_doc;
 mod etcd;
 pub mod http;
 pub mod load;
