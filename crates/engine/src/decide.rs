@@ -3,8 +3,8 @@
 use pgvigil_api::{ClusterView, Member, PgState, Role};
 
 use crate::actions::{Action, Decision, DemoteMode, StartAs};
-use crate::divergence::{Divergence, LocalEnd, divergence};
-use crate::inputs::{ControlInfo, ControlState, DataDir, Inputs, LockState, Observed, OperatorRequest};
+use crate::divergence::{LocalEnd, check_divergence, local_end};
+use crate::inputs::{ControlInfo, DataDir, Inputs, LockState, Observed, OperatorRequest};
 use crate::race::{RaceVerdict, race_verdict};
 use crate::slots::{self, SlotNode};
 
@@ -415,92 +415,6 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
                     upstream: Some(upstream),
                 })],
             )
-        }
-    }
-}
-
-/// Where a stopped data directory's WAL ends, from `pg_controldata`.
-fn local_end(control: &ControlInfo) -> LocalEnd {
-    match control.state {
-        ControlState::ShutDown => LocalEnd::CleanPrimary {
-            timeline: control.checkpoint_timeline,
-            checkpoint_lsn: control.checkpoint_lsn,
-        },
-        ControlState::InProduction | ControlState::InCrashRecovery | ControlState::ShuttingDown => {
-            LocalEnd::CrashedPrimary {
-                timeline: control.checkpoint_timeline,
-            }
-        }
-        _ => LocalEnd::Replica {
-            timeline: control.min_recovery_timeline.max(control.checkpoint_timeline),
-            lsn: control.min_recovery_lsn.max(control.checkpoint_lsn),
-        },
-    }
-}
-
-/// `Some(decision)` when the node must not simply follow the leader: it needs a rewind or
-/// re-clone first, or must wait for the leader to publish enough to decide.
-fn check_divergence(
-    i: &Inputs<'_>,
-    cluster: &ClusterView,
-    leader: &Member,
-    local: LocalEnd,
-) -> Option<Decision> {
-    let leader_timeline = leader.data.timeline.unwrap_or(0);
-    match divergence(
-        local,
-        leader_timeline,
-        cluster.history.as_ref().map(|h| h.value.as_slice()),
-    ) {
-        Divergence::NoRewind => None,
-        Divergence::Unknown => Some(Decision::idle(format!(
-            "waiting for leader ({}) to publish its timeline history before following it",
-            leader.name
-        ))),
-        Divergence::SameTimelineFork => {
-            // The rule rests on the leader's key describing a running primary; a key that
-            // predates its promotion can still show the timeline it is leaving.
-            if leader.data.role().is_none_or(|r| r != Role::Primary) {
-                return Some(Decision::idle(format!(
-                    "waiting for leader ({}) to run as primary before comparing histories",
-                    leader.name
-                )));
-            }
-            let source = leader.name.clone();
-            Some(Decision::new(
-                format!(
-                    "reinitializing from {source}: this data directory was a primary on timeline {}, \
-                     the timeline {source} leads with another history; pg_rewind cannot tell them apart",
-                    leader.data.timeline.unwrap_or(0)
-                ),
-                vec![Action::Reinitialize {
-                    source,
-                    methods: i.config.replica_plan(true, false),
-                }],
-            ))
-        }
-        Divergence::RewindNeeded => {
-            if leader.data.checkpoint_after_promote == Some(false) {
-                return Some(Decision::idle(format!(
-                    "Waiting for checkpoint on {} before rewind",
-                    leader.name
-                )));
-            }
-            let source = leader.name.clone();
-            if i.config.use_pg_rewind && !i.memory.rewind_failed {
-                Some(Decision::new(
-                    format!("running pg_rewind from {source}"),
-                    vec![Action::Rewind { source }],
-                ))
-            } else {
-                Some(Decision::new(
-                    format!("reinitializing from {source}: the data directory diverged from the leader"),
-                    vec![Action::Reinitialize {
-                        source,
-                        methods: i.config.replica_plan(true, false),
-                    }],
-                ))
-            }
         }
     }
 }

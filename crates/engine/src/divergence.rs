@@ -12,7 +12,10 @@
 //! them apart (pg_rewind does nothing when source and target are on one timeline); only the
 //! fact that this data directory was itself a primary on the leader's timeline shows it.
 
-use pgvigil_api::HistoryEntry;
+use pgvigil_api::{ClusterView, HistoryEntry, Member, Role};
+
+use crate::actions::{Action, Decision};
+use crate::inputs::{ControlInfo, ControlState, Inputs};
 
 /// Where the local WAL ends, as far as we can tell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,5 +89,91 @@ pub fn divergence(local: LocalEnd, leader_timeline: u64, history: Option<&[Histo
         Divergence::RewindNeeded
     } else {
         Divergence::NoRewind
+    }
+}
+
+/// Where a stopped data directory's WAL ends, from `pg_controldata`.
+pub(crate) fn local_end(control: &ControlInfo) -> LocalEnd {
+    match control.state {
+        ControlState::ShutDown => LocalEnd::CleanPrimary {
+            timeline: control.checkpoint_timeline,
+            checkpoint_lsn: control.checkpoint_lsn,
+        },
+        ControlState::InProduction | ControlState::InCrashRecovery | ControlState::ShuttingDown => {
+            LocalEnd::CrashedPrimary {
+                timeline: control.checkpoint_timeline,
+            }
+        }
+        _ => LocalEnd::Replica {
+            timeline: control.min_recovery_timeline.max(control.checkpoint_timeline),
+            lsn: control.min_recovery_lsn.max(control.checkpoint_lsn),
+        },
+    }
+}
+
+/// `Some(decision)` when the node must not simply follow the leader: it needs a rewind or
+/// re-clone first, or must wait for the leader to publish enough to decide.
+pub(crate) fn check_divergence(
+    i: &Inputs<'_>,
+    cluster: &ClusterView,
+    leader: &Member,
+    local: LocalEnd,
+) -> Option<Decision> {
+    let leader_timeline = leader.data.timeline.unwrap_or(0);
+    match divergence(
+        local,
+        leader_timeline,
+        cluster.history.as_ref().map(|h| h.value.as_slice()),
+    ) {
+        Divergence::NoRewind => None,
+        Divergence::Unknown => Some(Decision::idle(format!(
+            "waiting for leader ({}) to publish its timeline history before following it",
+            leader.name
+        ))),
+        Divergence::SameTimelineFork => {
+            // The rule rests on the leader's key describing a running primary; a key that
+            // predates its promotion can still show the timeline it is leaving.
+            if leader.data.role().is_none_or(|r| r != Role::Primary) {
+                return Some(Decision::idle(format!(
+                    "waiting for leader ({}) to run as primary before comparing histories",
+                    leader.name
+                )));
+            }
+            let source = leader.name.clone();
+            Some(Decision::new(
+                format!(
+                    "reinitializing from {source}: this data directory was a primary on timeline {}, \
+                     the timeline {source} leads with another history; pg_rewind cannot tell them apart",
+                    leader.data.timeline.unwrap_or(0)
+                ),
+                vec![Action::Reinitialize {
+                    source,
+                    methods: i.config.replica_plan(true, false),
+                }],
+            ))
+        }
+        Divergence::RewindNeeded => {
+            if leader.data.checkpoint_after_promote == Some(false) {
+                return Some(Decision::idle(format!(
+                    "Waiting for checkpoint on {} before rewind",
+                    leader.name
+                )));
+            }
+            let source = leader.name.clone();
+            if i.config.use_pg_rewind && !i.memory.rewind_failed {
+                Some(Decision::new(
+                    format!("running pg_rewind from {source}"),
+                    vec![Action::Rewind { source }],
+                ))
+            } else {
+                Some(Decision::new(
+                    format!("reinitializing from {source}: the data directory diverged from the leader"),
+                    vec![Action::Reinitialize {
+                        source,
+                        methods: i.config.replica_plan(true, false),
+                    }],
+                ))
+            }
+        }
     }
 }
