@@ -75,9 +75,17 @@ pub fn divergence(local: LocalEnd, leader_timeline: u64, history: Option<&[Histo
         // The leader has not published the switch to its current timeline yet.
         return Divergence::Unknown;
     }
-    let Some(switch) = history.iter().find(|h| h.parent_timeline == local_timeline) else {
+    let Some(k) = history.iter().position(|h| h.parent_timeline == local_timeline) else {
         return Divergence::RewindNeeded;
     };
+    let switch = &history[k];
+    // A timeline the leader's history holds no WAL of: it ends where it began, a number a
+    // promotion reserved because it was started elsewhere (the agent's `fill_skipped`). Whatever
+    // we wrote or received on it is not in the leader's history, whatever the positions say
+    // (ours began at our own fork, not where the leader's empty line puts it).
+    if k > 0 && history[k - 1].switch_lsn == switch.switch_lsn {
+        return Divergence::RewindNeeded;
+    }
     let diverged = match local {
         LocalEnd::Replica { lsn, .. } => lsn > switch.switch_lsn,
         // The new timeline starts right after our shutdown checkpoint record when the candidate

@@ -352,6 +352,46 @@ fn replica_started_from_a_former_primary_on_the_leaders_timeline_is_recloned() {
 
 // --- divergence, directly --------------------------------------------------------------------
 
+/// The full-restart case CI met: node A promoted to timeline 2 and stopped; node B, which
+/// never received timeline 2, reserved it and promoted to 3, then stopped; after the restart A
+/// led again, reserved 3 and promoted to 4. Its history shows 3 as an empty line (it ends where
+/// 2 ended). B's timeline 3 is not in it, whatever B's position: B must be rewound, not sent
+/// streaming for a timeline the leader never had ("requested timeline 3 is not in this server's
+/// history", forever).
+#[test]
+fn a_node_on_a_timeline_the_leader_only_reserved_is_rewound() {
+    let h = [history(1, 500), history(2, 900), history(3, 900)];
+    for local in [
+        LocalEnd::CleanPrimary {
+            timeline: 3,
+            checkpoint_lsn: 600,
+        },
+        LocalEnd::CrashedPrimary { timeline: 3 },
+        LocalEnd::Replica {
+            timeline: 3,
+            lsn: 450,
+        },
+    ] {
+        assert_eq!(
+            divergence(local, 4, Some(&h[..])),
+            Divergence::RewindNeeded,
+            "{local:?}"
+        );
+    }
+    // A real timeline of the leader's history is still compared by position.
+    assert_eq!(
+        divergence(
+            LocalEnd::Replica {
+                timeline: 2,
+                lsn: 800
+            },
+            4,
+            Some(&h[..])
+        ),
+        Divergence::NoRewind
+    );
+}
+
 #[test]
 fn divergence_rules() {
     let h = [history(1, 950)];
