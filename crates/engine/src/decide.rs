@@ -497,6 +497,11 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
                 )
             }
         },
+        // Paused, a running primary is the operator's even when it may not race (the named
+        // candidate of a switchover whose pre_promote refused): it loses the race, nothing else.
+        RaceVerdict::NotHealthiest(reason) if !own.in_recovery && cluster.is_paused() => Decision::idle(
+            format!("paused: not racing, leaving the running primary alone: {reason}"),
+        ),
         RaceVerdict::NotHealthiest(reason) if !own.in_recovery => Decision::new(
             format!("demoting self because i am not the healthiest node: {reason}"),
             vec![Action::Demote(DemoteMode::ImmediateNoLock)],
