@@ -291,6 +291,13 @@ fn a_failing_pre_promote_keeps_the_switchover_candidate_a_replica_and_another_me
     // A replica that took over was promoted after its own pre_promote allowed it (the old
     // leader, clean and stopped, would simply start as the primary again).
     if new != old {
+        // on_role_change runs on the callback thread, possibly a moment after the promotion.
+        let called = wait_until(
+            "on_role_change on the new leader",
+            Duration::from_secs(30),
+            || scripts.lines(new).contains(&on_promote).then_some(()),
+        );
+        called.unwrap_or_else(|e| panic!("{e}: {:?}", scripts.all()));
         let lines = scripts.lines(new);
         let allowed = lines.iter().position(|l| l == "pre_promote");
         let promoted = lines.iter().position(|l| *l == on_promote);
@@ -386,6 +393,15 @@ fn after_a_leader_dies_replicas_refused_by_pre_promote_stay_replicas_until_one_i
     let allowed = replicas[0];
     std::fs::write(scripts.verdict(allowed), "0").unwrap();
     assert_eq!(primary_leader(&cluster, "the allowed replica", |_| true), allowed);
+    // Callbacks run on their own thread: on_role_change may land a moment after the promotion
+    // shows in the cluster.
+    let role_change = line("on_role_change", "primary", &cluster);
+    let called = wait_until(
+        "on_role_change after the promotion",
+        Duration::from_secs(30),
+        || scripts.lines(allowed).contains(&role_change).then_some(()),
+    );
+    called.unwrap_or_else(|e| panic!("{e}: {:?}", scripts.all()));
     let lines = scripts.lines(allowed);
     assert_eq!(
         lines[lines.len() - 2..],
