@@ -84,6 +84,13 @@ const HOME_RETRY: Duration = Duration::from_secs(30);
 /// within one attempt of the leader lock, and long enough for a busy member to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Why one attempt failed: an answer that retrying will not change, or no usable answer (the
+/// member is down, hung or without a leader), which another attempt may get elsewhere.
+pub(crate) enum Attempt {
+    Final(DcsError),
+    Unanswered(DcsError),
+}
+
 /// etcd v3 [`Dcs`](crate::Dcs).
 ///
 /// Cheap to share behind an `Arc`. The connection is made lazily by the first operation, so
@@ -396,21 +403,11 @@ impl Inner {
         loop {
             attempts += 1;
             let attempt_deadline = deadline.min(Instant::now() + self.attempt_timeout);
-            let index = self.endpoint_to_try();
-            let attempt = async {
-                let client = self.client(index).await?;
-                op(client).await.map_err(DcsError::from)
+            let error = match self.attempt(attempt_deadline, &mut op).await {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Final(e)) => return Err(e.context(what)),
+                Err(Attempt::Unanswered(e)) => e,
             };
-            let error = match tokio::time::timeout_at(attempt_deadline, attempt).await {
-                Ok(Ok(value)) => {
-                    self.answered(index);
-                    return Ok(value);
-                }
-                Ok(Err(e)) if e.is_unavailable() => e,
-                Ok(Err(e)) => return Err(e.context(what)),
-                Err(_) => DcsError::Unavailable("no answer in time".into()),
-            };
-            self.endpoint_failed(index, &error).await;
             let now = Instant::now();
             if now + backoff >= deadline {
                 return Err(error.context(&format!("{what} (gave up after {attempts} attempt(s))")));
@@ -443,22 +440,35 @@ impl Inner {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        match self.attempt(Instant::now() + timeout, op).await {
+            Ok(value) => Ok(value),
+            Err(Attempt::Final(e) | Attempt::Unanswered(e)) => Err(e.context(what)),
+        }
+    }
+
+    /// One attempt of `op` on the endpoint to try, until `until`. An attempt that got no
+    /// answer leaves that endpoint for one that answers ([`Inner::endpoint_failed`]).
+    async fn attempt<T, F, Fut>(&self, until: Instant, op: F) -> Result<T, Attempt>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let index = self.endpoint_to_try();
         let attempt = async {
             let client = self.client(index).await?;
             op(client).await.map_err(DcsError::from)
         };
-        let error = match tokio::time::timeout(timeout, attempt).await {
+        let error = match tokio::time::timeout_at(until, attempt).await {
             Ok(Ok(value)) => {
                 self.answered(index);
                 return Ok(value);
             }
             Ok(Err(e)) if e.is_unavailable() => e,
-            Ok(Err(e)) => return Err(e.context(what)),
+            Ok(Err(e)) => return Err(Attempt::Final(e)),
             Err(_) => DcsError::Unavailable("no answer in time".into()),
         };
         self.endpoint_failed(index, &error).await;
-        Err(error.context(what))
+        Err(Attempt::Unanswered(error))
     }
 
     async fn put(
