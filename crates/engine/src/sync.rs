@@ -9,7 +9,7 @@
 //! to acknowledge a commit always intersects any set able to prove a candidate up to date.
 
 use pgvigil_api::values::failover_priority;
-use pgvigil_api::{ClusterView, SyncValue};
+use pgvigil_api::{ClusterView, Member, SyncValue};
 
 /// What Patroni 4.1.5 puts in the GUC when strict mode has no standby to wait for: `*` (in
 /// quorum mode `ANY 1 (*)`), so commits block until some standby confirms them. Safe: with
@@ -162,32 +162,70 @@ fn key(me: &str, members: Vec<String>, quorum: u32) -> SyncValue {
     }
 }
 
+/// A member's `sync_priority` (0 for `nosync`, 1 by default).
+fn sync_priority(m: &Member) -> i64 {
+    let tags = &m.data.tags;
+    match tags.get("sync_priority").and_then(serde_json::Value::as_i64) {
+        Some(p) => p,
+        None if pgvigil_api::values::tag_is_true(tags.get("nosync")) => 0,
+        None => 1,
+    }
+}
+
+/// Patroni's `_should_cascade`: a member whose `replicatefrom` names another eligible member
+/// is meant to stream from that one, so it is no candidate (even while connected to us) once
+/// the first member up its chain without the tag streams from us. `depth` bounds a chain that
+/// loops.
+fn should_cascade(eligible: &[&Member], streaming: &[&str], member: &Member, depth: usize) -> bool {
+    let Some(up) = crate::slots::replicatefrom(member) else {
+        return false;
+    };
+    let Some(upstream) = eligible.iter().find(|m| m.name.eq_ignore_ascii_case(up)) else {
+        return false;
+    };
+    if crate::slots::replicatefrom(upstream).is_none() {
+        return streaming.iter().any(|s| s.eq_ignore_ascii_case(&upstream.name));
+    }
+    depth > 0 && should_cascade(eligible, streaming, upstream, depth - 1)
+}
+
 /// Streaming members that may be synchronous, best first: by `sync_priority`, then those
 /// already synchronous, then by position; `nofailover` members last. Members lagging more than
-/// `maximum_lag_on_syncnode` behind the best are left out.
+/// `maximum_lag_on_syncnode` behind the best are left out, and so are members meant to
+/// cascade from another standby (`replicatefrom`).
 pub fn candidates(input: &SyncInput<'_>) -> Vec<String> {
+    // Running members other than us that may be synchronous, and which of them stream from us.
+    let eligible: Vec<&Member> = input
+        .cluster
+        .members
+        .iter()
+        .filter(|m| {
+            m.data.state == "running" && sync_priority(m) > 0 && !m.name.eq_ignore_ascii_case(input.me)
+        })
+        .collect();
+    let member = |name: &str| {
+        eligible
+            .iter()
+            .copied()
+            .find(|m| m.name.eq_ignore_ascii_case(name))
+    };
+    let streaming: Vec<&str> = input
+        .walsenders
+        .iter()
+        .filter(|w| w.state == "streaming" && member(&w.application_name).is_some())
+        .map(|w| w.application_name.as_str())
+        .collect();
     let mut found: Vec<(i64, bool, u64, bool, String)> = input
         .walsenders
         .iter()
-        .filter(|w| w.state == "streaming" && !w.application_name.eq_ignore_ascii_case(input.me))
+        .filter(|w| w.state == "streaming")
         .filter_map(|w| {
-            let m = input
-                .cluster
-                .members
-                .iter()
-                .find(|m| m.name.eq_ignore_ascii_case(&w.application_name))?;
-            if m.data.state != "running" {
+            let m = member(&w.application_name)?;
+            if should_cascade(&eligible, &streaming, m, eligible.len()) {
                 return None;
             }
             let tags = &m.data.tags;
-            let priority = match tags.get("sync_priority").and_then(serde_json::Value::as_i64) {
-                Some(p) => p,
-                None if pgvigil_api::values::tag_is_true(tags.get("nosync")) => 0,
-                None => 1,
-            };
-            if priority <= 0 {
-                return None;
-            }
+            let priority = sync_priority(m);
             let is_sync = matches!(w.sync_state.as_str(), "sync" | "quorum");
             Some((
                 priority,

@@ -185,6 +185,47 @@ fn maximum_lag_on_syncnode_drops_a_lagging_standby_even_a_lone_one() {
 }
 
 #[test]
+fn a_member_meant_to_cascade_from_a_streaming_standby_is_no_candidate() {
+    let mut view = with_key(cluster(Some("a")), &[], 0);
+    let set_upstream = |view: &mut ClusterView, up: &str| {
+        view.members[2]
+            .data
+            .tags
+            .insert("replicatefrom".into(), serde_json::json!(up));
+    };
+    let pick = |view: &ClusterView, senders: &[WalSender]| {
+        candidates(&SyncInput {
+            me: "a",
+            mode: SyncMode::On,
+            strict: false,
+            node_count: 2,
+            maximum_lag_on_syncnode: -1,
+            cluster: view,
+            current_guc: "",
+            walsenders: senders,
+            guc_changed_at: 100,
+            primary_lsn: 0,
+        })
+    };
+    let both = [ws("bb", "async", 150), ws("ccc", "async", 150)];
+    set_upstream(&mut view, "bb");
+    // ccc streams from us while bb does too: it is meant to follow bb, so it is left out.
+    assert_eq!(pick(&view, &both), ["bb"]);
+    // bb does not stream from us: ccc's fallback to the primary makes it a candidate.
+    assert_eq!(pick(&view, &[ws("ccc", "async", 150)]), ["ccc"]);
+    // replicatefrom naming the primary itself (Patroni's basic_replication feature): a candidate.
+    set_upstream(&mut view, "a");
+    assert_eq!(pick(&view, &both), ["bb", "ccc"]);
+    // A loop of replicatefrom tags leads to no standby streaming from us: both count.
+    set_upstream(&mut view, "bb");
+    view.members[1]
+        .data
+        .tags
+        .insert("replicatefrom".into(), serde_json::json!("ccc"));
+    assert_eq!(pick(&view, &both), ["bb", "ccc"]);
+}
+
+#[test]
 fn nosync_members_are_never_chosen() {
     let mut view = with_key(cluster(Some("a")), &[], 0);
     view.members[1]
