@@ -13,6 +13,8 @@
 //!    the client writing through the router and, separately, straight to the nodes' own ports
 //!    (a multi-host connection that picks the writable node, like libpq's
 //!    `target_session_attrs=read-write`);
+//!    With synchronous replication (`switchover-sync`) the candidate is the synchronous
+//!    standby, the only member either agent hands over to;
 //! 3. the write gap after a PostgreSQL crash on the leader (SIGKILL of the postmaster), defaults;
 //! 4. acknowledged writes lost in all of the above (asynchronous replication, the default);
 //! 5. agent RSS and CPU seconds per idle minute (defaults, both clusters idle at the same time);
@@ -23,8 +25,9 @@
 //! Run it through `bench/failover/run.sh`. Environment: `BENCH_RUNS`, `BENCH_IDLE_SECONDS`
 //! (default 60), `BENCH_SYSTEMS` (`pgvigil,patroni`; `baseline` adds the older pgvigil binary
 //! that `PGVIGIL_BENCH_BASELINE` names, to compare two versions in one run), `BENCH_SCENARIOS`
-//! (`idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,host-fast`),
-//! `PGVIGIL_BENCH_VENV` (where `scripts/install-bench-deps.sh` put Patroni).
+//! (`idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,switchover-sync,host-fast`),
+//! `BENCH_SYNC_MODE` (`synchronous_mode` of the synchronous rows: `on`, the default, or
+//! `quorum`), `PGVIGIL_BENCH_VENV` (where `scripts/install-bench-deps.sh` put Patroni).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -102,7 +105,7 @@ fn start_system(
         router: Some(router.to_path_buf()),
         log_level: "info".into(),
         extra_dcs: if profile.synchronous {
-            "    synchronous_mode: on\n".into()
+            format!("    synchronous_mode: {}\n", sync_mode())
         } else {
             String::new()
         },
@@ -224,14 +227,23 @@ fn measure_list(s: &System, results: &mut Results) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until `/cluster` names a synchronous standby; returns its name.
+/// `synchronous_mode` of the synchronous profile: `BENCH_SYNC_MODE` (`on`, the default, or
+/// `quorum`).
+fn sync_mode() -> String {
+    std::env::var("BENCH_SYNC_MODE").unwrap_or_else(|_| "on".into())
+}
+
+/// Waits until `/cluster` names a synchronous (or quorum) standby; returns its name.
 fn wait_sync_standby(c: &NetCluster) -> anyhow::Result<String> {
     let found = wait_until("a synchronous standby", HEALTHY, || {
         let doc = c.cluster_doc()?;
         doc["members"]
             .as_array()?
             .iter()
-            .find(|m| m["role"] == "sync_standby" && m["state"] == "streaming")
+            .find(|m| {
+                matches!(m["role"].as_str(), Some("sync_standby" | "quorum_standby"))
+                    && m["state"] == "streaming"
+            })
             .and_then(|m| m["name"].as_str())
             .map(str::to_string)
     });
