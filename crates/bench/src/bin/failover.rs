@@ -27,7 +27,7 @@
 //! that `PGVIGIL_BENCH_BASELINE` names, to compare two versions in one run), `BENCH_SCENARIOS`
 //! (`idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,switchover-sync,host-fast`),
 //! `BENCH_SYNC_MODE` (`synchronous_mode` of the synchronous rows: `on`, the default, or
-//! `quorum`), `PGVIGIL_BENCH_VENV` (where `scripts/install-bench-deps.sh` put Patroni).
+//! `quorum`), `BENCH_SYNC_STRICT` (`1`: `synchronous_mode_strict: true` too), `PGVIGIL_BENCH_VENV` (where `scripts/install-bench-deps.sh` put Patroni).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -105,7 +105,11 @@ fn start_system(
         router: Some(router.to_path_buf()),
         log_level: "info".into(),
         extra_dcs: if profile.synchronous {
-            format!("    synchronous_mode: {}\n", sync_mode())
+            let strict = std::env::var_os("BENCH_SYNC_STRICT").is_some_and(|v| v == "1");
+            format!(
+                "    synchronous_mode: {}\n    synchronous_mode_strict: {strict}\n",
+                sync_mode()
+            )
         } else {
             String::new()
         },
