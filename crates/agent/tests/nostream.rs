@@ -1,14 +1,15 @@
 //! The `nostream` tag on real PostgreSQL 15, etcd and the real `patronictl` 4.1.5
 //! (`docs/patroni-compat.md` §3.7, §5.7, §1.3.1): a member that never streams and replays what
 //! the primary archives, through its `postgresql.recovery_conf.restore_command`, reported
-//! `in archive recovery` while the others stream; it stays so across an agent restart.
+//! `in archive recovery` while the others stream; it stays so across an agent restart and a
+//! switchover (the new timeline reaches it through the archive too).
 
 mod operator_support;
 
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use operator_support::{HEALTHY, patronictl, pgvigilctl};
+use operator_support::{HEALTHY, member, patronictl, pgvigilctl};
 use pgvigil_dcs::Dcs;
 use pgvigil_testkit::cluster::{ClusterOptions, TestCluster};
 use pgvigil_testkit::{shared_tmp_dir, wait_until};
@@ -162,7 +163,8 @@ fn a_nostream_member_recovers_from_the_archive_only_and_says_so() {
 
     // The real patronictl (and pgvigilctl) show the member key's replication state in the
     // State column.
-    let name = |i: usize| cluster.nodes[i].name.clone();
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let name = |i: usize| names[i].clone();
     let mut want = vec![
         (name(leader), "Leader".to_string(), "running".to_string()),
         (name(streaming), "Replica".to_string(), "streaming".to_string()),
@@ -198,4 +200,38 @@ fn a_nostream_member_recovers_from_the_archive_only_and_says_so() {
     write_and_wait_replayed(&cluster, leader, "second");
     assert_not_streaming(&cluster, leader, streaming);
     assert_eq!(list(&cluster, false), want);
+
+    // A switchover to the streaming replica: the nostream member finds the new timeline's
+    // history and WAL in the archive and goes on replaying, still streaming from nobody.
+    let r = wait_until("the candidate to have no lag", HEALTHY, || {
+        (member(&cluster, &name(streaming))?["lag"] == 0).then_some(())
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    let run = patronictl(
+        &cluster,
+        0,
+        &[
+            "switchover",
+            "--leader",
+            &name(leader),
+            "--candidate",
+            &name(streaming),
+            "--force",
+        ],
+        None,
+        CTL_TIMEOUT,
+    );
+    run.expect_ok("patronictl switchover");
+    let (leader, streaming) = (streaming, leader);
+    wait_member_keys(&cluster, leader, streaming);
+    let r = wait_until("the new leader to accept writes", HEALTHY, || {
+        (cluster.psql(leader, "SELECT pg_is_in_recovery()").ok()? == "f").then_some(())
+    });
+    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    write_and_wait_replayed(&cluster, leader, "third");
+    assert_eq!(
+        cluster.psql(NOSTREAM, "SELECT count(*) FROM archived").unwrap(),
+        "3"
+    );
+    assert_not_streaming(&cluster, leader, streaming);
 }
