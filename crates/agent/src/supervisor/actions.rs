@@ -326,9 +326,17 @@ impl PgSupervisor {
                 _ => None,
             };
         }
-        self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
-        self.write_pgpass()?;
         let files = self.config_files(Recovery::Follow(upstream));
+        // The upstream the files name: none with `nostream`, whoever the caller named (after a
+        // clone or a rewind it is the leader); else the next cycle would "re-point" it.
+        let streams = files
+            .recovery
+            .as_ref()
+            .is_some_and(|r| r.primary_conninfo.is_some());
+        self.configured_upstream = upstream
+            .filter(|_| streams)
+            .and_then(|u| Self::member_addr(view, u).ok());
+        self.write_pgpass()?;
         let started = self
             .start_with(files, (!role_change).then_some(Role::Replica))
             .await;
