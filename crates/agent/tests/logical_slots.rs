@@ -77,40 +77,44 @@ fn wait_replayed(cluster: &TestCluster, primary: usize, i: usize) {
     r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
 }
 
-#[test]
-fn a_permanent_logical_slot_is_copied_to_replicas_and_survives_a_failover_at_its_confirmed_position() {
-    let options = ClusterOptions {
+/// Adds the permanent slot `cdc` as a Patroni user does, through `patronictl` on node `via`,
+/// and waits until the primary has it.
+fn add_permanent_slot(cluster: &TestCluster, via: usize, primary: usize) {
+    let args = [
+        "edit-config",
+        "--force",
+        "-s",
+        "slots.cdc.type=logical",
+        "-s",
+        "slots.cdc.database=postgres",
+        "-s",
+        "slots.cdc.plugin=test_decoding",
+    ];
+    let run = patronictl(cluster, via, &args, None, Duration::from_secs(60));
+    assert!(run.ok(), "patronictl edit-config failed: {run:?}");
+    let r = wait_until("cdc on the primary", COPY_DUE, || confirmed(cluster, primary));
+    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+}
+
+fn options(extra_node_yaml: Vec<String>, deferred: Vec<usize>) -> ClusterOptions {
+    ClusterOptions {
         // Continues `bootstrap.dcs.postgresql.parameters`: logical slots need it on every node.
         extra_dcs: "        wal_level: logical\n".into(),
+        extra_node_yaml,
+        deferred,
         ..Default::default()
-    };
-    let (mut cluster, primary) = operator_support::start(options);
+    }
+}
+
+#[test]
+fn a_permanent_logical_slot_is_copied_to_replicas_and_survives_a_failover_at_its_confirmed_position() {
+    let (mut cluster, primary) = operator_support::start(options(Vec::new(), Vec::new()));
     wait_settled(&cluster);
     let replicas = operator_support::others(&cluster, primary);
     cluster
         .psql(primary, "CREATE TABLE events (what text)")
         .expect("create table");
-
-    // The permanent slot as a Patroni user adds it.
-    let run = patronictl(
-        &cluster,
-        replicas[0],
-        &[
-            "edit-config",
-            "--force",
-            "-s",
-            "slots.cdc.type=logical",
-            "-s",
-            "slots.cdc.database=postgres",
-            "-s",
-            "slots.cdc.plugin=test_decoding",
-        ],
-        None,
-        Duration::from_secs(60),
-    );
-    assert!(run.ok(), "patronictl edit-config failed: {run:?}");
-    let r = wait_until("cdc on the primary", COPY_DUE, || confirmed(&cluster, primary));
-    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    add_permanent_slot(&cluster, replicas[0], primary);
 
     // A consumer reads the first changes on the primary.
     insert(&cluster, primary, "one");
@@ -173,4 +177,41 @@ fn a_permanent_logical_slot_is_copied_to_replicas_and_survives_a_failover_at_its
     insert(&cluster, new, "four");
     let (rows, _) = consume(&cluster, new);
     assert!(rows.len() == 1 && rows[0].contains("'four'"), "{rows:?}");
+}
+
+/// A `nostream` member sends no feedback to the primary through a slot, so a copy there would
+/// not be safe to use: it gets none (issue 12 item 5), and no `hot_standby_feedback` either.
+#[test]
+fn a_nostream_member_gets_no_copy_of_a_permanent_logical_slot() {
+    // node3 starts once another node leads, so it never bootstraps the cluster.
+    let nostream = 2;
+    let tags = vec![String::new(), String::new(), "tags:\n  nostream: true\n".into()];
+    let (mut cluster, primary) = operator_support::start(options(tags, vec![nostream]));
+    cluster.start_agent(nostream).expect("node3 starts");
+    cluster
+        .wait_healthy(operator_support::HEALTHY)
+        .expect("node3 replicates");
+    let replica = 1 - primary;
+    cluster
+        .psql(primary, "CREATE TABLE events (what text)")
+        .expect("create table");
+    add_permanent_slot(&cluster, replica, primary);
+
+    // Two positions for the other replica's copy to follow: node3 has run its cycles meanwhile.
+    for what in ["one", "two"] {
+        insert(&cluster, primary, what);
+        let (_, at) = consume(&cluster, primary);
+        wait_copies_at(&cluster, &[replica], at);
+    }
+    let slots = cluster
+        .psql(
+            nostream,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical'",
+        )
+        .expect("node3's slots");
+    assert_eq!(slots, "0", "{}", cluster.diagnostics());
+    let feedback = cluster.psql(nostream, "SHOW hot_standby_feedback").expect("SHOW");
+    assert_eq!(feedback, "off");
+    let feedback = cluster.psql(replica, "SHOW hot_standby_feedback").expect("SHOW");
+    assert_eq!(feedback, "on");
 }
