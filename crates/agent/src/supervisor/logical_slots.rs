@@ -92,6 +92,7 @@ impl PgSupervisor {
             tracing::info!(slots = ?names, "the primary ({leader}) has none of the logical slots to copy yet");
             return Ok(false);
         }
+        self.can_load(copies.len()).await.map_err(Failed::Recoverable)?;
         let copied: Vec<&str> = copies.iter().map(|c| c.name.as_str()).collect();
         tracing::info!(slots = ?copied, "copying logical slots from the primary ({leader}); restarting PostgreSQL to load them");
         self.restart_postgres_with(None, |pg| {
@@ -106,6 +107,34 @@ impl PgSupervisor {
             self.readiness.pending.insert(c.name.clone(), None);
         }
         Ok(true)
+    }
+
+    /// PostgreSQL refuses to start with a logical slot below `wal_level = logical` or with more
+    /// slots than `max_replication_slots`: a copy that would keep the replica down is not made.
+    async fn can_load(&self, copies: usize) -> Result<(), String> {
+        let sql = "SELECT pg_catalog.current_setting('wal_level'),
+                          pg_catalog.current_setting('max_replication_slots')::int
+                            - (SELECT count(*) FROM pg_catalog.pg_replication_slots)";
+        let rows = self
+            .pg
+            .query_rows(sql, Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("checking wal_level and max_replication_slots: {e}"))?;
+        let (level, free) = match rows.first().map(Vec::as_slice) {
+            Some([Some(level), Some(free)]) => (level.clone(), free.parse::<i64>().unwrap_or(0)),
+            _ => return Err("checking wal_level and max_replication_slots: no answer".into()),
+        };
+        if level != "logical" {
+            return Err(format!(
+                "not copying logical slots: wal_level is {level} here, PostgreSQL would not start with them"
+            ));
+        }
+        if free < copies as i64 {
+            return Err(format!(
+                "not copying {copies} logical slots: only {free} free in max_replication_slots"
+            ));
+        }
+        Ok(())
     }
 
     /// Carries out a replica's plan for its copies: moves each forward (one that cannot be,
