@@ -48,6 +48,8 @@ mod following_tests;
 #[cfg(test)]
 mod lock_tests;
 #[cfg(test)]
+mod logical_slots_tests;
+#[cfg(test)]
 mod nostream_tests;
 #[cfg(test)]
 mod operator_tests;
