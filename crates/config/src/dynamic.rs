@@ -391,7 +391,9 @@ fn parse_standby_cluster(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<StandbyCluster
         primary_slot_name: o.string(ctx, "primary_slot_name")?.filter(|s| !s.is_empty()),
         create_replica_methods: o.string_list(ctx, "create_replica_methods")?.unwrap_or_default(),
         restore_command: o.string(ctx, "restore_command")?.filter(|c| !c.trim().is_empty()),
-        archive_cleanup_command: o.string(ctx, "archive_cleanup_command")?.filter(|c| !c.trim().is_empty()),
+        archive_cleanup_command: o
+            .string(ctx, "archive_cleanup_command")?
+            .filter(|c| !c.trim().is_empty()),
         recovery_min_apply_delay: o.string(ctx, "recovery_min_apply_delay")?,
     };
     if sc.port.is_some() && sc.host.is_none() {

@@ -174,7 +174,10 @@ fn an_active_standby_cluster_from_etcd_is_adopted_and_disables_synchronous_mode(
     let v = json!({"synchronous_mode": true, "standby_cluster": {"host": "10.0.0.9", "port": 5433}});
     let (d, w) = DynamicConfig::from_json(&v);
     assert!(w.is_empty(), "{w:#?}");
-    assert_eq!(d.standby_cluster.unwrap().remote(), Some(("10.0.0.9".to_string(), 5433)));
+    assert_eq!(
+        d.standby_cluster.unwrap().remote(),
+        Some(("10.0.0.9".to_string(), 5433))
+    );
     assert_eq!(d.synchronous_mode, pgvigil_config::SyncMode::Off);
     let (d, _) = DynamicConfig::from_json(&json!({"synchronous_mode": true}));
     assert_eq!(d.synchronous_mode, pgvigil_config::SyncMode::On);

@@ -279,6 +279,16 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
         && i.config.can_bootstrap
         && !i.config.nofailover()
     {
+        // A standby cluster's first node clones the remote primary instead of running initdb
+        // and becomes its standby leader (Patroni's `bootstrap_standby_leader`).
+        if let Some(sc) = &i.config.standby_cluster {
+            return Decision::new(
+                "trying to bootstrap a new standby leader",
+                vec![Action::BootstrapStandby {
+                    methods: sc.bootstrap_methods(),
+                }],
+            );
+        }
         return Decision::new("bootstrapping a new cluster", vec![Action::Bootstrap]);
     }
     // No leader to clone from (no key, or a key without a member): a method that restores
@@ -296,6 +306,9 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
                 methods,
             }],
         );
+    }
+    if i.config.standby_cluster.is_some() {
+        return Decision::idle("waiting for standby_leader to bootstrap");
     }
     Decision::idle("waiting for leader to bootstrap")
 }
@@ -349,6 +362,13 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
                 vec![Action::ReleaseLock],
             );
         }
+        if cfg.standby_cluster.is_some() {
+            // Never as a primary in a standby cluster, whatever the data directory was last.
+            return Decision::new(
+                "starting as a standby leader because i had the session lock",
+                vec![Action::Start(StartAs::Remote)],
+            );
+        }
         if !control.state.was_primary() {
             return Decision::new(
                 "starting as readonly because i had the session lock",
@@ -395,6 +415,14 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
         );
     }
     let Some(leader) = effective_leader(i, cluster) else {
+        if cluster.is_unlocked() && cfg.standby_cluster.is_some() {
+            // Nobody leads the standby cluster: keep up with the remote meanwhile (Patroni's
+            // "standby cluster is unhealthy"); the race follows in the next cycle.
+            return Decision::new(
+                "trying to follow a remote member because standby cluster is unhealthy",
+                vec![Action::Start(StartAs::Remote)],
+            );
+        }
         if cluster.is_unlocked() {
             // Start read-only; the next cycle races with whatever WAL we have.
             return Decision::new(
@@ -514,6 +542,9 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
 
 fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     let me = &i.config.name;
+    if let Some(sc) = &i.config.standby_cluster {
+        return standby_leading(i, cluster, own, sc);
+    }
     // Paused, a running primary is the operator's; a replica holding the key (the candidate of
     // a switchover) still never promotes without the watchdog it requires.
     if i.watchdog_failed && (!cluster.is_paused() || own.in_recovery) {
@@ -573,6 +604,44 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     )
 }
 
+/// The lock holder of a standby cluster (§4.11, Patroni's `enforce_follow_remote_member`): a
+/// replica of the remote primary that never promotes. No watchdog (it accepts no writes), no
+/// switchover handling, no synchronous standbys. When the section goes away the next cycle
+/// takes [`leading`]'s normal path and promotes.
+fn standby_leading(
+    i: &Inputs<'_>,
+    cluster: &ClusterView,
+    own: &Observed,
+    sc: &crate::inputs::StandbyCluster,
+) -> Decision {
+    let me = &i.config.name;
+    if !own.in_recovery {
+        if cluster.is_paused() {
+            return Decision::idle("paused: continue to run as primary although this is a standby cluster");
+        }
+        // Patroni's `demote-cluster`: a fast stop, then read-only; the next cycle points it
+        // at the remote.
+        return Decision::new(
+            "demoting to a standby cluster: cannot be a real primary in a standby cluster",
+            vec![Action::Demote(DemoteMode::Offline)],
+        );
+    }
+    let follows_remote = match &sc.remote {
+        Some(remote) => own.upstream.as_ref() == Some(remote),
+        None => own.upstream.is_none(),
+    };
+    if !follows_remote && !cluster.is_paused() {
+        return Decision::new(
+            "promoted self to a standby leader because i had the session lock",
+            vec![Action::FollowRemote],
+        );
+    }
+    Decision::new(
+        format!("no action. I am ({me}), the standby leader with the lock"),
+        vec![housekeeping(i, cluster, own)],
+    )
+}
+
 /// The `pre_promote` script refused a promotion less than `ttl` ago: this node gives the lock
 /// up and stays out of the race meanwhile (Patroni's backoff after releasing the key).
 pub(crate) fn pre_promote_backoff(i: &Inputs<'_>) -> bool {
@@ -589,6 +658,7 @@ fn slot_node<'a>(i: &'a Inputs<'_>, cluster: &ClusterView, own: &'a Observed) ->
         nostream: i.config.nostream(),
         replicatefrom: i.config.replicatefrom(),
         primary: !own.in_recovery,
+        standby_leader: own.in_recovery && i.config.standby_cluster.is_some() && i.lock.is_held(),
         server_version: own.server_version,
         wal_position: own.wal_position,
         paused: cluster.is_paused(),
@@ -633,7 +703,9 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             vec![Action::Demote(DemoteMode::ImmediateNoLock)],
         );
     }
-    if leader.data.conn_url.is_empty() || leader.data.role().is_none_or(|r| r != Role::Primary) {
+    // A standby cluster's replicas cascade from its standby leader as others follow a primary.
+    let leads = |r: Role| matches!(r, Role::Primary | Role::StandbyLeader);
+    if leader.data.conn_url.is_empty() || leader.data.role().is_none_or(|r| !leads(r)) {
         return Decision::idle(format!("waiting for leader ({}) to run as primary", leader.name));
     }
     if !own.streaming {

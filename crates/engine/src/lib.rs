@@ -33,7 +33,7 @@ pub use decide::decide;
 pub use divergence::{Divergence, LocalEnd, divergence};
 pub use inputs::{
     ControlInfo, ControlState, DataDir, EngineConfig, Inputs, LocalPg, LockState, Memory, Observed,
-    OperatorRequest, PeerReport, ReplicaMethod, RestartRequest, Silence, SwitchoverStop,
+    OperatorRequest, PeerReport, ReplicaMethod, RestartRequest, Silence, StandbyCluster, SwitchoverStop,
 };
 pub use race::{RELEASE_BACKOFF, RaceVerdict, race_verdict};
 
@@ -57,6 +57,8 @@ mod pre_promote_tests;
 mod properties;
 #[cfg(test)]
 mod slots_tests;
+#[cfg(test)]
+mod standby_tests;
 #[cfg(test)]
 mod sync_tests;
 #[cfg(test)]

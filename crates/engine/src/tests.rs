@@ -35,6 +35,7 @@ pub(crate) fn config(name: &str) -> EngineConfig {
             use_slots: false,
             ..Default::default()
         },
+        standby_cluster: None,
     }
 }
 
