@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgvigil_api::ClusterView;
 use serde_json::json;
 
-use crate::tests::{cluster, config, decide_with, inputs, running, stopped};
+use crate::tests::{cluster, config, decide_with, empty, inputs, running, stopped};
 use crate::*;
 
 const REMOTE: (&str, u16) = ("10.0.0.9", 5433);
@@ -30,14 +30,6 @@ fn standby_view(leader: Option<&str>) -> ClusterView {
         }
     }
     view
-}
-
-fn empty() -> LocalPg {
-    LocalPg {
-        data: DataDir::Empty,
-        postmaster_alive: false,
-        observed: None,
-    }
 }
 
 #[test]

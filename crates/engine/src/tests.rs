@@ -346,7 +346,7 @@ fn with_methods(methods: &[(&str, bool)]) -> EngineConfig {
     cfg
 }
 
-fn empty() -> LocalPg {
+pub(crate) fn empty() -> LocalPg {
     LocalPg {
         data: DataDir::Empty,
         postmaster_alive: false,

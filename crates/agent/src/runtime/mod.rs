@@ -190,7 +190,7 @@ impl Agent {
             check_timeline: self.dynamic.check_timeline,
             use_pg_rewind: self.cfg.use_pg_rewind(&self.dynamic),
             can_bootstrap: true,
-            replica_methods: crate::supervisor::replica_methods(&self.cfg.postgresql),
+            replica_methods: crate::supervisor::replica_methods(&self.cfg.postgresql, &self.dynamic),
             synchronous_mode: crate::supervisor::sync::engine_mode(self.dynamic.synchronous_mode),
             paused: self.dynamic.pause,
             failsafe_mode: self.dynamic.failsafe_mode,
@@ -199,9 +199,20 @@ impl Agent {
             slots: pgvigil_engine::slots::SlotsConfig::from_dynamic(
                 self.dynamic.use_slots,
                 self.dynamic.member_slots_ttl,
-                &self.dynamic.permanent_slots,
+                &pgvigil_engine::slots::permanent_for_cluster(
+                    &self.dynamic.permanent_slots,
+                    self.dynamic.standby_cluster.is_some(),
+                ),
                 &self.dynamic.ignore_slots,
             ),
+            standby_cluster: self
+                .dynamic
+                .standby_cluster
+                .as_ref()
+                .map(|sc| pgvigil_engine::StandbyCluster {
+                    remote: sc.remote(),
+                    replica_methods: sc.create_replica_methods.clone(),
+                }),
         }
     }
 

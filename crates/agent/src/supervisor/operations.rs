@@ -29,7 +29,9 @@ impl PgSupervisor {
         self.stop_postgres(StopMode::Fast, timeout, None)
             .await
             .map_err(|e| format!("stop: {e}"))?;
-        let files = if was_replica {
+        let files = if was_replica && self.follows_remote {
+            self.config_files(Recovery::Remote)
+        } else if was_replica {
             let upstream = self
                 .upstream_name()
                 .or_else(|| self.cluster.as_ref()?.leader_name().map(str::to_string));
