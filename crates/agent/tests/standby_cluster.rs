@@ -126,11 +126,7 @@ fn a_standby_cluster_follows_the_remote_fails_over_inside_and_promotes_when_the_
     // The replicas cascade from the standby leader.
     let replicas =
         "SELECT string_agg(application_name, ',' ORDER BY application_name) FROM pg_stat_replication";
-    let others: Vec<&str> = (0..3)
-        .filter(|&j| j != first)
-        .map(|j| standby.nodes[j].name.as_str())
-        .collect();
-    wait_answer(&standby, first, replicas, &others.join(","));
+    wait_answer(&standby, first, replicas, &names_but(&standby, first));
 
     // What patronictl and the REST API say about it.
     let list =
@@ -147,20 +143,42 @@ fn a_standby_cluster_follows_the_remote_fails_over_inside_and_promotes_when_the_
     assert_eq!(status_code(&standby, replica, "/standby-leader"), 503);
     assert_eq!(status_code(&standby, replica, "/replica"), 200);
 
+    // A switchover inside the standby cluster with the real patronictl: the candidate becomes
+    // the standby leader, following the source; the old one follows it.
+    let target = replica;
+    let run = patronictl(
+        &standby,
+        first,
+        &[
+            "switchover",
+            "--leader",
+            &standby.nodes[first].name,
+            "--candidate",
+            &standby.nodes[target].name,
+            "--force",
+        ],
+        None,
+        Duration::from_secs(90),
+    );
+    assert!(run.ok(), "patronictl switchover failed: {run}");
+    assert_eq!(wait_standby_leader(&standby, 2, Some(first)), target);
+    assert_streams_from_source(&standby, target, &source);
+    wait_answer(&standby, target, replicas, &names_but(&standby, target));
+
     // The standby leader's host dies: another member becomes standby leader, still a replica
     // of the source, streaming through the same slot.
-    standby.signal_agent(first, Signal::SIGKILL).unwrap();
-    standby.kill_postgres(first).unwrap();
-    let second = wait_standby_leader(&standby, 1, Some(first));
+    standby.signal_agent(target, Signal::SIGKILL).unwrap();
+    standby.kill_postgres(target).unwrap();
+    let second = wait_standby_leader(&standby, 1, Some(target));
     assert_streams_from_source(&standby, second, &source);
     source.psql(0, "INSERT INTO dr VALUES (3)").unwrap();
-    for i in others_index(&standby, first) {
+    for i in others_index(&standby, target) {
         wait_answer(&standby, i, "SELECT count(*) FROM dr", "3");
     }
-    // The old one comes back as a replica of the new standby leader.
-    standby.start_agent(first).unwrap();
+    // The dead one comes back as a replica of the new standby leader.
+    standby.start_agent(target).unwrap();
     assert_eq!(wait_standby_leader(&standby, 2, None), second);
-    wait_answer(&standby, first, "SELECT count(*) FROM dr", "3");
+    wait_answer(&standby, target, "SELECT count(*) FROM dr", "3");
 
     // Removing the section promotes the standby leader; the others follow it.
     let run = patronictl(
@@ -191,4 +209,14 @@ fn a_standby_cluster_follows_the_remote_fails_over_inside_and_promotes_when_the_
 
 fn others_index(cluster: &TestCluster, but: usize) -> Vec<usize> {
     (0..cluster.nodes.len()).filter(|&i| i != but).collect()
+}
+
+/// The other members' names, sorted, comma-separated (as `pg_stat_replication` lists them).
+fn names_but(cluster: &TestCluster, but: usize) -> String {
+    let mut names: Vec<&str> = others_index(cluster, but)
+        .into_iter()
+        .map(|i| cluster.nodes[i].name.as_str())
+        .collect();
+    names.sort();
+    names.join(",")
 }

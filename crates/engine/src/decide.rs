@@ -587,15 +587,7 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
             vec![Action::Promote],
         );
     }
-    if let Some(mut decision) = crate::failover::leader_decision(i, cluster, own) {
-        // Housekeeping continues while a request waits or is examined.
-        if !decision
-            .actions
-            .iter()
-            .any(|a| matches!(a, Action::StopForSwitchover { .. } | Action::QueryPeers))
-        {
-            decision.actions.insert(0, housekeeping(i, cluster, own));
-        }
+    if let Some(decision) = leader_request(i, cluster, own) {
         return decision;
     }
     Decision::new(
@@ -604,10 +596,25 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     )
 }
 
+/// The leader's handling of a pending failover key (switchover), if any.
+fn leader_request(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Decision> {
+    let mut decision = crate::failover::leader_decision(i, cluster, own)?;
+    // Housekeeping continues while a request waits or is examined.
+    if !decision
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::StopForSwitchover { .. } | Action::QueryPeers))
+    {
+        decision.actions.insert(0, housekeeping(i, cluster, own));
+    }
+    Some(decision)
+}
+
 /// The lock holder of a standby cluster (§4.11, Patroni's `enforce_follow_remote_member`): a
 /// replica of the remote primary that never promotes. No watchdog (it accepts no writes), no
-/// switchover handling, no synchronous standbys. When the section goes away the next cycle
-/// takes [`leading`]'s normal path and promotes.
+/// synchronous standbys. A switchover hands the key over as a primary's does (stop, wait for
+/// a candidate past the stop's checkpoint, release); the candidate then follows the remote.
+/// When the section goes away the next cycle takes [`leading`]'s normal path and promotes.
 fn standby_leading(
     i: &Inputs<'_>,
     cluster: &ClusterView,
@@ -635,6 +642,9 @@ fn standby_leading(
             "promoted self to a standby leader because i had the session lock",
             vec![Action::FollowRemote],
         );
+    }
+    if let Some(decision) = leader_request(i, cluster, own) {
+        return decision;
     }
     Decision::new(
         format!("no action. I am ({me}), the standby leader with the lock"),

@@ -234,3 +234,29 @@ fn permanent_slots_apply_by_cluster_type() {
     assert_eq!(names(false), ["all", "p"]);
     assert_eq!(names(true), ["all", "s"]);
 }
+
+#[test]
+fn a_switchover_inside_the_standby_cluster_hands_the_key_over() {
+    let mut view = standby_view(Some("a"));
+    view.failover = Some(pgvigil_api::cluster::Versioned {
+        value: pgvigil_api::FailoverValue {
+            leader: Some("a".into()),
+            member: Some("bb".into()),
+            scheduled_at: None,
+        },
+        mod_revision: 9,
+    });
+    let cfg = standby_config("a");
+    let pg = running(true, 1, 1000, Some(REMOTE));
+    let memory = Memory::default();
+    let d = decide(&inputs(&cfg, Some(&view), &pg, &memory, None, None));
+    assert_eq!(d.actions, vec![Action::QueryPeers]);
+    let peers = [crate::tests::peer("bb", "replica", 1000, Default::default())];
+    let d = decide(&inputs(&cfg, Some(&view), &pg, &memory, Some(&peers), None));
+    assert_eq!(
+        d.actions,
+        vec![Action::StopForSwitchover {
+            candidates: vec!["bb".into()]
+        }]
+    );
+}
