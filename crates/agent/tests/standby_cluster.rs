@@ -220,3 +220,40 @@ fn names_but(cluster: &TestCluster, but: usize) -> String {
     names.sort();
     names.join(",")
 }
+
+/// `patronictl promote-cluster` (Patroni 4's way of removing the section through the leader's
+/// `PATCH /config`) promotes the standby leader, and reports it done.
+#[test]
+fn patronictl_promote_cluster_promotes_the_standby_leader() {
+    let source_slot = format!("    slots:\n      {SLOT}:\n        type: physical\n");
+    let source = TestCluster::start(AGENT.as_ref(), options(1, source_slot)).expect("source starts");
+    source
+        .wait_healthy(HEALTHY)
+        .expect("source cluster becomes healthy");
+    source
+        .psql(0, "CREATE TABLE dr(x int); INSERT INTO dr VALUES (1)")
+        .unwrap();
+    let section = format!(
+        "    standby_cluster:\n      host: 127.0.0.1\n      port: {}\n      primary_slot_name: {SLOT}\n",
+        source.nodes[0].pg_port
+    );
+    let standby = TestCluster::start(AGENT.as_ref(), options(2, section)).expect("standby starts");
+    let leader = wait_standby_leader(&standby, 1, None);
+    assert_streams_from_source(&standby, leader, &source);
+
+    let run = patronictl(
+        &standby,
+        leader,
+        &["promote-cluster", "--force"],
+        None,
+        Duration::from_secs(90),
+    );
+    assert!(run.ok(), "patronictl promote-cluster failed: {run}");
+    assert!(run.stdout.contains("cluster is successfully promoted"), "{run}");
+    standby
+        .psql(leader, "INSERT INTO dr VALUES (2)")
+        .expect("the promoted leader accepts writes");
+    let replica = others_index(&standby, leader)[0];
+    wait_answer(&standby, replica, "SELECT count(*) FROM dr", "2");
+    assert_eq!(status_code(&standby, leader, "/primary"), 200);
+}
