@@ -222,9 +222,11 @@ fn names_but(cluster: &TestCluster, but: usize) -> String {
 }
 
 /// `patronictl promote-cluster` (Patroni 4's way of removing the section through the leader's
-/// `PATCH /config`) promotes the standby leader, and reports it done.
+/// `PATCH /config`) promotes the standby leader; `patronictl demote-cluster` then turns the
+/// old source into a standby cluster of the promoted one (its primary rewound against it). Both
+/// report themselves done.
 #[test]
-fn patronictl_promote_cluster_promotes_the_standby_leader() {
+fn patronictl_promote_cluster_and_demote_cluster_swap_the_roles() {
     let source_slot = format!("    slots:\n      {SLOT}:\n        type: physical\n");
     let source = TestCluster::start(AGENT.as_ref(), options(1, source_slot)).expect("source starts");
     source
@@ -256,4 +258,30 @@ fn patronictl_promote_cluster_promotes_the_standby_leader() {
     let replica = others_index(&standby, leader)[0];
     wait_answer(&standby, replica, "SELECT count(*) FROM dr", "2");
     assert_eq!(status_code(&standby, leader, "/primary"), 200);
+
+    // The old source becomes a standby cluster of the new primary.
+    let port = standby.nodes[leader].pg_port.to_string();
+    let run = patronictl(
+        &source,
+        0,
+        &[
+            "demote-cluster",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--force",
+        ],
+        None,
+        Duration::from_secs(120),
+    );
+    assert!(run.ok(), "patronictl demote-cluster failed: {run}");
+    assert!(run.stdout.contains("cluster is successfully demoted"), "{run}");
+    assert_eq!(wait_standby_leader(&source, 0, None), 0);
+    standby.psql(leader, "INSERT INTO dr VALUES (3)").unwrap();
+    wait_answer(&source, 0, "SELECT count(*) FROM dr", "3");
+    let receiver = "SELECT status || ',' || sender_port FROM pg_stat_wal_receiver";
+    wait_answer(&source, 0, receiver, &format!("streaming,{port}"));
+    assert_eq!(status_code(&source, 0, "/primary"), 503);
+    assert_eq!(status_code(&source, 0, "/standby-leader"), 200);
 }

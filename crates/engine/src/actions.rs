@@ -71,6 +71,11 @@ pub enum Action {
     /// Standby cluster (§4.11): point the recovery settings at the remote primary (host, port,
     /// `primary_slot_name`, `restore_command` of the section) and reload.
     FollowRemote,
+    /// Standby cluster (§4.11), Patroni's `demote-cluster` of the lock holder that runs (or
+    /// last ran) as a primary: stop it (fast), `pg_rewind` it against the remote when
+    /// `use_pg_rewind` is on (nothing to do when their histories have not diverged), start it
+    /// following the remote. The lock is kept.
+    DemoteCluster,
     /// Stop, pg_rewind from the member, start following it.
     Rewind { source: String },
     /// Stop PostgreSQL, wipe the data directory and create it again from `source` with

@@ -35,6 +35,7 @@ fn config_may_be_applied(i: &Inputs<'_>, decision: &Decision) -> bool {
             matches!(
                 a,
                 Action::Demote(_)
+                    | Action::DemoteCluster
                     | Action::Rewind { .. }
                     | Action::Reinitialize { .. }
                     | Action::StopForSwitchover { .. }
@@ -363,7 +364,14 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
             );
         }
         if cfg.standby_cluster.is_some() {
-            // Never as a primary in a standby cluster, whatever the data directory was last.
+            // Never as a primary in a standby cluster; a former primary's data may have to be
+            // rewound against the remote first.
+            if control.state.was_primary() {
+                return Decision::new(
+                    "demoting to a standby cluster: cannot be a real primary in a standby cluster",
+                    vec![Action::DemoteCluster],
+                );
+            }
             return Decision::new(
                 "starting as a standby leader because i had the session lock",
                 vec![Action::Start(StartAs::Remote)],
@@ -626,11 +634,9 @@ fn standby_leading(
         if cluster.is_paused() {
             return Decision::idle("paused: continue to run as primary although this is a standby cluster");
         }
-        // Patroni's `demote-cluster`: a fast stop, then read-only; the next cycle points it
-        // at the remote.
         return Decision::new(
             "demoting to a standby cluster: cannot be a real primary in a standby cluster",
-            vec![Action::Demote(DemoteMode::Offline)],
+            vec![Action::DemoteCluster],
         );
     }
     let follows_remote = match &sc.remote {

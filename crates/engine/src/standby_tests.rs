@@ -116,7 +116,7 @@ fn adding_the_section_demotes_the_primary_to_a_standby_leader() {
     let view = cluster(Some("a"));
     let pg = running(false, 1, 1000, None);
     let d = decide_with(&standby_config("a"), Some(&view), &pg, &Memory::default());
-    assert_eq!(d.actions, vec![Action::Demote(DemoteMode::Offline)]);
+    assert_eq!(d.actions, vec![Action::DemoteCluster]);
     // Paused, the operator's primary is left alone.
     let mut paused = cluster(Some("a"));
     paused.config.as_mut().unwrap().value = json!({"pause": true});
@@ -125,16 +125,15 @@ fn adding_the_section_demotes_the_primary_to_a_standby_leader() {
 }
 
 #[test]
-fn a_stopped_lock_holder_starts_as_standby_leader_whatever_its_data_was() {
+fn a_stopped_lock_holder_starts_as_standby_leader_a_former_primary_after_demote_cluster() {
     let view = standby_view(Some("a"));
-    for state in [ControlState::ShutDownInRecovery, ControlState::ShutDown] {
-        let d = decide_with(
-            &standby_config("a"),
-            Some(&view),
-            &stopped(state),
-            &Memory::default(),
-        );
-        assert_eq!(d.actions, vec![Action::Start(StartAs::Remote)], "{state:?}");
+    let cfg = standby_config("a");
+    let replica = stopped(ControlState::ShutDownInRecovery);
+    let d = decide_with(&cfg, Some(&view), &replica, &Memory::default());
+    assert_eq!(d.actions, vec![Action::Start(StartAs::Remote)]);
+    for state in [ControlState::ShutDown, ControlState::InProduction] {
+        let d = decide_with(&cfg, Some(&view), &stopped(state), &Memory::default());
+        assert_eq!(d.actions, vec![Action::DemoteCluster], "{state:?}");
     }
 }
 

@@ -54,6 +54,7 @@ impl PgSupervisor {
             Action::Demote(mode) => self.demote(mode).await,
             Action::Follow { upstream } => self.follow(view, upstream.as_deref()).await,
             Action::FollowRemote => self.follow_remote().await,
+            Action::DemoteCluster => self.demote_cluster().await,
             Action::Rewind { source } => self.rewind(view, &source).await,
             Action::Reinitialize { source, methods } => self.reinitialize(view, &source, &methods).await,
             // The cycle gathers peers itself before deciding again.

@@ -9,11 +9,13 @@
 //! itself). Not fencing it would need the fence to know the role, one more input to a part
 //! whose safety argument is that it needs none.
 
+use std::time::Duration;
+
 use pgvigil_api::{PgState, Role};
 use pgvigil_postgres::StopMode;
 
 use super::PgSupervisor;
-use super::actions::{Failed, Outcome, failed_text};
+use super::actions::{Failed, Outcome, failed_text, recoverable};
 use super::callbacks::Event;
 use super::config::Recovery;
 
@@ -63,6 +65,30 @@ impl PgSupervisor {
             .await
             .map_err(failed_text)?;
         self.publish_new_cluster().await
+    }
+
+    /// Patroni's `demote-cluster` (§4.11): a fast stop of the primary, `pg_rewind` against the
+    /// remote when `use_pg_rewind` is on (it finds nothing to do when the histories have not
+    /// diverged), then a start following the remote. A failed rewind still starts it: read-only
+    /// is safe, and the operator sees why it does not stream in the log.
+    pub(super) async fn demote_cluster(&mut self) -> Outcome {
+        let role = self.current_role();
+        self.stop_postgres(StopMode::Fast, self.pg_ctl_timeout(), Some(role))
+            .await
+            .map_err(recoverable("stopping postgres to demote the cluster"))?;
+        self.state = PgState::Stopped;
+        self.role = Role::Demoted;
+        self.standby_names = None;
+        if let Some((host, port)) = self.remote_addr()
+            && self.cfg.use_pg_rewind(&self.dynamic)
+        {
+            self.write_pgpass()?;
+            tracing::info!("running pg_rewind from the remote primary {host}:{port}");
+            if let Err(e) = self.pg.rewind(&host, port, Duration::from_secs(3600)).await {
+                tracing::error!("pg_rewind from the remote primary {host}:{port} failed: {e}");
+            }
+        }
+        self.start_in_recovery(None, None, true).await
     }
 
     /// Points the recovery settings at the remote primary and reloads (PostgreSQL 13+ reads
