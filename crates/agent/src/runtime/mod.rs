@@ -487,9 +487,12 @@ impl Agent {
         let engine_cfg = self.engine_config();
         let view_names_me = view.and_then(ClusterView::leader_name) == Some(self.cfg.name.as_str());
         // A required watchdog is armed whenever this node holds the lock; the engine keeps a
-        // node whose watchdog cannot be armed from acting as primary.
-        let watchdog_failed =
-            self.leadership.holds_lock() && !view.is_some_and(ClusterView::is_paused) && !sup.arm_watchdog();
+        // node whose watchdog cannot be armed from acting as primary. Not for a standby
+        // cluster's leader, which accepts no writes (Patroni arms it only to promote).
+        let watchdog_failed = self.leadership.holds_lock()
+            && !view.is_some_and(ClusterView::is_paused)
+            && self.dynamic.standby_cluster.is_none()
+            && !sup.arm_watchdog();
         let config_pending = sup.config_pending();
         let started = sup.status().map(|s| s.postmaster_start_time.clone());
         let request = self.operator.request(started.as_deref());
