@@ -551,7 +551,7 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
 fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     let me = &i.config.name;
     if let Some(sc) = &i.config.standby_cluster {
-        return standby_leading(i, cluster, own, sc);
+        return crate::standby::standby_leading(i, cluster, own, sc);
     }
     // Paused, a running primary is the operator's; a replica holding the key (the candidate of
     // a switchover) still never promotes without the watchdog it requires.
@@ -605,7 +605,7 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
 }
 
 /// The leader's handling of a pending failover key (switchover), if any.
-fn leader_request(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Decision> {
+pub(crate) fn leader_request(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Decision> {
     let mut decision = crate::failover::leader_decision(i, cluster, own)?;
     // Housekeeping continues while a request waits or is examined.
     if !decision
@@ -616,46 +616,6 @@ fn leader_request(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Opti
         decision.actions.insert(0, housekeeping(i, cluster, own));
     }
     Some(decision)
-}
-
-/// The lock holder of a standby cluster (§4.11, Patroni's `enforce_follow_remote_member`): a
-/// replica of the remote primary that never promotes. No watchdog (it accepts no writes), no
-/// synchronous standbys. A switchover hands the key over as a primary's does (stop, wait for
-/// a candidate past the stop's checkpoint, release); the candidate then follows the remote.
-/// When the section goes away the next cycle takes [`leading`]'s normal path and promotes.
-fn standby_leading(
-    i: &Inputs<'_>,
-    cluster: &ClusterView,
-    own: &Observed,
-    sc: &crate::inputs::StandbyCluster,
-) -> Decision {
-    let me = &i.config.name;
-    if !own.in_recovery {
-        if cluster.is_paused() {
-            return Decision::idle("paused: continue to run as primary although this is a standby cluster");
-        }
-        return Decision::new(
-            "demoting to a standby cluster: cannot be a real primary in a standby cluster",
-            vec![Action::DemoteCluster],
-        );
-    }
-    let follows_remote = match &sc.remote {
-        Some(remote) => own.upstream.as_ref() == Some(remote),
-        None => own.upstream.is_none(),
-    };
-    if !follows_remote && !cluster.is_paused() {
-        return Decision::new(
-            "promoted self to a standby leader because i had the session lock",
-            vec![Action::FollowRemote],
-        );
-    }
-    if let Some(decision) = leader_request(i, cluster, own) {
-        return decision;
-    }
-    Decision::new(
-        format!("no action. I am ({me}), the standby leader with the lock"),
-        vec![housekeeping(i, cluster, own)],
-    )
 }
 
 /// The `pre_promote` script refused a promotion less than `ttl` ago: this node gives the lock
@@ -682,7 +642,7 @@ fn slot_node<'a>(i: &'a Inputs<'_>, cluster: &ClusterView, own: &'a Observed) ->
     }
 }
 
-fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Action {
+pub(crate) fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Action {
     let node = slot_node(i, cluster, own);
     let seen = i.memory.retained_slots_seen.as_ref();
     Action::LeaderHousekeeping {

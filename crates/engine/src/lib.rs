@@ -26,6 +26,7 @@ mod inputs;
 pub mod operator;
 mod race;
 pub mod slots;
+mod standby;
 pub mod sync;
 
 pub use actions::{Action, Decision, DemoteMode, StartAs};
