@@ -94,10 +94,11 @@ fn status_code(cluster: &TestCluster, i: usize, path: &str) -> u16 {
         .unwrap_or_else(|e| panic!("GET {path} on {}: {e}", cluster.nodes[i].name))
 }
 
-#[test]
-fn a_standby_cluster_follows_the_remote_fails_over_inside_and_promotes_when_the_section_goes() {
-    // The source: a one-node cluster of its own, keeping a permanent slot for the standby
-    // cluster.
+/// The source, a one-node cluster of its own with a table `dr` holding one row and a
+/// permanent slot for the standby cluster; and a standby cluster of `nodes` members configured
+/// as a Patroni user does, once its standby leader runs and the others stream. Returns both and
+/// the standby leader's index.
+fn start_pair(nodes: usize) -> (TestCluster, TestCluster, usize) {
     let source_slot = format!("    slots:\n      {SLOT}:\n        type: physical\n");
     let source = TestCluster::start(AGENT.as_ref(), options(1, source_slot)).expect("source starts");
     source
@@ -108,14 +109,18 @@ fn a_standby_cluster_follows_the_remote_fails_over_inside_and_promotes_when_the_
         .unwrap();
     let active = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{SLOT}'");
     wait_answer(&source, 0, &active, "1");
-
-    // The standby cluster, as a Patroni user configures it.
     let section = format!(
         "    standby_cluster:\n      host: 127.0.0.1\n      port: {}\n      primary_slot_name: {SLOT}\n",
         source.nodes[0].pg_port
     );
-    let mut standby = TestCluster::start(AGENT.as_ref(), options(3, section)).expect("standby starts");
-    let first = wait_standby_leader(&standby, 2, None);
+    let standby = TestCluster::start(AGENT.as_ref(), options(nodes, section)).expect("standby starts");
+    let leader = wait_standby_leader(&standby, nodes - 1, None);
+    (source, standby, leader)
+}
+
+#[test]
+fn a_standby_cluster_follows_the_remote_fails_over_inside_and_promotes_when_the_section_goes() {
+    let (source, mut standby, first) = start_pair(3);
 
     // Data written on the source reaches every member of the standby cluster.
     source.psql(0, "INSERT INTO dr VALUES (2)").unwrap();
@@ -227,20 +232,7 @@ fn names_but(cluster: &TestCluster, but: usize) -> String {
 /// report themselves done.
 #[test]
 fn patronictl_promote_cluster_and_demote_cluster_swap_the_roles() {
-    let source_slot = format!("    slots:\n      {SLOT}:\n        type: physical\n");
-    let source = TestCluster::start(AGENT.as_ref(), options(1, source_slot)).expect("source starts");
-    source
-        .wait_healthy(HEALTHY)
-        .expect("source cluster becomes healthy");
-    source
-        .psql(0, "CREATE TABLE dr(x int); INSERT INTO dr VALUES (1)")
-        .unwrap();
-    let section = format!(
-        "    standby_cluster:\n      host: 127.0.0.1\n      port: {}\n      primary_slot_name: {SLOT}\n",
-        source.nodes[0].pg_port
-    );
-    let standby = TestCluster::start(AGENT.as_ref(), options(2, section)).expect("standby starts");
-    let leader = wait_standby_leader(&standby, 1, None);
+    let (source, standby, leader) = start_pair(2);
     assert_streams_from_source(&standby, leader, &source);
 
     let run = patronictl(
