@@ -137,3 +137,35 @@ pub fn files(
         restore: Default::default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The standby leader gets the section's three recovery settings over the user's; the other
+    /// members only the two commands (Patroni's `build_recovery_params`).
+    #[test]
+    fn the_sections_commands_go_to_every_member_the_delay_only_to_the_standby_leader() {
+        let sc = StandbyClusterConfig {
+            host: Some("10.0.0.9".into()),
+            restore_command: Some("cp /archive/%f %p".into()),
+            archive_cleanup_command: Some("pg_archivecleanup /archive %r".into()),
+            recovery_min_apply_delay: Some("5min".into()),
+            ..Default::default()
+        };
+        let user = || BTreeMap::from([("restore_command".to_string(), "false".to_string())]);
+        let mut leader = user();
+        standby_commands(&sc, &mut leader, true);
+        assert_eq!(leader["restore_command"], "cp /archive/%f %p");
+        assert_eq!(leader["archive_cleanup_command"], "pg_archivecleanup /archive %r");
+        assert_eq!(leader["recovery_min_apply_delay"], "5min");
+        let mut replica = user();
+        standby_commands(&sc, &mut replica, false);
+        assert_eq!(replica["restore_command"], "cp /archive/%f %p");
+        assert!(!replica.contains_key("recovery_min_apply_delay"));
+        // Without commands in the section the user's stay.
+        let mut kept = user();
+        standby_commands(&StandbyClusterConfig::default(), &mut kept, true);
+        assert_eq!(kept, user());
+    }
+}
