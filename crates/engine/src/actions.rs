@@ -1,6 +1,6 @@
 //! What the engine asks the runtime to do.
 
-use crate::slots::{PublishedSlots, SlotPlan};
+use crate::slots::{LogicalSlot, PublishedSlots, SlotPlan};
 
 /// One cycle's outcome: actions in order (the runtime stops at the first one that fails) and a
 /// one-line summary logged at INFO, worded like Patroni's so operators recognise it.
@@ -127,6 +127,10 @@ pub enum Action {
     /// A replica's slot upkeep (§5.8): carry out the plan and forget any leader-time retention
     /// clock ([`crate::Memory::retained_slots_seen`]).
     ManageSlots(SlotPlan),
+    /// A replica copies these permanent logical slots from the primary (§5.8, Patroni's
+    /// `copy_logical_slots`): their state files read there, written here, and PostgreSQL
+    /// restarted to load them.
+    CopyLogicalSlots(Vec<LogicalSlot>),
     /// The configuration or data cannot work; the agent exits with this message.
     Fatal(String),
 }

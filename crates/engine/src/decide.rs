@@ -652,10 +652,15 @@ pub(crate) fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed
 }
 
 /// A replica's slot upkeep, when there is something to do (or a leader's retention clock to
-/// forget).
-fn replica_slots(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Action> {
-    let plan = slots::plan(&i.config.slots, cluster, &slot_node(i, cluster, own));
-    (!plan.is_empty() || i.memory.retained_slots_seen.is_some()).then_some(Action::ManageSlots(plan))
+/// forget), then the logical slots to copy from the primary.
+fn replica_slots(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Vec<Action> {
+    let node = slot_node(i, cluster, own);
+    let plan = slots::plan(&i.config.slots, cluster, &node);
+    let copy = slots::to_copy(&i.config.slots, cluster, &node, &plan);
+    let manage =
+        (!plan.is_empty() || i.memory.retained_slots_seen.is_some()).then_some(Action::ManageSlots(plan));
+    let copy = (!copy.is_empty()).then_some(Action::CopyLogicalSlots(copy));
+    manage.into_iter().chain(copy).collect()
 }
 
 fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
@@ -724,6 +729,6 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             "no action. I am ({me}), a secondary, and following a leader ({})",
             leader.name
         ),
-        replica_slots(i, cluster, own).into_iter().collect(),
+        replica_slots(i, cluster, own),
     )
 }

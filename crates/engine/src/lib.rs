@@ -49,6 +49,8 @@ mod following_tests;
 #[cfg(test)]
 mod lock_tests;
 #[cfg(test)]
+mod logical_slots_tests;
+#[cfg(test)]
 mod operator_tests;
 #[cfg(test)]
 mod pause_tests;

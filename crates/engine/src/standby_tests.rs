@@ -222,16 +222,23 @@ fn the_standby_leader_keeps_slots_for_the_members_streaming_from_it() {
 
 #[test]
 fn permanent_slots_apply_by_cluster_type() {
-    let permanent = json!({"all": null, "p": {"cluster_type": "primary"}, "s": {"cluster_type": "standby"}});
+    let permanent = json!({"all": null, "p": {"cluster_type": "primary"}, "s": {"cluster_type": "standby"},
+        "cdc": {"database": "postgres", "plugin": "test_decoding"}});
     let permanent = permanent.as_object().unwrap();
     let names = |standby| {
         crate::slots::permanent_for_cluster(permanent, standby)
             .keys()
             .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect::<Vec<_>>()
     };
-    assert_eq!(names(false), ["all", "p"]);
-    assert_eq!(names(true), ["all", "s"]);
+    assert_eq!(names(false), ["all", "cdc", "p"]);
+    assert_eq!(
+        names(true),
+        ["all", "s"],
+        "only physical slots in a standby cluster"
+    );
 }
 
 #[test]

@@ -687,6 +687,7 @@ fn describe(actions: &[Action]) -> Option<String> {
             Action::Promote => "promotion in progress",
             Action::Start(_) => "postgres is starting",
             Action::Demote(_) => "postgres is stopping",
+            Action::CopyLogicalSlots(_) => "copying logical slots from the primary",
             _ => return None,
         };
         Some(what.to_string())

@@ -87,8 +87,10 @@ impl PgSupervisor {
             Action::ManageSlots(plan) => {
                 self.memory.retained_slots_seen = None;
                 self.manage_slots(&plan).await;
+                self.keep_logical_copies(&plan.copies).await;
                 Ok(false)
             }
+            Action::CopyLogicalSlots(slots) => self.copy_logical_slots(view, &slots).await,
             Action::StopForSwitchover { candidates } => self.stop_for_switchover(candidates).await,
             Action::PublishPosition { optime } => self.publish_position(view, optime).await,
             Action::Restart { timeout } => self
@@ -470,6 +472,7 @@ impl PgSupervisor {
             .map_err(recoverable("promotion failed"))?;
         self.role = Role::Primary;
         self.memory = Default::default();
+        self.promoted_with_logical_copies();
         self.callback(Event::RoleChange, Role::Primary);
         // Without a checkpoint pg_control still shows the old timeline and pg_rewind against us
         // would fail; our member key shows the new timeline only after this returns.

@@ -35,7 +35,14 @@ impl PgSupervisor {
                 None => pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, self.cluster.as_ref(), None),
             }),
         };
-        pgconf::files(&self.cfg, &self.dynamic, self.standby_names.as_deref(), recovery)
+        let names = self.standby_names.as_deref();
+        pgconf::files(
+            &self.cfg,
+            &self.dynamic,
+            names,
+            self.hot_standby_feedback,
+            recovery,
+        )
     }
 
     /// Writes `files` and records what was written.
@@ -53,7 +60,8 @@ impl PgSupervisor {
         if !self.pg.is_running() {
             return false;
         }
-        let (parameters, _) = pgconf::parameters(&self.cfg, &self.dynamic, self.standby_names.as_deref());
+        let names = self.standby_names.as_deref();
+        let (parameters, _) = pgconf::parameters(&self.cfg, &self.dynamic, names, self.hot_standby_feedback);
         self.config_dirty || self.written_parameters.as_ref() != Some(&parameters)
     }
 

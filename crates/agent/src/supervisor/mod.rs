@@ -14,6 +14,7 @@ mod config;
 mod custom_bootstrap;
 pub mod history;
 mod lock_actions;
+mod logical_slots;
 pub mod observe;
 mod operations;
 mod pgconf;
@@ -123,6 +124,11 @@ pub struct PgSupervisor {
     callbacks: callbacks::CallbackExecutor,
     /// A start, stop, restart or role-change callback was handed over since the agent started.
     cb_called: bool,
+    /// `hot_standby_feedback` must be on: this node keeps (or feeds a member that keeps) copies
+    /// of permanent logical slots (§3.9, §5.8).
+    hot_standby_feedback: bool,
+    /// Copies of logical slots not yet known to be safe after a failover.
+    readiness: logical_slots::Readiness,
 }
 
 impl PgSupervisor {
@@ -153,6 +159,8 @@ impl PgSupervisor {
             scheduled_restart: ctx.scheduled_restart,
             callbacks: callbacks::CallbackExecutor::start(),
             cb_called: false,
+            hot_standby_feedback: false,
+            readiness: Default::default(),
         }
     }
 
@@ -183,10 +191,12 @@ impl PgSupervisor {
     pub fn set_dynamic(&mut self, dynamic: DynamicConfig) {
         self.dynamic = dynamic;
         self.config_dirty = true;
+        self.refresh_hot_standby_feedback();
     }
 
     pub fn set_cluster(&mut self, cluster: Option<ClusterView>) {
         self.cluster = cluster;
+        self.refresh_hot_standby_feedback();
     }
 
     /// The state the engine says to report (e.g. `stopped` for a PostgreSQL found down in

@@ -12,15 +12,20 @@ pub const PG_MAJOR: u32 = 15;
 
 /// Parameters for `postgresql.conf`, with warnings about values that were replaced. While
 /// synchronous replication is managed, `sync_guc` is the `synchronous_standby_names` the leader
-/// chose; otherwise the user's own value stands.
+/// chose; otherwise the user's own value stands. `hot_standby_feedback` is forced on for copies
+/// of permanent logical slots (§3.9, §5.8), as Patroni does.
 pub fn parameters(
     cfg: &Config,
     dynamic: &DynamicConfig,
     sync_guc: Option<&str>,
+    hot_standby_feedback: bool,
 ) -> (BTreeMap<String, String>, Vec<String>) {
     let (mut parameters, warnings) = pgvigil_config::effective_parameters(cfg, dynamic, PG_MAJOR);
     if let Some(guc) = sync_guc {
         parameters.insert("synchronous_standby_names".into(), guc.to_string());
+    }
+    if hot_standby_feedback {
+        parameters.insert("hot_standby_feedback".into(), "on".into());
     }
     (parameters, warnings)
 }
@@ -124,9 +129,10 @@ pub fn files(
     cfg: &Config,
     dynamic: &DynamicConfig,
     sync_guc: Option<&str>,
+    hot_standby_feedback: bool,
     recovery_conf: Option<RecoveryConf>,
 ) -> ConfigFiles {
-    let (parameters, warnings) = parameters(cfg, dynamic, sync_guc);
+    let (parameters, warnings) = parameters(cfg, dynamic, sync_guc, hot_standby_feedback);
     for w in warnings {
         tracing::warn!("{w}");
     }
