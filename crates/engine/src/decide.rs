@@ -35,6 +35,7 @@ fn config_may_be_applied(i: &Inputs<'_>, decision: &Decision) -> bool {
             matches!(
                 a,
                 Action::Demote(_)
+                    | Action::DemoteCluster
                     | Action::Rewind { .. }
                     | Action::Reinitialize { .. }
                     | Action::StopForSwitchover { .. }
@@ -279,6 +280,16 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
         && i.config.can_bootstrap
         && !i.config.nofailover()
     {
+        // A standby cluster's first node clones the remote primary instead of running initdb
+        // and becomes its standby leader (Patroni's `bootstrap_standby_leader`).
+        if let Some(sc) = &i.config.standby_cluster {
+            return Decision::new(
+                "trying to bootstrap a new standby leader",
+                vec![Action::BootstrapStandby {
+                    methods: sc.bootstrap_methods(),
+                }],
+            );
+        }
         return Decision::new("bootstrapping a new cluster", vec![Action::Bootstrap]);
     }
     // No leader to clone from (no key, or a key without a member): a method that restores
@@ -296,6 +307,9 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
                 methods,
             }],
         );
+    }
+    if i.config.standby_cluster.is_some() {
+        return Decision::idle("waiting for standby_leader to bootstrap");
     }
     Decision::idle("waiting for leader to bootstrap")
 }
@@ -349,6 +363,20 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
                 vec![Action::ReleaseLock],
             );
         }
+        if cfg.standby_cluster.is_some() {
+            // Never as a primary in a standby cluster; a former primary's data may have to be
+            // rewound against the remote first.
+            if control.state.was_primary() {
+                return Decision::new(
+                    "demoting to a standby cluster: cannot be a real primary in a standby cluster",
+                    vec![Action::DemoteCluster],
+                );
+            }
+            return Decision::new(
+                "starting as a standby leader because i had the session lock",
+                vec![Action::Start(StartAs::Remote)],
+            );
+        }
         if !control.state.was_primary() {
             return Decision::new(
                 "starting as readonly because i had the session lock",
@@ -395,6 +423,14 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
         );
     }
     let Some(leader) = effective_leader(i, cluster) else {
+        if cluster.is_unlocked() && cfg.standby_cluster.is_some() {
+            // Nobody leads the standby cluster: keep up with the remote meanwhile (Patroni's
+            // "standby cluster is unhealthy"); the race follows in the next cycle.
+            return Decision::new(
+                "trying to follow a remote member because standby cluster is unhealthy",
+                vec![Action::Start(StartAs::Remote)],
+            );
+        }
         if cluster.is_unlocked() {
             // Start read-only; the next cycle races with whatever WAL we have.
             return Decision::new(
@@ -518,6 +554,9 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
 
 fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     let me = &i.config.name;
+    if let Some(sc) = &i.config.standby_cluster {
+        return crate::standby::standby_leading(i, cluster, own, sc);
+    }
     // Paused, a running primary is the operator's; a replica holding the key (the candidate of
     // a switchover) still never promotes without the watchdog it requires.
     if i.watchdog_failed && (!cluster.is_paused() || own.in_recovery) {
@@ -560,21 +599,27 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
             vec![Action::Promote],
         );
     }
-    if let Some(mut decision) = crate::failover::leader_decision(i, cluster, own) {
-        // Housekeeping continues while a request waits or is examined.
-        if !decision
-            .actions
-            .iter()
-            .any(|a| matches!(a, Action::StopForSwitchover { .. } | Action::QueryPeers))
-        {
-            decision.actions.insert(0, housekeeping(i, cluster, own));
-        }
+    if let Some(decision) = leader_request(i, cluster, own) {
         return decision;
     }
     Decision::new(
         format!("no action. I am ({me}), the leader with the lock"),
         vec![housekeeping(i, cluster, own)],
     )
+}
+
+/// The leader's handling of a pending failover key (switchover), if any.
+pub(crate) fn leader_request(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Decision> {
+    let mut decision = crate::failover::leader_decision(i, cluster, own)?;
+    // Housekeeping continues while a request waits or is examined.
+    if !decision
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::StopForSwitchover { .. } | Action::QueryPeers))
+    {
+        decision.actions.insert(0, housekeeping(i, cluster, own));
+    }
+    Some(decision)
 }
 
 /// The `pre_promote` script refused a promotion less than `ttl` ago: this node gives the lock
@@ -593,6 +638,7 @@ fn slot_node<'a>(i: &'a Inputs<'_>, cluster: &ClusterView, own: &'a Observed) ->
         nostream: i.config.nostream(),
         replicatefrom: i.config.replicatefrom(),
         primary: !own.in_recovery,
+        standby_leader: own.in_recovery && i.config.standby_cluster.is_some() && i.lock.is_held(),
         server_version: own.server_version,
         wal_position: own.wal_position,
         paused: cluster.is_paused(),
@@ -600,7 +646,7 @@ fn slot_node<'a>(i: &'a Inputs<'_>, cluster: &ClusterView, own: &'a Observed) ->
     }
 }
 
-fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Action {
+pub(crate) fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Action {
     let node = slot_node(i, cluster, own);
     let seen = i.memory.retained_slots_seen.as_ref();
     Action::LeaderHousekeeping {
@@ -642,7 +688,9 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             vec![Action::Demote(DemoteMode::ImmediateNoLock)],
         );
     }
-    if leader.data.conn_url.is_empty() || leader.data.role().is_none_or(|r| r != Role::Primary) {
+    // A standby cluster's replicas cascade from its standby leader as others follow a primary.
+    let leads = |r: Role| matches!(r, Role::Primary | Role::StandbyLeader);
+    if leader.data.conn_url.is_empty() || leader.data.role().is_none_or(|r| !leads(r)) {
         return Decision::idle(format!("waiting for leader ({}) to run as primary", leader.name));
     }
     if !own.streaming {

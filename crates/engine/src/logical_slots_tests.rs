@@ -174,6 +174,7 @@ fn node<'a>(me: &'a str, nofailover: bool, nostream: bool) -> SlotNode<'a> {
         nostream,
         replicatefrom: None,
         primary: false,
+        standby_leader: false,
         server_version: 150_000,
         wal_position: 0,
         paused: false,

@@ -161,6 +161,7 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
         fast_takeover: true,
         takeover_margin: Duration::from_millis(500),
         slots: Default::default(),
+        standby_cluster: None,
     };
     let members = NAMES
         .iter()

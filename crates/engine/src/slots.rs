@@ -56,6 +56,20 @@ impl Default for SlotsConfig {
     }
 }
 
+/// The permanent slots that apply to this kind of cluster (Patroni's `cluster_type`): one
+/// marked `primary` only outside a standby cluster, one marked `standby` only in one; in a
+/// standby cluster only physical ones (Patroni's `permanent_physical_slots`: nobody there is a
+/// primary that could create a logical slot, so there is nothing to copy either).
+pub fn permanent_for_cluster(permanent: &Map<String, Value>, standby_cluster: bool) -> Map<String, Value> {
+    let excluded = if standby_cluster { "primary" } else { "standby" };
+    permanent
+        .iter()
+        .filter(|(_, v)| v.get("cluster_type").and_then(Value::as_str) != Some(excluded))
+        .filter(|(_, v)| !standby_cluster || matches!(permanent_kind(v), Some(SlotKind::Physical)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 impl SlotsConfig {
     /// From the dynamic configuration's raw `slots` and `ignore_slots` values. The configuration
     /// crate has already reported bad entries (naming the key); here they are skipped, as
@@ -206,6 +220,9 @@ pub struct SlotNode<'a> {
     pub replicatefrom: Option<&'a str>,
     /// Running as a primary (else a replica).
     pub primary: bool,
+    /// A standby cluster's lock holder (§4.11): a replica that the cluster's other members
+    /// stream from as they would from a primary.
+    pub standby_leader: bool,
     pub server_version: u32,
     /// This node's WAL position (the leader publishes it under its own slot name).
     pub wal_position: u64,
@@ -253,7 +270,7 @@ fn wanted(cfg: &SlotsConfig, cluster: &ClusterView, node: &SlotNode<'_>) -> BTre
     // Whether `m` streams from this node: from the primary unless it cascades from another
     // existing member; from a replica only when it cascades from it.
     let streams_from_me = |m: &Member| {
-        if node.primary {
+        if node.primary || node.standby_leader {
             replicatefrom(m).is_none_or(|up| up == me || cluster.member(up).is_none())
         } else {
             replicatefrom(m) == Some(me) && Some(m.name.as_str()) != leader
@@ -340,7 +357,7 @@ fn permanent(
                     Wanted {
                         kind: kind.clone(),
                         lsn: (lsn > 0).then_some(lsn),
-                        expected_active: Some(cascading.is_none() && node.primary),
+                        expected_active: Some(cascading.is_none() && (node.primary || node.standby_leader)),
                     },
                 );
             }
@@ -528,6 +545,7 @@ fn feedback_needed<'a>(
 ) -> bool {
     let as_replica = SlotNode {
         primary: false,
+        standby_leader: false,
         slots: &[],
         ..*node
     };

@@ -41,6 +41,7 @@ impl PgSupervisor {
     pub(super) async fn execute(&mut self, action: Action, view: Option<&ClusterView>) -> Outcome {
         match action {
             Action::Bootstrap => self.bootstrap().await,
+            Action::BootstrapStandby { methods } => self.bootstrap_standby(&methods).await,
             Action::CreateReplica { source, methods } => {
                 self.create_replica(view, source.as_deref(), &methods).await
             }
@@ -48,9 +49,12 @@ impl PgSupervisor {
             Action::Start(StartAs::Replica { upstream }) => {
                 self.start_replica(view, upstream.as_deref()).await
             }
+            Action::Start(StartAs::Remote) => self.start_in_recovery(view, None, true).await,
             Action::Promote => self.promote().await,
             Action::Demote(mode) => self.demote(mode).await,
             Action::Follow { upstream } => self.follow(view, upstream.as_deref()).await,
+            Action::FollowRemote => self.follow_remote().await,
+            Action::DemoteCluster => self.demote_cluster().await,
             Action::Rewind { source } => self.rewind(view, &source).await,
             Action::Reinitialize { source, methods } => self.reinitialize(view, &source, &methods).await,
             // The cycle gathers peers itself before deciding again.
@@ -128,7 +132,8 @@ impl PgSupervisor {
             .map_err(recoverable("writing the pgpass file"))
     }
 
-    async fn bootstrap(&mut self) -> Outcome {
+    /// The race for `initialize`; the winner reports `state` from now on.
+    pub(super) async fn won_initialize_race(&mut self, state: PgState) -> Result<bool, Failed> {
         if !self
             .dcs_call("bootstrap race", self.dcs.initialize_race())
             .await?
@@ -136,8 +141,15 @@ impl PgSupervisor {
             tracing::info!("failed to acquire initialize lock");
             return Ok(false);
         }
-        self.state = PgState::InitializingNewCluster;
+        self.state = state;
         self.publish_member().await;
+        Ok(true)
+    }
+
+    async fn bootstrap(&mut self) -> Outcome {
+        if !self.won_initialize_race(PgState::InitializingNewCluster).await? {
+            return Ok(false);
+        }
         match self.bootstrap_steps().await {
             Ok(()) => {
                 tracing::info!("initialized a new cluster");
@@ -185,6 +197,12 @@ impl PgSupervisor {
         if let Some(opened) = opened {
             self.close_custom_bootstrap(opened).await?;
         }
+        self.publish_new_cluster().await
+    }
+
+    /// The end of a bootstrap: the system identifier into `initialize`, `bootstrap.dcs` into
+    /// `config`, and the leader key taken.
+    pub(super) async fn publish_new_cluster(&mut self) -> Result<(), String> {
         let cd = self
             .pg
             .controldata()
@@ -303,6 +321,17 @@ impl PgSupervisor {
         view: Option<&ClusterView>,
         upstream: Option<&str>,
     ) -> Outcome {
+        self.start_in_recovery(view, upstream, false).await
+    }
+
+    /// Starts PostgreSQL in recovery, following `upstream` or, with `remote`, a standby
+    /// cluster's remote primary (§4.11).
+    pub(super) async fn start_in_recovery(
+        &mut self,
+        view: Option<&ClusterView>,
+        upstream: Option<&str>,
+        remote: bool,
+    ) -> Outcome {
         // A former primary (demoted, or stopped for a switchover) coming back as a replica is a
         // role change for the callbacks, not a start (Patroni's `follow`).
         let role_change = self.cb_called && matches!(self.role, Role::Primary | Role::Demoted);
@@ -328,16 +357,23 @@ impl PgSupervisor {
                 _ => None,
             };
         }
-        let files = self.config_files(Recovery::Follow(upstream));
-        // The upstream the files name: none with `nostream`, whoever the caller named (after a
-        // clone or a rewind it is the leader); else the next cycle would "re-point" it.
-        let streams = files
-            .recovery
-            .as_ref()
-            .is_some_and(|r| r.primary_conninfo.is_some());
-        self.configured_upstream = upstream
-            .filter(|_| streams)
-            .and_then(|u| Self::member_addr(view, u).ok());
+        self.follows_remote = remote;
+        let files = if remote {
+            self.configured_upstream = self.remote_addr();
+            self.config_files(Recovery::Remote)
+        } else {
+            let files = self.config_files(Recovery::Follow(upstream));
+            // The upstream the files name: none with `nostream`, whoever the caller named (after
+            // a clone or a rewind it is the leader); else the next cycle would "re-point" it.
+            let streams = files
+                .recovery
+                .as_ref()
+                .is_some_and(|r| r.primary_conninfo.is_some());
+            self.configured_upstream = upstream
+                .filter(|_| streams)
+                .and_then(|u| Self::member_addr(view, u).ok());
+            files
+        };
         self.write_pgpass()?;
         let started = self
             .start_with(files, (!role_change).then_some(Role::Replica))
@@ -516,6 +552,7 @@ impl PgSupervisor {
         self.state = PgState::Stopped;
         self.role = Role::Demoted;
         self.configured_upstream = None;
+        self.follows_remote = false;
         self.standby_names = None;
         if mode == DemoteMode::Offline {
             // Keep serving reads without an upstream until etcd is back.
@@ -525,17 +562,20 @@ impl PgSupervisor {
     }
 
     async fn follow(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
-        self.write_pgpass()?;
-        let files = self.config_files(Recovery::Follow(upstream));
-        self.write_config(&files)
-            .map_err(recoverable("writing the configuration"))?;
-        self.pg
-            .reload()
-            .await
-            .map_err(recoverable("reloading postgres"))?;
+        self.follows_remote = false;
+        self.rewrite_recovery(Recovery::Follow(upstream)).await?;
         self.callback(Event::Reload, Role::Replica);
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         Ok(false)
+    }
+
+    /// Writes the configuration with `recovery` and reloads PostgreSQL.
+    pub(super) async fn rewrite_recovery(&mut self, recovery: Recovery<'_>) -> Result<(), Failed> {
+        self.write_pgpass()?;
+        let files = self.config_files(recovery);
+        self.write_config(&files)
+            .map_err(recoverable("writing the configuration"))?;
+        self.pg.reload().await.map_err(recoverable("reloading postgres"))
     }
 
     async fn rewind(&mut self, view: Option<&ClusterView>, source: &str) -> Outcome {

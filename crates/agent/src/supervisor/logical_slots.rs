@@ -31,10 +31,15 @@ pub(super) struct Readiness {
 impl PgSupervisor {
     /// The slot rules' view of this node as a replica would be, for `hot_standby_feedback`.
     fn feedback_wanted(&self, view: &ClusterView) -> bool {
+        // In a standby cluster only physical permanent slots apply (§4.11): no feedback is
+        // enforced for logical ones, as Patroni's `set_enforce_hot_standby_feedback`.
         let cfg = SlotsConfig::from_dynamic(
             self.dynamic.use_slots,
             self.dynamic.member_slots_ttl,
-            &self.dynamic.permanent_slots,
+            &slots::permanent_for_cluster(
+                &self.dynamic.permanent_slots,
+                self.dynamic.standby_cluster.is_some(),
+            ),
             &self.dynamic.ignore_slots,
         );
         let tags = self.cfg.tags.to_published();
@@ -47,6 +52,7 @@ impl PgSupervisor {
                 .and_then(|v| v.as_str())
                 .filter(|s| !s.is_empty()),
             primary: false,
+            standby_leader: false,
             server_version: self
                 .status
                 .as_ref()

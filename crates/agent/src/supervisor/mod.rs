@@ -18,6 +18,7 @@ mod logical_slots;
 pub mod observe;
 mod operations;
 mod pgconf;
+mod standby;
 pub mod sync;
 pub mod sync_watch;
 
@@ -102,6 +103,9 @@ pub struct PgSupervisor {
     cluster: Option<ClusterView>,
     /// `host:port` our `primary_conninfo` points at, as last written.
     configured_upstream: Option<(String, u16)>,
+    /// The recovery settings point at a standby cluster's remote primary (§4.11), not at a
+    /// member: a reload or restart keeps them so.
+    follows_remote: bool,
     /// Parameters last written to `postgresql.conf`, to reload only on change.
     written_parameters: Option<std::collections::BTreeMap<String, String>>,
     /// The configuration files may differ from what we would write (a reload or a new dynamic
@@ -145,6 +149,7 @@ impl PgSupervisor {
             control: None,
             cluster: None,
             configured_upstream: None,
+            follows_remote: false,
             written_parameters: None,
             config_dirty: false,
             standby_names: None,
@@ -206,7 +211,13 @@ impl PgSupervisor {
     }
 
     pub fn current_role(&self) -> Role {
-        observe::role(self.status.as_ref(), self.role)
+        let role = observe::role(self.status.as_ref(), self.role);
+        // A standby cluster's lock holder in recovery is its standby leader (§4.11): published
+        // so, `patronictl list` shows `Standby Leader`, and the replicas follow it.
+        if role == Role::Replica && self.dynamic.standby_cluster.is_some() && self.leadership.holds_lock() {
+            return Role::StandbyLeader;
+        }
+        role
     }
 
     /// Observes PostgreSQL: pid file, one monitoring query, `pg_controldata` when it is down.

@@ -41,7 +41,9 @@ impl PgSupervisor {
             .await
             .map_err(|e| format!("stop: {e}"))?;
         let changed = while_stopped(&self.pg);
-        let files = if was_replica {
+        let files = if was_replica && self.follows_remote {
+            self.config_files(Recovery::Remote)
+        } else if was_replica {
             let upstream = self
                 .upstream_name()
                 .or_else(|| self.cluster.as_ref()?.leader_name().map(str::to_string));

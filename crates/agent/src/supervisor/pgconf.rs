@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use pgvigil_api::ClusterView;
-use pgvigil_config::{Config, DynamicConfig};
+use pgvigil_config::{Config, DynamicConfig, StandbyClusterConfig};
 use pgvigil_postgres::{ConfigFiles, Postgres, RecoveryConf};
 
 /// The major version pgvigil manages (Debian 12's PostgreSQL).
@@ -60,11 +60,46 @@ pub fn recovery(
         .map(|(host, port)| Postgres::primary_conninfo(host, *port, pg.settings()));
     let primary_slot_name =
         (dynamic.use_slots && primary_conninfo.is_some()).then(|| pgvigil_postgres::slot_name_for(&cfg.name));
+    let mut extra = recovery_settings(cfg, dynamic);
+    // In a standby cluster every member may need the archive of the remote (Patroni's
+    // `_get_node_to_follow` hands the section's commands to the member it follows).
+    if let Some(sc) = &dynamic.standby_cluster {
+        standby_commands(sc, &mut extra, false);
+    }
     RecoveryConf {
         primary_conninfo,
         primary_slot_name,
         recovery_target_timeline: "latest".into(),
-        extra: recovery_settings(cfg, dynamic),
+        extra,
+    }
+}
+
+/// Recovery settings of a standby cluster's leader (`docs/patroni-compat.md` §4.11, Patroni's
+/// `build_recovery_params` for a `RemoteMember`): stream from the section's `host:port` with the
+/// replication credentials, through `primary_slot_name` when the section names one (made a
+/// valid slot name as Patroni does), and the section's `restore_command`,
+/// `archive_cleanup_command` and `recovery_min_apply_delay`.
+pub fn remote_recovery(
+    pg: &Postgres,
+    cfg: &Config,
+    dynamic: &DynamicConfig,
+    sc: &StandbyClusterConfig,
+) -> RecoveryConf {
+    let primary_conninfo = sc
+        .remote()
+        .map(|(host, port)| Postgres::primary_conninfo(&host, port, pg.settings()));
+    let primary_slot_name = sc
+        .primary_slot_name
+        .as_deref()
+        .filter(|_| dynamic.use_slots && primary_conninfo.is_some())
+        .map(pgvigil_postgres::slot_name_for);
+    let mut extra = recovery_settings(cfg, dynamic);
+    standby_commands(sc, &mut extra, true);
+    RecoveryConf {
+        primary_conninfo,
+        primary_slot_name,
+        recovery_target_timeline: "latest".into(),
+        extra,
     }
 }
 
@@ -98,6 +133,22 @@ fn recovery_settings(cfg: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
         !k.starts_with("recovery_target") && k != "primary_conninfo" && k != "primary_slot_name"
     });
     settings
+}
+
+/// The section's recovery commands, over the user's; `recovery_min_apply_delay` only for the
+/// standby leader (`remote`), as in Patroni.
+fn standby_commands(sc: &StandbyClusterConfig, extra: &mut BTreeMap<String, String>, remote: bool) {
+    let delay = sc.recovery_min_apply_delay.as_ref().filter(|_| remote);
+    let commands = [
+        ("restore_command", sc.restore_command.as_ref()),
+        ("archive_cleanup_command", sc.archive_cleanup_command.as_ref()),
+        ("recovery_min_apply_delay", delay),
+    ];
+    for (key, value) in commands {
+        if let Some(v) = value.filter(|v| !v.is_empty()) {
+            extra.insert(key.into(), v.clone());
+        }
+    }
 }
 
 /// Everything to write before starting or reloading PostgreSQL.
@@ -172,5 +223,32 @@ mod tests {
         let (parameters, _) = super::parameters(&cfg, &dynamic, None, false);
         assert!(!parameters.contains_key("restore_command"), "{parameters:?}");
         assert_eq!(parameters.get("work_mem").map(String::as_str), Some("8MB"));
+    }
+
+    /// The standby leader gets the section's three recovery settings over the user's; the other
+    /// members only the two commands (Patroni's `build_recovery_params`).
+    #[test]
+    fn the_sections_commands_go_to_every_member_the_delay_only_to_the_standby_leader() {
+        let sc = StandbyClusterConfig {
+            host: Some("10.0.0.9".into()),
+            restore_command: Some("cp /archive/%f %p".into()),
+            archive_cleanup_command: Some("pg_archivecleanup /archive %r".into()),
+            recovery_min_apply_delay: Some("5min".into()),
+            ..Default::default()
+        };
+        let user = || BTreeMap::from([("restore_command".to_string(), "false".to_string())]);
+        let mut leader = user();
+        standby_commands(&sc, &mut leader, true);
+        assert_eq!(leader["restore_command"], "cp /archive/%f %p");
+        assert_eq!(leader["archive_cleanup_command"], "pg_archivecleanup /archive %r");
+        assert_eq!(leader["recovery_min_apply_delay"], "5min");
+        let mut replica = user();
+        standby_commands(&sc, &mut replica, false);
+        assert_eq!(replica["restore_command"], "cp /archive/%f %p");
+        assert!(!replica.contains_key("recovery_min_apply_delay"));
+        // Without commands in the section the user's stay.
+        let mut kept = user();
+        standby_commands(&StandbyClusterConfig::default(), &mut kept, true);
+        assert_eq!(kept, user());
     }
 }
