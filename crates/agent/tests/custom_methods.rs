@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use pgvigil_testkit::cluster::{
     ClusterOptions, REPLICATION_PASSWORD, REPLICATION_USER, TestCluster, psql_at,
 };
-use pgvigil_testkit::{test_tmp_root, wait_until};
+use pgvigil_testkit::{shared_tmp_dir, wait_until};
 use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pgvigil");
@@ -47,16 +47,6 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A directory the agents (running as `postgres`) can write into, removed on drop.
-fn shared_dir(prefix: &str) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(test_tmp_root())
-        .expect("temporary directory");
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    dir
 }
 
 /// Writes `<dir>/<name>.sh`, which records its arguments in `<dir>/<name>.args`, one a line,
@@ -103,7 +93,7 @@ struct Standalone {
 impl Standalone {
     /// Started, with a table `t` holding `row`; with a directory for the scripts.
     fn start(row: &str) -> (Standalone, tempfile::TempDir) {
-        let dir = shared_dir("pgvigil-standalone-");
+        let dir = shared_tmp_dir("pgvigil-standalone-").expect("temporary directory");
         let port = pgvigil_testkit::free_port();
         let data = dir.path().join("data");
         let archive = dir.path().join("archive");
@@ -134,7 +124,10 @@ impl Standalone {
         ));
         let sql = format!("CREATE TABLE t(x text); INSERT INTO t VALUES ('{row}')");
         psql_at(standalone.port, &sql).unwrap();
-        (standalone, shared_dir("pgvigil-methods-"))
+        (
+            standalone,
+            shared_tmp_dir("pgvigil-methods-").expect("temporary directory"),
+        )
     }
 
     fn archive(&self) -> PathBuf {
@@ -387,7 +380,7 @@ fn status_optime(cluster: &TestCluster) -> Option<u64> {
 /// returns it leads and the restored one streams from it.
 #[test]
 fn a_replica_restored_without_a_leader_stays_a_replica_and_follows_the_leader_that_returns() {
-    let backup_root = shared_dir("pgvigil-backup-");
+    let backup_root = shared_tmp_dir("pgvigil-backup-").expect("temporary directory");
     let b = backup_root.path();
     script(
         b,

@@ -443,25 +443,29 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
     let local = local_end(control);
     match check_divergence(i, cluster, leader, local) {
         Some(decision) => decision,
-        None => {
-            let upstream = upstream_for(i, cluster, leader);
-            Decision::new(
-                "starting as a secondary",
-                vec![Action::Start(StartAs::Replica {
-                    upstream: Some(upstream),
-                })],
-            )
-        }
+        None => Decision::new(
+            "starting as a secondary",
+            vec![Action::Start(StartAs::Replica {
+                upstream: upstream_for(i, cluster, leader),
+            })],
+        ),
     }
 }
 
-/// The member to stream from: the `replicatefrom` member when it runs, else the leader.
-fn upstream_for(i: &Inputs<'_>, cluster: &ClusterView, leader: &Member) -> String {
-    i.config
-        .replicatefrom()
-        .and_then(|name| cluster.member(name))
-        .filter(|m| m.name != i.config.name && m.data.state == "running" && !m.data.conn_url.is_empty())
-        .map_or_else(|| leader.name.clone(), |m| m.name.clone())
+/// The member to stream from: none with `nostream` (the node recovers from the archive only,
+/// Patroni's `_get_node_to_follow`), else the `replicatefrom` member when it runs, else the
+/// leader.
+fn upstream_for(i: &Inputs<'_>, cluster: &ClusterView, leader: &Member) -> Option<String> {
+    if i.config.nostream() {
+        return None;
+    }
+    Some(
+        i.config
+            .replicatefrom()
+            .and_then(|name| cluster.member(name))
+            .filter(|m| m.name != i.config.name && m.data.state == "running" && !m.data.conn_url.is_empty())
+            .map_or_else(|| leader.name.clone(), |m| m.name.clone()),
+    )
 }
 
 fn starting_up(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> Decision {
@@ -714,15 +718,26 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             }
         }
     }
-    let upstream = upstream_for(i, cluster, leader);
-    let wanted = cluster.member(&upstream).and_then(|m| m.data.host_port());
-    if wanted.is_some() && own.upstream != wanted {
-        return Decision::new(
-            format!("following new leader ({upstream})"),
-            vec![Action::Follow {
-                upstream: Some(upstream),
-            }],
-        );
+    match upstream_for(i, cluster, leader) {
+        Some(upstream) => {
+            let wanted = cluster.member(&upstream).and_then(|m| m.data.host_port());
+            if wanted.is_some() && own.upstream != wanted {
+                return Decision::new(
+                    format!("following new leader ({upstream})"),
+                    vec![Action::Follow {
+                        upstream: Some(upstream),
+                    }],
+                );
+            }
+        }
+        // `nostream`: a WAL receiver (or a `primary_conninfo` from before the tag) must go.
+        None if own.upstream.is_some() => {
+            return Decision::new(
+                "not streaming (nostream): recovering from the archive only",
+                vec![Action::Follow { upstream: None }],
+            );
+        }
+        None => {}
     }
     Decision::new(
         format!(

@@ -51,6 +51,8 @@ mod lock_tests;
 #[cfg(test)]
 mod logical_slots_tests;
 #[cfg(test)]
+mod nostream_tests;
+#[cfg(test)]
 mod operator_tests;
 #[cfg(test)]
 mod pause_tests;

@@ -68,7 +68,8 @@ pub(crate) fn decide_slots(
     slots: Vec<LocalSlot>,
     memory: &Memory,
 ) -> Decision {
-    let upstream = replica.then_some(("127.0.0.1", 5433));
+    // A nostream replica has no WAL receiver: it recovers from the archive.
+    let upstream = (replica && !cfg.nostream()).then_some(("127.0.0.1", 5433));
     let mut pg = running(replica, 1, 1000, upstream);
     pg.observed.as_mut().unwrap().slots = slots;
     decide_with(cfg, Some(view), &pg, memory)

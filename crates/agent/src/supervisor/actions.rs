@@ -362,8 +362,17 @@ impl PgSupervisor {
             self.configured_upstream = self.remote_addr();
             self.config_files(Recovery::Remote)
         } else {
-            self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
-            self.config_files(Recovery::Follow(upstream))
+            let files = self.config_files(Recovery::Follow(upstream));
+            // The upstream the files name: none with `nostream`, whoever the caller named (after
+            // a clone or a rewind it is the leader); else the next cycle would "re-point" it.
+            let streams = files
+                .recovery
+                .as_ref()
+                .is_some_and(|r| r.primary_conninfo.is_some());
+            self.configured_upstream = upstream
+                .filter(|_| streams)
+                .and_then(|u| Self::member_addr(view, u).ok());
+            files
         };
         self.write_pgpass()?;
         let started = self

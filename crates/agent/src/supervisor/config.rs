@@ -31,7 +31,7 @@ impl PgSupervisor {
                 upstream,
             )),
             Recovery::Remote => Some(match &self.dynamic.standby_cluster {
-                Some(sc) => pgconf::remote_recovery(&self.pg, &self.cfg, sc, self.dynamic.use_slots),
+                Some(sc) => pgconf::remote_recovery(&self.pg, &self.cfg, &self.dynamic, sc),
                 None => pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, self.cluster.as_ref(), None),
             }),
         };

@@ -21,6 +21,9 @@ pub fn parameters(
     hot_standby_feedback: bool,
 ) -> (BTreeMap<String, String>, Vec<String>) {
     let (mut parameters, warnings) = pgvigil_config::effective_parameters(cfg, dynamic, PG_MAJOR);
+    // Recovery settings given as parameters are written only on a standby, with the rest of
+    // its recovery settings ([`recovery_settings`]), as Patroni does.
+    parameters.retain(|name, _| !is_recovery_parameter(name));
     if let Some(guc) = sync_guc {
         parameters.insert("synchronous_standby_names".into(), guc.to_string());
     }
@@ -38,8 +41,11 @@ pub fn pg_hba(cfg: &Config, dynamic: &DynamicConfig) -> Option<Vec<String>> {
 
 /// Recovery settings to stream from `upstream` (a member name, looked up in `cluster`), or to
 /// stay read-only without one. The node streams through its own slot on whichever member it
-/// follows (the leader, or the member it cascades from: both keep a slot for it, §5.8), except
-/// with `nostream`, for which nobody keeps one.
+/// follows (the leader, or the member it cascades from: both keep a slot for it, §5.8).
+///
+/// With `nostream` nothing streams, whoever the caller names (a rewind restarts towards the
+/// member it rewound from): no `primary_conninfo`, no slot; the node replays what its
+/// `restore_command` fetches from the archive (§5.7).
 pub fn recovery(
     pg: &Postgres,
     cfg: &Config,
@@ -47,13 +53,14 @@ pub fn recovery(
     cluster: Option<&ClusterView>,
     upstream: Option<&str>,
 ) -> RecoveryConf {
+    let upstream = upstream.filter(|_| !cfg.tags.nostream);
     let upstream_addr = upstream.and_then(|name| cluster?.member(name)?.data.host_port());
     let primary_conninfo = upstream_addr
         .as_ref()
         .map(|(host, port)| Postgres::primary_conninfo(host, *port, pg.settings()));
-    let primary_slot_name = (dynamic.use_slots && !cfg.tags.nostream && primary_conninfo.is_some())
-        .then(|| pgvigil_postgres::slot_name_for(&cfg.name));
-    let mut extra = user_recovery_conf(cfg);
+    let primary_slot_name =
+        (dynamic.use_slots && primary_conninfo.is_some()).then(|| pgvigil_postgres::slot_name_for(&cfg.name));
+    let mut extra = recovery_settings(cfg, dynamic);
     // In a standby cluster every member may need the archive of the remote (Patroni's
     // `_get_node_to_follow` hands the section's commands to the member it follows).
     if let Some(sc) = &dynamic.standby_cluster {
@@ -75,8 +82,8 @@ pub fn recovery(
 pub fn remote_recovery(
     pg: &Postgres,
     cfg: &Config,
+    dynamic: &DynamicConfig,
     sc: &StandbyClusterConfig,
-    use_slots: bool,
 ) -> RecoveryConf {
     let primary_conninfo = sc
         .remote()
@@ -84,9 +91,9 @@ pub fn remote_recovery(
     let primary_slot_name = sc
         .primary_slot_name
         .as_deref()
-        .filter(|_| use_slots && primary_conninfo.is_some())
+        .filter(|_| dynamic.use_slots && primary_conninfo.is_some())
         .map(pgvigil_postgres::slot_name_for);
-    let mut extra = user_recovery_conf(cfg);
+    let mut extra = recovery_settings(cfg, dynamic);
     standby_commands(sc, &mut extra, true);
     RecoveryConf {
         primary_conninfo,
@@ -96,16 +103,36 @@ pub fn remote_recovery(
     }
 }
 
-/// The local `postgresql.recovery_conf`, without what pgvigil decides itself.
-fn user_recovery_conf(cfg: &Config) -> BTreeMap<String, String> {
-    cfg.postgresql
-        .recovery_conf
+fn is_recovery_parameter(name: &str) -> bool {
+    pgvigil_postgres::RECOVERY_PARAMETERS
         .iter()
-        .filter(|(k, _)| {
-            !k.starts_with("recovery_target") && *k != "primary_conninfo" && *k != "primary_slot_name"
-        })
-        .map(|(k, v)| (k.clone(), pgvigil_config::guc_to_string(v)))
-        .collect()
+        .any(|p| p.eq_ignore_ascii_case(name))
+}
+
+/// A standby's own recovery settings (`restore_command`, `recovery_min_apply_delay`, ...), as
+/// Patroni takes them (`_adjust_recovery_parameters`): the recovery parameters among
+/// `postgresql.parameters` (dynamic and local) when there are any, which then replace
+/// `postgresql.recovery_conf`, else `postgresql.recovery_conf`. Targets, `primary_conninfo` and
+/// `primary_slot_name` are the agent's to set.
+fn recovery_settings(cfg: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, String> {
+    let (parameters, _) = pgvigil_config::effective_parameters(cfg, dynamic, PG_MAJOR);
+    let mut settings: BTreeMap<String, String> = parameters
+        .into_iter()
+        .filter(|(name, _)| is_recovery_parameter(name))
+        .collect();
+    if settings.is_empty() {
+        settings = cfg
+            .postgresql
+            .recovery_conf
+            .iter()
+            .map(|(k, v)| (k.clone(), pgvigil_config::guc_to_string(v)))
+            .collect();
+    }
+    settings.retain(|k, _| {
+        let k = k.to_ascii_lowercase();
+        !k.starts_with("recovery_target") && k != "primary_conninfo" && k != "primary_slot_name"
+    });
+    settings
 }
 
 /// The section's recovery commands, over the user's; `recovery_min_apply_delay` only for the
@@ -147,6 +174,56 @@ pub fn files(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn config(parameters: &[(&str, &str)], recovery_conf: &[(&str, &str)]) -> Config {
+        let mut cfg = Config::default();
+        for (k, v) in parameters {
+            cfg.postgresql.parameters.insert(k.to_string(), json!(v));
+        }
+        for (k, v) in recovery_conf {
+            cfg.postgresql.recovery_conf.insert(k.to_string(), json!(v));
+        }
+        cfg
+    }
+
+    #[test]
+    fn recovery_conf_gives_the_standby_its_restore_command() {
+        let cfg = config(
+            &[],
+            &[
+                ("restore_command", "cp /archive/%f %p"),
+                ("recovery_target_time", "2026-01-01"),
+                ("primary_conninfo", "host=elsewhere"),
+            ],
+        );
+        let settings = recovery_settings(&cfg, &DynamicConfig::default());
+        assert_eq!(
+            settings,
+            BTreeMap::from([("restore_command".to_string(), "cp /archive/%f %p".to_string())])
+        );
+    }
+
+    #[test]
+    fn recovery_parameters_among_the_parameters_replace_recovery_conf() {
+        let cfg = config(
+            &[("restore_command", "cp /a/%f %p"), ("work_mem", "8MB")],
+            &[
+                ("restore_command", "cp /b/%f %p"),
+                ("recovery_min_apply_delay", "5min"),
+            ],
+        );
+        let dynamic = DynamicConfig::default();
+        let settings = recovery_settings(&cfg, &dynamic);
+        assert_eq!(
+            settings,
+            BTreeMap::from([("restore_command".to_string(), "cp /a/%f %p".to_string())])
+        );
+        // Written only with the recovery settings, never among a primary's parameters.
+        let (parameters, _) = super::parameters(&cfg, &dynamic, None, false);
+        assert!(!parameters.contains_key("restore_command"), "{parameters:?}");
+        assert_eq!(parameters.get("work_mem").map(String::as_str), Some("8MB"));
+    }
 
     /// The standby leader gets the section's three recovery settings over the user's; the other
     /// members only the two commands (Patroni's `build_recovery_params`).
