@@ -451,6 +451,11 @@ fn starting_up(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> Decis
             ),
         };
     }
+    if cluster.is_paused() {
+        // Maintenance mode: Patroni's `handle_starting_instance` reports a postmaster that
+        // runs as `running` (and one that does not as `stopped`), never `starting`.
+        return Decision::idle("PostgreSQL is still starting up").report(PgState::Running);
+    }
     Decision::idle("PostgreSQL is still starting up")
 }
 

@@ -240,3 +240,25 @@ fn a_paused_primary_leaves_the_free_key_to_a_named_switchover_candidate() {
     ));
     assert!(d.actions.is_empty(), "{d:?}");
 }
+
+#[test]
+fn a_paused_postgres_still_starting_is_reported_running() {
+    // Patroni's `handle_starting_instance` in pause: `running` while the postmaster runs.
+    let pg = LocalPg {
+        observed: None,
+        ..running(true, 1, 1000, None)
+    };
+    let d = paused_decide("bb", &paused(Some("a")), &pg);
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert_eq!(d.report, Some(PgState::Running), "{d:?}");
+    // Outside maintenance mode the observation (`starting`) stands.
+    let d = decide(&inputs(
+        &config("bb"),
+        Some(&cluster(Some("a"))),
+        &pg,
+        &Memory::default(),
+        None,
+        None,
+    ));
+    assert_eq!(d.report, None, "{d:?}");
+}
