@@ -262,9 +262,9 @@ pub async fn run(
 
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(NodeSnapshot::initial(&cfg.scope, &cfg.name)));
     let (command_tx, command_rx) = mpsc::channel(16);
-    let listener = tokio::net::TcpListener::bind(&cfg.restapi.listen)
+    let listener = pgvigil_rest::listen::bind(&cfg.restapi.listen)
         .await
-        .with_context(|| format!("restapi.listen {}: cannot listen", cfg.restapi.listen))?;
+        .map_err(anyhow::Error::msg)?;
     let failsafe = Arc::new(pgvigil_rest::FailsafeState::default());
     let rest = RestContext {
         snapshot: snapshot_rx,
