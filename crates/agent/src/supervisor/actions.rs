@@ -248,25 +248,25 @@ impl PgSupervisor {
         Ok(())
     }
 
-    /// `bootstrap.post_bootstrap`: run with a superuser connection string as its argument.
-    async fn run_post_bootstrap(&self, script: &str) -> Result<(), String> {
+    /// `bootstrap.post_bootstrap`: its words with a superuser connection string appended, run
+    /// without a shell, as Patroni runs `shlex.split(cmd) + [connstring]`.
+    async fn run_post_bootstrap(&self, script: &[String]) -> Result<(), String> {
         let s = self.pg.settings();
-        let dsn = self.pg.superuser_dsn();
-        let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(format!("{script} \"$1\""))
-            .arg("post_bootstrap")
-            .arg(dsn);
+        let Some((program, args)) = script.split_first() else {
+            return Ok(());
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args).arg(self.pg.superuser_dsn()).kill_on_drop(true);
         cmd.env("PGPASSFILE", &s.pgpass)
             .env("PGOPTIONS", "-c synchronous_commit=local -c statement_timeout=0");
         let status = tokio::time::timeout(Duration::from_secs(3600), cmd.status())
             .await
             .map_err(|_| "post_bootstrap script timed out".to_string())?
-            .map_err(|e| format!("post_bootstrap script: {e}"))?;
+            .map_err(|e| format!("post_bootstrap script {program}: {e}"))?;
         if status.success() {
             Ok(())
         } else {
-            Err(format!("post_bootstrap script failed: {status}"))
+            Err(format!("post_bootstrap script {program} failed: {status}"))
         }
     }
 
