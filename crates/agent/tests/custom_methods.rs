@@ -171,7 +171,8 @@ until [ -f "$w/$f" ]; do i=$((i+1)); [ "$i" -lt 600 ] || exit 1; sleep 0.1; done
     script(
         s,
         "post",
-        r#"exec psql -X -v ON_ERROR_STOP=1 -d "$1" -c "CREATE ROLE app LOGIN""#,
+        r#"for dsn; do :; done
+exec psql -X -v ON_ERROR_STOP=1 -d "$dsn" -c "CREATE ROLE app LOGIN""#,
     );
     script(
         s,
@@ -188,7 +189,7 @@ exit 3"#,
     let bootstrap = format!(
         "  method: clone\n  clone:\n    command: {s}/clone.sh\n    source-port: {port}\n    archive: {archive}\n    \
          recovery_conf:\n      restore_command: cp {archive}/%f %p\n      recovery_target_name: target\n      \
-         recovery_target_action: promote\n  post_bootstrap: {s}/post.sh\n",
+         recovery_target_action: promote\n  post_bootstrap: \"{s}/post.sh $HOME 'two words'\"\n",
         s = s.display(),
         port = source.port,
         archive = source.archive().display()
@@ -249,14 +250,16 @@ exit 3"#,
         .find(|m| m["name"] == "node1")
         .map(|m| m["timeline"].clone());
     assert_eq!(timeline, Some(Value::from(2)), "{doc}");
-    // post_bootstrap ran with a superuser connection string without the password.
+    // post_bootstrap ran without a shell (its words as written, nothing expanded), with a
+    // superuser connection string without the password appended.
     let post = lines(&s.join("post.args"));
-    assert_eq!(post.len(), 1, "{post:?}");
+    assert_eq!(post.len(), 3, "{post:?}");
+    assert_eq!(post[..2], ["$HOME", "two words"], "{post:?}");
     assert!(
-        post[0].contains("user=postgres") && post[0].contains(&format!("port={}", node(0).pg_port)),
+        post[2].contains("user=postgres") && post[2].contains(&format!("port={}", node(0).pg_port)),
         "{post:?}"
     );
-    assert!(!post[0].contains("password"), "{post:?}");
+    assert!(!post[2].contains("password"), "{post:?}");
     assert_eq!(
         cluster
             .psql(0, "SELECT rolname FROM pg_roles WHERE rolname = 'app'")

@@ -229,6 +229,11 @@ fn wrong_types_and_values_are_named() {
             "x.yml: etcd3.hosts[1]: expected host:port, found boolean true",
         ),
         (
+            "bootstrap.post_bootstrap",
+            json!("/usr/local/bin/setup.sh 'unclosed"),
+            "x.yml: bootstrap.post_bootstrap: cannot split",
+        ),
+        (
             "thread_pool_size",
             json!(2),
             "x.yml: thread_pool_size: must be at least 5",

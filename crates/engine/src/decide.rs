@@ -491,6 +491,11 @@ fn starting_up(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> Decis
             ),
         };
     }
+    if cluster.is_paused() {
+        // Maintenance mode: Patroni's `handle_starting_instance` reports a postmaster that
+        // runs as `running` (and one that does not as `stopped`), never `starting`.
+        return Decision::idle("PostgreSQL is still starting up").report(PgState::Running);
+    }
     Decision::idle("PostgreSQL is still starting up")
 }
 
@@ -498,6 +503,9 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
     // Maintenance mode: nobody races, except the candidate an operator named in a switchover,
     // and only for a free key (a silent leader is the operator's business).
     if cluster.is_paused() && !(race == Race::Free && crate::failover::paused_candidate(i, cluster)) {
+        if race == Race::Free && !own.in_recovery {
+            return paused_primary_race(i, cluster);
+        }
         return Decision::idle("cluster has no leader; paused, not racing");
     }
     // A leader that just let the key go (its PostgreSQL crashed, would not start, or was slow)
@@ -549,6 +557,36 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
         RaceVerdict::NotHealthiest(reason) => Decision::idle(format!(
             "following a different leader because i am not the healthiest node: {reason}"
         )),
+    }
+}
+
+/// Maintenance mode, a free key, PostgreSQL running here as a primary: the primary the operator
+/// runs is the leader, so it takes the key (Patroni's `is_healthiest_node` in pause; the system
+/// ID was checked in `decide_role`, and a timeline behind the cluster's does not matter while
+/// paused). It leaves the key to the candidate of a switchover an operator asked for, unless
+/// that candidate is no member any more: then the request is dropped, as Patroni's primary does.
+fn paused_primary_race(i: &Inputs<'_>, cluster: &ClusterView) -> Decision {
+    if pre_promote_backoff(i) {
+        return Decision::idle(
+            "paused: backoff: skip leader race after pre_promote script failure and releasing the lock voluntarily",
+        );
+    }
+    let request = cluster
+        .pending_failover()
+        .filter(|f| f.scheduled_at.is_none() && !i.config.nofailover());
+    match request.map(|f| f.member.as_deref()) {
+        None => Decision::new(
+            "paused: acquiring session lock for the running primary",
+            vec![Action::AcquireLock],
+        ),
+        Some(Some(candidate)) if cluster.member(candidate).is_none() => Decision::new(
+            format!(
+                "paused: removing failover key because failover candidate {candidate} is not running; \
+                 acquiring session lock for the running primary"
+            ),
+            vec![Action::ClearFailover, Action::AcquireLock],
+        ),
+        Some(_) => Decision::idle("cluster has no leader; paused, a switchover is pending; not racing"),
     }
 }
 

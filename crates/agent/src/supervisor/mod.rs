@@ -8,6 +8,7 @@
 //! publishes meanwhile comes from [`Reported`], which the supervisor keeps current.
 
 mod actions;
+mod bootstrap;
 pub mod callbacks;
 mod clone;
 mod config;

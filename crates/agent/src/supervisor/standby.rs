@@ -15,7 +15,8 @@ use pgvigil_api::{PgState, Role};
 use pgvigil_postgres::StopMode;
 
 use super::PgSupervisor;
-use super::actions::{Failed, Outcome, failed_text, recoverable};
+use super::actions::{Failed, Outcome, recoverable};
+use super::bootstrap::failed_text;
 use super::callbacks::Event;
 use super::config::Recovery;
 
