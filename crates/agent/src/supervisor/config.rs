@@ -12,7 +12,7 @@ pub(super) enum Recovery<'a> {
     None,
     /// A replica following this member (`None`: read-only without an upstream).
     Follow(Option<&'a str>),
-    /// A standby cluster's leader following the remote primary (§4.11). Without an active
+    /// A standby cluster's leader following the remote primary (`docs/patroni-compat.md` §4.11). Without an active
     /// section (it went away meanwhile), read-only without an upstream.
     Remote,
 }

@@ -104,7 +104,7 @@ pub struct PgSupervisor {
     cluster: Option<ClusterView>,
     /// `host:port` our `primary_conninfo` points at, as last written.
     configured_upstream: Option<(String, u16)>,
-    /// The recovery settings point at a standby cluster's remote primary (§4.11), not at a
+    /// The recovery settings point at a standby cluster's remote primary (`docs/patroni-compat.md` §4.11), not at a
     /// member: a reload or restart keeps them so.
     follows_remote: bool,
     /// Parameters last written to `postgresql.conf`, to reload only on change.
