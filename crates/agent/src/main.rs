@@ -2,6 +2,7 @@
 //! `pgvigil router CONFIG.yml`: the client router (crate `pgvigil-router`), same file.
 //! `pgvigil vip CONFIG.yml`: the floating address that follows the leader (`vip:` section).
 
+mod etcd_srv;
 mod leadership;
 mod operator;
 mod probe;

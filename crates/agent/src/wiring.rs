@@ -99,7 +99,7 @@ fn pg_settings(cfg: &Config, local_tls: pgvigil_postgres::LocalTls) -> anyhow::R
 /// local member is never the one that vanished under it, and a watch or a lock write going
 /// through a dead member costs a whole attempt timeout, which the fast takeover cannot spare.
 /// "On this host" means the address of our REST API or PostgreSQL, or loopback.
-fn local_endpoints_first(cfg: &Config) -> Vec<String> {
+fn local_endpoints_first(cfg: &Config, endpoints: &[String]) -> Vec<String> {
     let host_of = |addr: &str| -> String {
         let addr = addr.trim_start_matches("http://").trim_start_matches("https://");
         let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
@@ -113,14 +113,14 @@ fn local_endpoints_first(cfg: &Config) -> Vec<String> {
         let h = host_of(e);
         ours.contains(&h) || h == "localhost" || h == "::1" || h.starts_with("127.")
     };
-    let (mut first, rest): (Vec<String>, Vec<String>) = cfg.etcd3.hosts.iter().cloned().partition(local);
+    let (mut first, rest): (Vec<String>, Vec<String>) = endpoints.iter().cloned().partition(local);
     first.extend(rest);
     first
 }
 
 fn etcd_options(cfg: &Config, tls: Option<pgvigil_dcs::EtcdTls>, retry_timeout: Duration) -> EtcdOptions {
     EtcdOptions {
-        endpoints: local_endpoints_first(cfg),
+        endpoints: local_endpoints_first(cfg, &cfg.etcd3.hosts),
         namespace: cfg.namespace.clone(),
         scope: cfg.scope.clone(),
         member_name: cfg.name.clone(),
@@ -129,6 +129,49 @@ fn etcd_options(cfg: &Config, tls: Option<pgvigil_dcs::EtcdTls>, retry_timeout: 
         retry_timeout,
         attempt_timeout: None,
         tls,
+    }
+}
+
+/// `etcd3.srv` (`docs/patroni-compat.md` §1.7): the endpoints the DNS SRV records give, with
+/// the protocol they imply. When no record answers, `etcd3.hosts` serve if given, as with
+/// Patroni; otherwise the records are asked again every 5 s, saying so, like Patroni's
+/// "waiting on etcd", until one answers or we are told to stop.
+async fn srv_endpoints(
+    cfg: &Config,
+    mut options: EtcdOptions,
+    domain: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<EtcdOptions> {
+    use crate::etcd_srv::{SystemLookups, discover, record_names};
+    let lookups = SystemLookups::new(options.retry_timeout)?;
+    let suffix = cfg.etcd3.srv_suffix.as_deref();
+    loop {
+        if let Some(found) = discover(&lookups, domain, suffix).await {
+            options.endpoints = local_endpoints_first(cfg, &found.endpoints);
+            options.tls = match (found.protocol.as_str(), options.tls.take()) {
+                ("https", Some(tls)) => Some(tls),
+                ("https", None) => {
+                    let e = &cfg.etcd3;
+                    let (ca, cert, key) = (e.cacert.as_deref(), e.cert.as_deref(), e.key.as_deref());
+                    pgvigil_dcs::EtcdTls::for_protocol("https", ca, cert, key)?
+                }
+                _ => None,
+            };
+            return Ok(options);
+        }
+        if !options.endpoints.is_empty() {
+            tracing::warn!("etcd3.srv: no DNS SRV record for {domain} names etcd; using etcd3.hosts");
+            return Ok(options);
+        }
+        let names: Vec<String> = record_names(domain, suffix).into_iter().map(|r| r.0).collect();
+        tracing::warn!(
+            "etcd3.srv: no etcd found through the DNS SRV records {}; waiting on etcd, asking again in 5 s",
+            names.join(", ")
+        );
+        tokio::select! {
+            _ = stop.cancelled() => anyhow::bail!("stopped while waiting for etcd3.srv to find etcd"),
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
     }
 }
 
@@ -221,7 +264,10 @@ pub async fn run(
     let dynamic = Agent::initial_dynamic(&cfg);
     let retry = Duration::from_secs(dynamic.retry_timeout);
     let pg = Arc::new(Postgres::new(pg_settings(&cfg, prepared.superuser_tls)?));
-    let etcd = etcd_options(&cfg, prepared.etcd_tls, retry);
+    let mut etcd = etcd_options(&cfg, prepared.etcd_tls, retry);
+    if let Some(domain) = &cfg.etcd3.srv {
+        etcd = srv_endpoints(&cfg, etcd, domain, &shutdown).await?;
+    }
     let dcs = connect_dcs(etcd.clone(), &shutdown).await?;
     let peers = PeerClient::for_config(&cfg);
     duplicate_name_guard(&cfg, dcs.as_ref(), &peers).await?;
@@ -262,9 +308,9 @@ pub async fn run(
 
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(NodeSnapshot::initial(&cfg.scope, &cfg.name)));
     let (command_tx, command_rx) = mpsc::channel(16);
-    let listener = tokio::net::TcpListener::bind(&cfg.restapi.listen)
+    let listener = pgvigil_rest::listen::bind(&cfg.restapi.listen)
         .await
-        .with_context(|| format!("restapi.listen {}: cannot listen", cfg.restapi.listen))?;
+        .map_err(anyhow::Error::msg)?;
     let failsafe = Arc::new(pgvigil_rest::FailsafeState::default());
     let rest = RestContext {
         snapshot: snapshot_rx,

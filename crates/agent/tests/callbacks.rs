@@ -411,3 +411,26 @@ fn after_a_leader_dies_replicas_refused_by_pre_promote_stay_replicas_until_one_i
         ]
     );
 }
+
+/// Patroni's `post_recover`: a leader whose PostgreSQL crashed and then fails to start in place
+/// calls `on_role_change demoted` as it lets the key go; another member leads.
+#[test]
+fn a_leader_whose_postgres_fails_to_start_calls_on_role_change_demoted() {
+    let scripts = Scripts::new();
+    let (cluster, leader, _) = start_healthy(&scripts);
+    scripts.wait_for(&cluster, leader, 0, &line("on_start", "primary", &cluster));
+    let seen = scripts.lines(leader).len();
+    // A setting PostgreSQL refuses (postgresql.auto.conf is not managed by the agent), then a
+    // crash: the restart in place fails.
+    let auto_conf = cluster.nodes[leader].data_dir.join("postgresql.auto.conf");
+    let original = std::fs::read_to_string(&auto_conf).unwrap();
+    std::fs::write(&auto_conf, format!("{original}\nthis is not a setting\n")).unwrap();
+    cluster.kill_postgres(leader).unwrap();
+    let demoted = line("on_role_change", "demoted", &cluster);
+    let lines = scripts.wait_for(&cluster, leader, seen, &demoted);
+    assert_eq!(lines, [demoted], "{:?}", scripts.all());
+    let new = primary_leader(&cluster, "another member", |l| l != leader);
+    // Repaired, the old leader rejoins as a replica of the new one.
+    std::fs::write(&auto_conf, original).unwrap();
+    assert_eq!(cluster.wait_healthy(HEALTHY).unwrap(), new);
+}

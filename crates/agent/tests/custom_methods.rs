@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use pgvigil_testkit::cluster::{
     ClusterOptions, REPLICATION_PASSWORD, REPLICATION_USER, TestCluster, psql_at,
 };
-use pgvigil_testkit::{test_tmp_root, wait_until};
+use pgvigil_testkit::{shared_tmp_dir, wait_until};
 use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_pgvigil");
@@ -47,16 +47,6 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A directory the agents (running as `postgres`) can write into, removed on drop.
-fn shared_dir(prefix: &str) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(test_tmp_root())
-        .expect("temporary directory");
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    dir
 }
 
 /// Writes `<dir>/<name>.sh`, which records its arguments in `<dir>/<name>.args`, one a line,
@@ -103,7 +93,7 @@ struct Standalone {
 impl Standalone {
     /// Started, with a table `t` holding `row`; with a directory for the scripts.
     fn start(row: &str) -> (Standalone, tempfile::TempDir) {
-        let dir = shared_dir("pgvigil-standalone-");
+        let dir = shared_tmp_dir("pgvigil-standalone-").expect("temporary directory");
         let port = pgvigil_testkit::free_port();
         let data = dir.path().join("data");
         let archive = dir.path().join("archive");
@@ -134,7 +124,10 @@ impl Standalone {
         ));
         let sql = format!("CREATE TABLE t(x text); INSERT INTO t VALUES ('{row}')");
         psql_at(standalone.port, &sql).unwrap();
-        (standalone, shared_dir("pgvigil-methods-"))
+        (
+            standalone,
+            shared_tmp_dir("pgvigil-methods-").expect("temporary directory"),
+        )
     }
 
     fn archive(&self) -> PathBuf {
@@ -178,7 +171,8 @@ until [ -f "$w/$f" ]; do i=$((i+1)); [ "$i" -lt 600 ] || exit 1; sleep 0.1; done
     script(
         s,
         "post",
-        r#"exec psql -X -v ON_ERROR_STOP=1 -d "$1" -c "CREATE ROLE app LOGIN""#,
+        r#"for dsn; do :; done
+exec psql -X -v ON_ERROR_STOP=1 -d "$dsn" -c "CREATE ROLE app LOGIN""#,
     );
     script(
         s,
@@ -195,7 +189,7 @@ exit 3"#,
     let bootstrap = format!(
         "  method: clone\n  clone:\n    command: {s}/clone.sh\n    source-port: {port}\n    archive: {archive}\n    \
          recovery_conf:\n      restore_command: cp {archive}/%f %p\n      recovery_target_name: target\n      \
-         recovery_target_action: promote\n  post_bootstrap: {s}/post.sh\n",
+         recovery_target_action: promote\n  post_bootstrap: \"{s}/post.sh $HOME 'two words'\"\n",
         s = s.display(),
         port = source.port,
         archive = source.archive().display()
@@ -256,14 +250,16 @@ exit 3"#,
         .find(|m| m["name"] == "node1")
         .map(|m| m["timeline"].clone());
     assert_eq!(timeline, Some(Value::from(2)), "{doc}");
-    // post_bootstrap ran with a superuser connection string without the password.
+    // post_bootstrap ran without a shell (its words as written, nothing expanded), with a
+    // superuser connection string without the password appended.
     let post = lines(&s.join("post.args"));
-    assert_eq!(post.len(), 1, "{post:?}");
+    assert_eq!(post.len(), 3, "{post:?}");
+    assert_eq!(post[..2], ["$HOME", "two words"], "{post:?}");
     assert!(
-        post[0].contains("user=postgres") && post[0].contains(&format!("port={}", node(0).pg_port)),
+        post[2].contains("user=postgres") && post[2].contains(&format!("port={}", node(0).pg_port)),
         "{post:?}"
     );
-    assert!(!post[0].contains("password"), "{post:?}");
+    assert!(!post[2].contains("password"), "{post:?}");
     assert_eq!(
         cluster
             .psql(0, "SELECT rolname FROM pg_roles WHERE rolname = 'app'")
@@ -387,7 +383,7 @@ fn status_optime(cluster: &TestCluster) -> Option<u64> {
 /// returns it leads and the restored one streams from it.
 #[test]
 fn a_replica_restored_without_a_leader_stays_a_replica_and_follows_the_leader_that_returns() {
-    let backup_root = shared_dir("pgvigil-backup-");
+    let backup_root = shared_tmp_dir("pgvigil-backup-").expect("temporary directory");
     let b = backup_root.path();
     script(
         b,

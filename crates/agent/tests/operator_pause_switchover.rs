@@ -1,6 +1,7 @@
 //! Maintenance mode details (`docs/patroni-compat.md` §4.8) on a real cluster with the real
 //! `patronictl`: a scheduled switchover is refused, a switchover to a named candidate goes
-//! through, and a PostgreSQL stopped by hand is reported `stopped`, not `crashed`.
+//! through, a PostgreSQL stopped by hand is reported `stopped`, not `crashed`, and a primary
+//! whose leader key expired while its agent was down takes the key again.
 
 mod operator_support;
 
@@ -161,4 +162,51 @@ fn paused_cluster_refuses_scheduled_switchover_switches_over_to_a_candidate_and_
     patronictl(&cluster, leader, &["resume", &scope, "--wait"], None, CTL_TIMEOUT)
         .expect_ok("patronictl resume");
     cluster.wait_healthy(HEALTHY).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn paused_running_primary_takes_the_expired_leader_key_again() {
+    let (mut cluster, leader) = start(ClusterOptions::default());
+    let scope = cluster.scope.clone();
+    let replica = others(&cluster, leader)[0];
+    let leader_name = cluster.nodes[leader].name.clone();
+    patronictl(&cluster, replica, &["pause", &scope, "--wait"], None, CTL_TIMEOUT)
+        .expect_ok("patronictl pause");
+    let postmaster = cluster.nodes[leader]
+        .postmaster_pid()
+        .expect("the leader's postmaster runs");
+
+    // The leader's agent dies; paused, its PostgreSQL is left running and nobody renews the key.
+    cluster.signal_agent(leader, Signal::SIGKILL).unwrap();
+    let r = wait_until(
+        "the dead agent's leader key to expire",
+        Duration::from_secs(cluster.options.ttl * 3),
+        || operator_support::leader_name(&cluster).is_none().then_some(()),
+    );
+    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+
+    // Back, the agent finds its primary running in an unlocked paused cluster: it takes the
+    // key (Patroni's `is_healthiest_node` in pause) and leaves PostgreSQL as it is.
+    cluster.start_agent(leader).unwrap();
+    let r = wait_until(
+        "the restarted agent to take the key for its running primary",
+        Duration::from_secs(120),
+        || (operator_support::leader_name(&cluster).as_deref() == Some(leader_name.as_str())).then_some(()),
+    );
+    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    assert_eq!(cluster.nodes[leader].postmaster_pid(), Some(postmaster));
+    assert_eq!(cluster.psql(leader, "SELECT pg_is_in_recovery()").unwrap(), "f");
+    for r in others(&cluster, leader) {
+        assert_eq!(cluster.psql(r, "SELECT pg_is_in_recovery()").unwrap(), "t");
+    }
+
+    patronictl(
+        &cluster,
+        replica,
+        &["resume", &scope, "--wait"],
+        None,
+        CTL_TIMEOUT,
+    )
+    .expect_ok("patronictl resume");
+    wait_leader(&cluster, leader, HEALTHY);
 }

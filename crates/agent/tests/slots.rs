@@ -1,7 +1,7 @@
 //! Replication slots on real PostgreSQL 15 and etcd (`docs/patroni-compat.md` §5.8, §1.3.8):
 //! permanent slots added with the real `patronictl edit-config`, `ignore_slots`, the slots
 //! every node keeps for the members, the `status` key, and the slot of a member that left,
-//! through a switchover and a failover.
+//! through a switchover and a failover. The copies of logical slots: `logical_slots.rs`.
 
 mod operator_support;
 
@@ -116,9 +116,10 @@ fn permanent_and_ignored_slots_outlive_switchover_and_failover_and_a_departed_me
         &["archiver:physical", "cdc:logical", "backup_tool:physical"],
         &[],
     );
-    // Replicas keep the permanent physical slot; the logical one lives on the primary only.
+    // Replicas keep the permanent physical slot and a copy of the logical one
+    // (`logical_slots.rs` follows the copies' positions).
     for i in [a, b] {
-        wait_slots(&cluster, i, &["archiver:physical"], &["cdc:logical"]);
+        wait_slots(&cluster, i, &["archiver:physical", "cdc:logical"], &[]);
     }
 
     // The leader publishes its position, the slot positions and the slots to retain.
@@ -138,8 +139,8 @@ fn permanent_and_ignored_slots_outlive_switchover_and_failover_and_a_departed_me
     let listed = patronictl(&cluster, a, &["list"], None, Duration::from_secs(60));
     assert!(listed.ok(), "patronictl list: {listed:?}");
 
-    // Switchover: the new primary has the permanent slots (the logical one created again),
-    // the old one keeps its ignored slot as a replica.
+    // Switchover: the new primary has the permanent slots (the logical one its copy), the old
+    // one keeps its ignored slot and the logical slot as a replica.
     let run = patronictl(
         &cluster,
         a,
@@ -162,8 +163,8 @@ fn permanent_and_ignored_slots_outlive_switchover_and_failover_and_a_departed_me
     wait_slots(
         &cluster,
         first,
-        &["archiver:physical", "backup_tool:physical"],
-        &["cdc:logical"],
+        &["archiver:physical", "backup_tool:physical", "cdc:logical"],
+        &[],
     );
 
     // Failover: the leader's agent and PostgreSQL die; whoever leads next has the permanent

@@ -59,6 +59,12 @@ impl StandbyClusterConfig {
             || self.port.is_some()
             || self.restore_command.as_deref().is_some_and(|c| !c.is_empty())
     }
+
+    /// `host:port` of the remote primary to stream from (`port` defaults to 5432, as libpq's),
+    /// `None` for archive recovery only.
+    pub fn remote(&self) -> Option<(String, u16)> {
+        Some((self.host.clone()?, self.port.unwrap_or(5432)))
+    }
 }
 
 /// The dynamic configuration after defaults and the §3.4 timing rule.
@@ -336,18 +342,14 @@ pub(crate) fn parse_dynamic(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<DynamicConf
     }
     let sc = o.section(ctx, "standby_cluster")?;
     if sc.present() {
-        let path = sc.path.clone();
         let sc = parse_standby_cluster(sc, ctx)?;
-        // Accepting the section and running a cluster of its own would be worse than refusing
-        // it: the operator expects a replica of a remote primary, and would get an independent
-        // primary (or, for `demote-cluster`, a primary that stays one).
         if sc.is_active() {
-            ctx.bad::<()>(
-                &path,
-                "standby clusters are not supported yet; pgvigil would run this cluster with a \
-                 primary of its own instead of following the remote one (remove the section, or \
-                 keep Patroni for the standby cluster)",
-            )?;
+            // Patroni's `is_synchronous_mode` is false in a standby cluster: its leader is a
+            // replica of the remote primary, nobody can commit here. Turning the mode off here
+            // keeps every consumer (sync manager, switchover checks) consistent; `raw` keeps
+            // what was written, so removing the section brings the mode back.
+            d.synchronous_mode = SyncMode::Off;
+            d.standby_cluster = Some(sc);
         }
     }
     let section = o.section(ctx, "pgvigil")?;
@@ -376,21 +378,35 @@ pub(crate) fn parse_dynamic(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<DynamicConf
     Ok(d)
 }
 
+/// `standby_cluster` (`docs/patroni-compat.md` §4.11), with Patroni's validator's types.
 fn parse_standby_cluster(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<StandbyClusterConfig, ConfigError> {
     let port = match o.i64(ctx, "port")? {
         Some(p) if (1..=65535).contains(&p) => Some(p as u16),
         Some(p) => ctx.bad(&o.key_path("port"), format!("expected a port number, found {p}"))?,
         None => None,
     };
-    let sc = StandbyClusterConfig {
-        host: o.string(ctx, "host")?,
+    let mut sc = StandbyClusterConfig {
+        host: o.string(ctx, "host")?.filter(|h| !h.trim().is_empty()),
         port,
-        primary_slot_name: o.string(ctx, "primary_slot_name")?,
+        primary_slot_name: o.string(ctx, "primary_slot_name")?.filter(|s| !s.is_empty()),
         create_replica_methods: o.string_list(ctx, "create_replica_methods")?.unwrap_or_default(),
-        restore_command: o.string(ctx, "restore_command")?,
-        archive_cleanup_command: o.string(ctx, "archive_cleanup_command")?,
+        restore_command: o.string(ctx, "restore_command")?.filter(|c| !c.trim().is_empty()),
+        archive_cleanup_command: o
+            .string(ctx, "archive_cleanup_command")?
+            .filter(|c| !c.trim().is_empty()),
         recovery_min_apply_delay: o.string(ctx, "recovery_min_apply_delay")?,
     };
+    if sc.port.is_some() && sc.host.is_none() {
+        // Patroni would let libpq pick its default (a local socket); a standby cluster streams
+        // from another cluster, so a port alone is almost certainly a missing host. Refused
+        // from the file; from etcd the section then streams from nowhere (archive recovery
+        // only, if restore_command is set) rather than from a guessed address.
+        ctx.bad::<()>(
+            &o.key_path("host"),
+            "the remote primary's host is required with port",
+        )?;
+        sc.port = None;
+    }
     o.finish(ctx);
     Ok(sc)
 }

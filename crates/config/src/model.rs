@@ -358,8 +358,8 @@ pub struct BootstrapConfig {
     /// managed).
     pub pg_hba: Vec<String>,
     /// `post_bootstrap` (alias `post_init`): script run once after bootstrap with a connection
-    /// string as its argument.
-    pub post_bootstrap: Option<String>,
+    /// string as its last argument, split into words as Patroni splits it (`shlex.split`).
+    pub post_bootstrap: Option<Vec<String>>,
     /// The `bootstrap.<method>` section when `method` is not `initdb`.
     pub custom: Option<MethodConfig>,
 }

@@ -332,8 +332,14 @@ fn parse_bootstrap(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<BootstrapConfig, Con
     }
     b.initdb = render_options(ctx, &o.key_path("initdb"), o.raw("initdb"), INITDB_FORBIDDEN)?;
     b.pg_hba = o.string_list(ctx, "pg_hba")?.unwrap_or_default();
-    let post_bootstrap = o.string(ctx, "post_bootstrap")?;
-    let post_init = o.string(ctx, "post_init")?;
+    // Patroni runs `shlex.split(post_bootstrap or post_init)`: no shell, and an empty one is
+    // no script (so an empty `post_bootstrap` falls back to `post_init`).
+    let mut script = |ctx: &mut Ctx, key: &str| match o.raw(key) {
+        Some(v) => crate::parse_pg::command(ctx, &o.key_path(key), v, true),
+        None => Ok(None),
+    };
+    let post_bootstrap = script(ctx, "post_bootstrap")?;
+    let post_init = script(ctx, "post_init")?;
     b.post_bootstrap = post_bootstrap.or(post_init);
     if o.raw("users").is_some() {
         let msg = "no longer supported (removed in Patroni 4); create roles from a post_bootstrap script";

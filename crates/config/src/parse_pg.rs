@@ -366,7 +366,7 @@ pub(crate) fn parse_method(mut o: Obj<'_>, ctx: &mut Ctx) -> Result<MethodConfig
 /// Patroni splits it (`shlex.split`, no shell). Patroni treats an empty `pre_promote` or
 /// `before_stop` as unset (`empty_is_unset`); an empty callback would run the event name as a
 /// command there, so it is refused here.
-fn command(
+pub(crate) fn command(
     ctx: &mut Ctx,
     path: &str,
     value: &Value,

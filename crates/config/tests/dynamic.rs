@@ -166,17 +166,30 @@ fn bad_values_warn_and_fall_back() {
     assert_eq!(w.len(), 8, "{w:#?}");
 }
 
-/// The same section arriving through etcd (`patronictl edit-config`, `demote-cluster`) cannot
-/// stop a running agent: it is ignored with a warning that says why, never silently.
+/// The section arriving through etcd (`patronictl edit-config`, `demote-cluster`) makes this a
+/// standby cluster, and turns synchronous replication off as Patroni's `is_synchronous_mode`
+/// does; without the section the mode is back.
 #[test]
-fn an_active_standby_cluster_from_etcd_is_ignored_with_a_warning() {
-    let v = json!({"standby_cluster": {"host": "10.0.0.9", "port": 5433}});
+fn an_active_standby_cluster_from_etcd_is_adopted_and_disables_synchronous_mode() {
+    let v = json!({"synchronous_mode": true, "standby_cluster": {"host": "10.0.0.9", "port": 5433}});
     let (d, w) = DynamicConfig::from_json(&v);
+    assert!(w.is_empty(), "{w:#?}");
+    assert_eq!(
+        d.standby_cluster.unwrap().remote(),
+        Some(("10.0.0.9".to_string(), 5433))
+    );
+    assert_eq!(d.synchronous_mode, pgvigil_config::SyncMode::Off);
+    let (d, _) = DynamicConfig::from_json(&json!({"synchronous_mode": true}));
+    assert_eq!(d.synchronous_mode, pgvigil_config::SyncMode::On);
+    // Archive recovery only: active, nothing to stream from.
+    let (d, _) = DynamicConfig::from_json(&json!({"standby_cluster": {"restore_command": "cp /a/%f %p"}}));
+    assert_eq!(d.standby_cluster.unwrap().remote(), None);
+    // A port alone is refused with a warning and leaves no active section.
+    let (d, w) = DynamicConfig::from_json(&json!({"standby_cluster": {"port": 5433}}));
     assert!(d.standby_cluster.is_none());
     assert!(
-        w.iter().any(|x| x
-            .starts_with("dynamic configuration: standby_cluster: standby clusters are not supported yet")),
-        "{w:#?}"
+        w[0].contains("standby_cluster.host: the remote primary's host is required with port"),
+        "{w:?}"
     );
 }
 
@@ -201,13 +214,9 @@ fn aliases_slots_and_standby_cluster() {
         "postgresql": {"parameters_replica": {"work_mem": "8MB"}, "pg_hba_primary": ["host all all 0.0.0.0/0 md5"], "use_pg_rewind": "on", "remove_data_directory_on_rewind_failure": true},
     });
     let (d, w) = DynamicConfig::from_json(&v);
-    // The standby cluster's keys are all valid; the only warning is that it is not supported.
-    assert_eq!(w.len(), 1, "{w:?}");
-    assert!(
-        w[0].contains("standby_cluster: standby clusters are not supported yet"),
-        "{w:?}"
-    );
-    assert!(d.standby_cluster.is_none());
+    assert!(w.is_empty(), "{w:?}");
+    let sc = d.standby_cluster.as_ref().expect("active");
+    assert_eq!(sc.create_replica_methods, ["basebackup"]);
     assert_eq!((d.primary_start_timeout, d.primary_stop_timeout), (60, 5));
     assert!(d.permanent_slots.contains_key("s1"));
     assert_eq!(d.ignore_slots.len(), 1);

@@ -229,6 +229,11 @@ fn wrong_types_and_values_are_named() {
             "x.yml: etcd3.hosts[1]: expected host:port, found boolean true",
         ),
         (
+            "bootstrap.post_bootstrap",
+            json!("/usr/local/bin/setup.sh 'unclosed"),
+            "x.yml: bootstrap.post_bootstrap: cannot split",
+        ),
+        (
             "thread_pool_size",
             json!(2),
             "x.yml: thread_pool_size: must be at least 5",
@@ -510,13 +515,47 @@ fn syntax_error_and_duplicate_keys() {
     );
 }
 
-/// Standby clusters are not supported yet: a file that asks for one is refused, naming the
-/// section, instead of starting a cluster with a primary of its own.
+/// A `standby_cluster` section in `bootstrap.dcs` is checked with Patroni's validator's types;
+/// a bad value stops the start, naming the key.
 #[test]
-fn a_standby_cluster_in_bootstrap_dcs_is_refused() {
-    assert_each_refused(vec![(
-        "bootstrap.dcs.standby_cluster",
-        json!({"host": "10.0.0.9", "port": 5433, "primary_slot_name": "dr"}),
-        "x.yml: bootstrap.dcs.standby_cluster: standby clusters are not supported yet",
-    )]);
+fn a_bad_standby_cluster_in_bootstrap_dcs_is_refused() {
+    assert_each_refused(vec![
+        (
+            "bootstrap.dcs.standby_cluster",
+            json!({"host": "10.0.0.9", "port": 70000}),
+            "x.yml: bootstrap.dcs.standby_cluster.port: expected a port number, found 70000",
+        ),
+        (
+            "bootstrap.dcs.standby_cluster",
+            json!({"host": "10.0.0.9", "port": "fivefourthreetwo"}),
+            "x.yml: bootstrap.dcs.standby_cluster.port: expected an integer",
+        ),
+        (
+            "bootstrap.dcs.standby_cluster",
+            json!({"port": 5433}),
+            "x.yml: bootstrap.dcs.standby_cluster.host: the remote primary's host is required with port",
+        ),
+        (
+            "bootstrap.dcs.standby_cluster",
+            json!({"host": "10.0.0.9", "create_replica_methods": {"basebackup": true}}),
+            "x.yml: bootstrap.dcs.standby_cluster.create_replica_methods",
+        ),
+    ]);
+}
+
+/// A valid section is accepted as a Patroni user writes it (issue 12 item 8).
+#[test]
+fn a_standby_cluster_in_bootstrap_dcs_is_accepted() {
+    let mut v = minimal();
+    let section = json!({"host": "10.0.0.9", "port": 5433, "primary_slot_name": "dr",
+        "create_replica_methods": ["basebackup"], "restore_command": "cp /a/%f %p",
+        "archive_cleanup_command": "true", "recovery_min_apply_delay": "5min"});
+    set(&mut v, "bootstrap.dcs.standby_cluster", section);
+    let loaded = load_value(&v).expect("a standby cluster is accepted");
+    let (d, w) = pgvigil_config::DynamicConfig::from_json(&loaded.config.bootstrap.dcs);
+    assert!(w.is_empty(), "{w:?}");
+    let sc = d.standby_cluster.expect("active");
+    assert_eq!(sc.remote(), Some(("10.0.0.9".to_string(), 5433)));
+    assert_eq!(sc.primary_slot_name.as_deref(), Some("dr"));
+    assert_eq!(sc.recovery_min_apply_delay.as_deref(), Some("5min"));
 }

@@ -44,7 +44,7 @@ fn production_config_loads_without_warnings() {
     assert_eq!(c.bootstrap.method, "initdb");
     assert_eq!(
         c.bootstrap.post_bootstrap.as_deref(),
-        Some("/usr/local/bin/post_bootstrap.sh")
+        Some(&["/usr/local/bin/post_bootstrap.sh".to_string()][..])
     );
     assert_eq!(
         c.postgresql.basebackup,
@@ -433,6 +433,7 @@ fn every_legacy_name_patroni_4_reads_is_accepted() {
                 "permanent_replication_slots": {"old": {"type": "physical"}},
                 "permanent_slots": {"older": {"type": "physical"}},
             },
+            "post_bootstrap": "",
             "post_init": "/usr/local/bin/setup.sh",
         }),
     );
@@ -450,7 +451,7 @@ fn every_legacy_name_patroni_4_reads_is_accepted() {
     let c = loaded.config;
     assert_eq!(
         c.bootstrap.post_bootstrap.as_deref(),
-        Some("/usr/local/bin/setup.sh")
+        Some(&["/usr/local/bin/setup.sh".to_string()][..])
     );
     assert_eq!(c.log.level, "DEBUG");
     assert_eq!(c.log.format, Some(json!("%(message)s")));

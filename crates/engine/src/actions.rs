@@ -1,6 +1,6 @@
 //! What the engine asks the runtime to do.
 
-use crate::slots::{PublishedSlots, SlotPlan};
+use crate::slots::{LogicalSlot, PublishedSlots, SlotPlan};
 
 /// One cycle's outcome: actions in order (the runtime stops at the first one that fails) and a
 /// one-line summary logged at INFO, worded like Patroni's so operators recognise it.
@@ -55,6 +55,11 @@ pub enum Action {
         source: Option<String>,
         methods: Vec<String>,
     },
+    /// Standby cluster (§4.11): race for `initialize`; the winner creates the data directory
+    /// from the remote primary with `methods` in order, starts it following the remote,
+    /// publishes the sysid and the dynamic configuration and takes the lock as the standby
+    /// leader.
+    BootstrapStandby { methods: Vec<String> },
     /// Start PostgreSQL.
     Start(StartAs),
     /// `pg_ctl promote`, then the post-promotion checkpoint and history update.
@@ -63,6 +68,14 @@ pub enum Action {
     Demote(DemoteMode),
     /// Point `primary_conninfo` at this member (None: no upstream) and reload.
     Follow { upstream: Option<String> },
+    /// Standby cluster (§4.11): point the recovery settings at the remote primary (host, port,
+    /// `primary_slot_name`, `restore_command` of the section) and reload.
+    FollowRemote,
+    /// Standby cluster (§4.11), Patroni's `demote-cluster` of the lock holder that runs (or
+    /// last ran) as a primary: stop it (fast), `pg_rewind` it against the remote when
+    /// `use_pg_rewind` is on (nothing to do when their histories have not diverged), start it
+    /// following the remote. The lock is kept.
+    DemoteCluster,
     /// Stop, pg_rewind from the member, start following it.
     Rewind { source: String },
     /// Stop PostgreSQL, wipe the data directory and create it again from `source` with
@@ -114,6 +127,10 @@ pub enum Action {
     /// A replica's slot upkeep (§5.8): carry out the plan and forget any leader-time retention
     /// clock ([`crate::Memory::retained_slots_seen`]).
     ManageSlots(SlotPlan),
+    /// A replica copies these permanent logical slots from the primary (§5.8, Patroni's
+    /// `copy_logical_slots`): their state files read there, written here, and PostgreSQL
+    /// restarted to load them.
+    CopyLogicalSlots(Vec<LogicalSlot>),
     /// The configuration or data cannot work; the agent exits with this message.
     Fatal(String),
 }
@@ -124,6 +141,8 @@ pub enum StartAs {
     Primary,
     /// In recovery, following the member (None: read-only without upstream).
     Replica { upstream: Option<String> },
+    /// In recovery, following the standby cluster's remote primary (§4.11).
+    Remote,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -35,6 +35,7 @@ fn config_may_be_applied(i: &Inputs<'_>, decision: &Decision) -> bool {
             matches!(
                 a,
                 Action::Demote(_)
+                    | Action::DemoteCluster
                     | Action::Rewind { .. }
                     | Action::Reinitialize { .. }
                     | Action::StopForSwitchover { .. }
@@ -279,6 +280,16 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
         && i.config.can_bootstrap
         && !i.config.nofailover()
     {
+        // A standby cluster's first node clones the remote primary instead of running initdb
+        // and becomes its standby leader (Patroni's `bootstrap_standby_leader`).
+        if let Some(sc) = &i.config.standby_cluster {
+            return Decision::new(
+                "trying to bootstrap a new standby leader",
+                vec![Action::BootstrapStandby {
+                    methods: sc.bootstrap_methods(),
+                }],
+            );
+        }
         return Decision::new("bootstrapping a new cluster", vec![Action::Bootstrap]);
     }
     // No leader to clone from (no key, or a key without a member): a method that restores
@@ -296,6 +307,9 @@ fn empty_data_dir(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> De
                 methods,
             }],
         );
+    }
+    if i.config.standby_cluster.is_some() {
+        return Decision::idle("waiting for standby_leader to bootstrap");
     }
     Decision::idle("waiting for leader to bootstrap")
 }
@@ -349,6 +363,20 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
                 vec![Action::ReleaseLock],
             );
         }
+        if cfg.standby_cluster.is_some() {
+            // Never as a primary in a standby cluster; a former primary's data may have to be
+            // rewound against the remote first.
+            if control.state.was_primary() {
+                return Decision::new(
+                    "demoting to a standby cluster: cannot be a real primary in a standby cluster",
+                    vec![Action::DemoteCluster],
+                );
+            }
+            return Decision::new(
+                "starting as a standby leader because i had the session lock",
+                vec![Action::Start(StartAs::Remote)],
+            );
+        }
         if !control.state.was_primary() {
             return Decision::new(
                 "starting as readonly because i had the session lock",
@@ -395,6 +423,14 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
         );
     }
     let Some(leader) = effective_leader(i, cluster) else {
+        if cluster.is_unlocked() && cfg.standby_cluster.is_some() {
+            // Nobody leads the standby cluster: keep up with the remote meanwhile (Patroni's
+            // "standby cluster is unhealthy"); the race follows in the next cycle.
+            return Decision::new(
+                "trying to follow a remote member because standby cluster is unhealthy",
+                vec![Action::Start(StartAs::Remote)],
+            );
+        }
         if cluster.is_unlocked() {
             // Start read-only; the next cycle races with whatever WAL we have.
             return Decision::new(
@@ -407,25 +443,29 @@ fn not_running(i: &Inputs<'_>, cluster: &ClusterView, control: &ControlInfo) -> 
     let local = local_end(control);
     match check_divergence(i, cluster, leader, local) {
         Some(decision) => decision,
-        None => {
-            let upstream = upstream_for(i, cluster, leader);
-            Decision::new(
-                "starting as a secondary",
-                vec![Action::Start(StartAs::Replica {
-                    upstream: Some(upstream),
-                })],
-            )
-        }
+        None => Decision::new(
+            "starting as a secondary",
+            vec![Action::Start(StartAs::Replica {
+                upstream: upstream_for(i, cluster, leader),
+            })],
+        ),
     }
 }
 
-/// The member to stream from: the `replicatefrom` member when it runs, else the leader.
-fn upstream_for(i: &Inputs<'_>, cluster: &ClusterView, leader: &Member) -> String {
-    i.config
-        .replicatefrom()
-        .and_then(|name| cluster.member(name))
-        .filter(|m| m.name != i.config.name && m.data.state == "running" && !m.data.conn_url.is_empty())
-        .map_or_else(|| leader.name.clone(), |m| m.name.clone())
+/// The member to stream from: none with `nostream` (the node recovers from the archive only,
+/// Patroni's `_get_node_to_follow`), else the `replicatefrom` member when it runs, else the
+/// leader.
+fn upstream_for(i: &Inputs<'_>, cluster: &ClusterView, leader: &Member) -> Option<String> {
+    if i.config.nostream() {
+        return None;
+    }
+    Some(
+        i.config
+            .replicatefrom()
+            .and_then(|name| cluster.member(name))
+            .filter(|m| m.name != i.config.name && m.data.state == "running" && !m.data.conn_url.is_empty())
+            .map_or_else(|| leader.name.clone(), |m| m.name.clone()),
+    )
 }
 
 fn starting_up(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> Decision {
@@ -451,6 +491,11 @@ fn starting_up(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> Decis
             ),
         };
     }
+    if cluster.is_paused() {
+        // Maintenance mode: Patroni's `handle_starting_instance` reports a postmaster that
+        // runs as `running` (and one that does not as `stopped`), never `starting`.
+        return Decision::idle("PostgreSQL is still starting up").report(PgState::Running);
+    }
     Decision::idle("PostgreSQL is still starting up")
 }
 
@@ -458,6 +503,9 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
     // Maintenance mode: nobody races, except the candidate an operator named in a switchover,
     // and only for a free key (a silent leader is the operator's business).
     if cluster.is_paused() && !(race == Race::Free && crate::failover::paused_candidate(i, cluster)) {
+        if race == Race::Free && !own.in_recovery {
+            return paused_primary_race(i, cluster);
+        }
         return Decision::idle("cluster has no leader; paused, not racing");
     }
     // A leader that just let the key go (its PostgreSQL crashed, would not start, or was slow)
@@ -512,8 +560,41 @@ fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race
     }
 }
 
+/// Maintenance mode, a free key, PostgreSQL running here as a primary: the primary the operator
+/// runs is the leader, so it takes the key (Patroni's `is_healthiest_node` in pause; the system
+/// ID was checked in `decide_role`, and a timeline behind the cluster's does not matter while
+/// paused). It leaves the key to the candidate of a switchover an operator asked for, unless
+/// that candidate is no member any more: then the request is dropped, as Patroni's primary does.
+fn paused_primary_race(i: &Inputs<'_>, cluster: &ClusterView) -> Decision {
+    if pre_promote_backoff(i) {
+        return Decision::idle(
+            "paused: backoff: skip leader race after pre_promote script failure and releasing the lock voluntarily",
+        );
+    }
+    let request = cluster
+        .pending_failover()
+        .filter(|f| f.scheduled_at.is_none() && !i.config.nofailover());
+    match request.map(|f| f.member.as_deref()) {
+        None => Decision::new(
+            "paused: acquiring session lock for the running primary",
+            vec![Action::AcquireLock],
+        ),
+        Some(Some(candidate)) if cluster.member(candidate).is_none() => Decision::new(
+            format!(
+                "paused: removing failover key because failover candidate {candidate} is not running; \
+                 acquiring session lock for the running primary"
+            ),
+            vec![Action::ClearFailover, Action::AcquireLock],
+        ),
+        Some(_) => Decision::idle("cluster has no leader; paused, a switchover is pending; not racing"),
+    }
+}
+
 fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     let me = &i.config.name;
+    if let Some(sc) = &i.config.standby_cluster {
+        return crate::standby::standby_leading(i, cluster, own, sc);
+    }
     // Paused, a running primary is the operator's; a replica holding the key (the candidate of
     // a switchover) still never promotes without the watchdog it requires.
     if i.watchdog_failed && (!cluster.is_paused() || own.in_recovery) {
@@ -556,21 +637,27 @@ fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
             vec![Action::Promote],
         );
     }
-    if let Some(mut decision) = crate::failover::leader_decision(i, cluster, own) {
-        // Housekeeping continues while a request waits or is examined.
-        if !decision
-            .actions
-            .iter()
-            .any(|a| matches!(a, Action::StopForSwitchover { .. } | Action::QueryPeers))
-        {
-            decision.actions.insert(0, housekeeping(i, cluster, own));
-        }
+    if let Some(decision) = leader_request(i, cluster, own) {
         return decision;
     }
     Decision::new(
         format!("no action. I am ({me}), the leader with the lock"),
         vec![housekeeping(i, cluster, own)],
     )
+}
+
+/// The leader's handling of a pending failover key (switchover), if any.
+pub(crate) fn leader_request(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Decision> {
+    let mut decision = crate::failover::leader_decision(i, cluster, own)?;
+    // Housekeeping continues while a request waits or is examined.
+    if !decision
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::StopForSwitchover { .. } | Action::QueryPeers))
+    {
+        decision.actions.insert(0, housekeeping(i, cluster, own));
+    }
+    Some(decision)
 }
 
 /// The `pre_promote` script refused a promotion less than `ttl` ago: this node gives the lock
@@ -589,6 +676,7 @@ fn slot_node<'a>(i: &'a Inputs<'_>, cluster: &ClusterView, own: &'a Observed) ->
         nostream: i.config.nostream(),
         replicatefrom: i.config.replicatefrom(),
         primary: !own.in_recovery,
+        standby_leader: own.in_recovery && i.config.standby_cluster.is_some() && i.lock.is_held(),
         server_version: own.server_version,
         wal_position: own.wal_position,
         paused: cluster.is_paused(),
@@ -596,7 +684,7 @@ fn slot_node<'a>(i: &'a Inputs<'_>, cluster: &ClusterView, own: &'a Observed) ->
     }
 }
 
-fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Action {
+pub(crate) fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Action {
     let node = slot_node(i, cluster, own);
     let seen = i.memory.retained_slots_seen.as_ref();
     Action::LeaderHousekeeping {
@@ -606,10 +694,15 @@ fn housekeeping(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Action
 }
 
 /// A replica's slot upkeep, when there is something to do (or a leader's retention clock to
-/// forget).
-fn replica_slots(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Action> {
-    let plan = slots::plan(&i.config.slots, cluster, &slot_node(i, cluster, own));
-    (!plan.is_empty() || i.memory.retained_slots_seen.is_some()).then_some(Action::ManageSlots(plan))
+/// forget), then the logical slots to copy from the primary.
+fn replica_slots(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Vec<Action> {
+    let node = slot_node(i, cluster, own);
+    let plan = slots::plan(&i.config.slots, cluster, &node);
+    let copy = slots::to_copy(&i.config.slots, cluster, &node, &plan);
+    let manage =
+        (!plan.is_empty() || i.memory.retained_slots_seen.is_some()).then_some(Action::ManageSlots(plan));
+    let copy = (!copy.is_empty()).then_some(Action::CopyLogicalSlots(copy));
+    manage.into_iter().chain(copy).collect()
 }
 
 fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
@@ -633,7 +726,9 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             vec![Action::Demote(DemoteMode::ImmediateNoLock)],
         );
     }
-    if leader.data.conn_url.is_empty() || leader.data.role().is_none_or(|r| r != Role::Primary) {
+    // A standby cluster's replicas cascade from its standby leader as others follow a primary.
+    let leads = |r: Role| matches!(r, Role::Primary | Role::StandbyLeader);
+    if leader.data.conn_url.is_empty() || leader.data.role().is_none_or(|r| !leads(r)) {
         return Decision::idle(format!("waiting for leader ({}) to run as primary", leader.name));
     }
     if !own.streaming {
@@ -661,21 +756,32 @@ fn following(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision 
             }
         }
     }
-    let upstream = upstream_for(i, cluster, leader);
-    let wanted = cluster.member(&upstream).and_then(|m| m.data.host_port());
-    if wanted.is_some() && own.upstream != wanted {
-        return Decision::new(
-            format!("following new leader ({upstream})"),
-            vec![Action::Follow {
-                upstream: Some(upstream),
-            }],
-        );
+    match upstream_for(i, cluster, leader) {
+        Some(upstream) => {
+            let wanted = cluster.member(&upstream).and_then(|m| m.data.host_port());
+            if wanted.is_some() && own.upstream != wanted {
+                return Decision::new(
+                    format!("following new leader ({upstream})"),
+                    vec![Action::Follow {
+                        upstream: Some(upstream),
+                    }],
+                );
+            }
+        }
+        // `nostream`: a WAL receiver (or a `primary_conninfo` from before the tag) must go.
+        None if own.upstream.is_some() => {
+            return Decision::new(
+                "not streaming (nostream): recovering from the archive only",
+                vec![Action::Follow { upstream: None }],
+            );
+        }
+        None => {}
     }
     Decision::new(
         format!(
             "no action. I am ({me}), a secondary, and following a leader ({})",
             leader.name
         ),
-        replica_slots(i, cluster, own).into_iter().collect(),
+        replica_slots(i, cluster, own),
     )
 }

@@ -65,7 +65,7 @@ fn replicatefrom_member_is_the_upstream_when_running() {
 }
 
 /// Leader `bb` promoted at LSN 950: timeline 2, history [[1, 950]].
-fn after_failover() -> ClusterView {
+pub(crate) fn after_failover() -> ClusterView {
     let mut view = cluster(Some("bb"));
     view.members[1].data.timeline = Some(2);
     view.history = Some(Versioned {

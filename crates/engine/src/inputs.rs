@@ -77,6 +77,30 @@ pub struct EngineConfig {
     pub takeover_margin: Duration,
     /// `use_slots`, `member_slots_ttl`, the permanent slots and `ignore_slots` (§5.8).
     pub slots: crate::slots::SlotsConfig,
+    /// An active `standby_cluster` section (§4.11): the lock holder is a standby leader that
+    /// follows the remote primary and never promotes.
+    pub standby_cluster: Option<StandbyCluster>,
+}
+
+/// What the engine needs of `standby_cluster` (`docs/patroni-compat.md` §4.11).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StandbyCluster {
+    /// `host:port` of the remote primary; `None`: archive recovery only (`restore_command`).
+    pub remote: Option<(String, u16)>,
+    /// `standby_cluster.create_replica_methods` for the standby leader's bootstrap from the
+    /// remote (`basebackup` when empty).
+    pub replica_methods: Vec<String>,
+}
+
+impl StandbyCluster {
+    /// The methods to create the standby leader's data directory from the remote with.
+    pub fn bootstrap_methods(&self) -> Vec<String> {
+        if self.replica_methods.is_empty() {
+            vec!["basebackup".into()]
+        } else {
+            self.replica_methods.clone()
+        }
+    }
 }
 
 /// One replica creation method as the engine needs to know it.

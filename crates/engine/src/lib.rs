@@ -26,6 +26,7 @@ mod inputs;
 pub mod operator;
 mod race;
 pub mod slots;
+mod standby;
 pub mod sync;
 
 pub use actions::{Action, Decision, DemoteMode, StartAs};
@@ -33,7 +34,7 @@ pub use decide::decide;
 pub use divergence::{Divergence, LocalEnd, divergence};
 pub use inputs::{
     ControlInfo, ControlState, DataDir, EngineConfig, Inputs, LocalPg, LockState, Memory, Observed,
-    OperatorRequest, PeerReport, ReplicaMethod, RestartRequest, Silence, SwitchoverStop,
+    OperatorRequest, PeerReport, ReplicaMethod, RestartRequest, Silence, StandbyCluster, SwitchoverStop,
 };
 pub use race::{RELEASE_BACKOFF, RaceVerdict, race_verdict};
 
@@ -48,6 +49,10 @@ mod following_tests;
 #[cfg(test)]
 mod lock_tests;
 #[cfg(test)]
+mod logical_slots_tests;
+#[cfg(test)]
+mod nostream_tests;
+#[cfg(test)]
 mod operator_tests;
 #[cfg(test)]
 mod pause_tests;
@@ -57,6 +62,8 @@ mod pre_promote_tests;
 mod properties;
 #[cfg(test)]
 mod slots_tests;
+#[cfg(test)]
+mod standby_tests;
 #[cfg(test)]
 mod sync_tests;
 #[cfg(test)]

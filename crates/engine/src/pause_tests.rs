@@ -186,3 +186,79 @@ fn the_named_candidate_promotes_once_it_holds_the_key_while_paused() {
     let d = paused_decide("bb", &view, &primary);
     assert!(d.actions.contains(&Action::ClearFailover), "{d:?}");
 }
+
+#[test]
+fn a_running_primary_takes_the_free_key_while_paused() {
+    // Patroni's `is_healthiest_node` in pause: the primary the operator runs is the leader,
+    // even one tagged `nofailover`.
+    let pg = running(false, 1, 1000, None);
+    let d = paused_decide("a", &paused(None), &pg);
+    assert_eq!(d.actions, vec![Action::AcquireLock], "{d:?}");
+    let mut cfg = paused_config("a");
+    cfg.tags = json!({"nofailover": true}).as_object().unwrap().clone();
+    let d = decide(&inputs(
+        &cfg,
+        Some(&paused(None)),
+        &pg,
+        &Memory::default(),
+        None,
+        None,
+    ));
+    assert_eq!(d.actions, vec![Action::AcquireLock], "{d:?}");
+    // A replica still never races while paused.
+    let d = paused_decide("a", &paused(None), &running(true, 1, 1000, None));
+    assert!(d.actions.is_empty(), "{d:?}");
+}
+
+#[test]
+fn a_paused_primary_leaves_the_free_key_to_a_named_switchover_candidate() {
+    let pg = running(false, 1, 1000, None);
+    let d = paused_decide("a", &with_request(paused(None), Some("a"), Some("bb")), &pg);
+    assert!(d.actions.is_empty(), "{d:?}");
+    // A request without a candidate: nobody races (Patroni's `manual_failover_process_no_leader`).
+    let d = paused_decide("a", &with_request(paused(None), Some("a"), None), &pg);
+    assert!(d.actions.is_empty(), "{d:?}");
+    // A candidate that is no member any more: the request is dropped and the primary leads.
+    let d = paused_decide("a", &with_request(paused(None), Some("a"), Some("gone")), &pg);
+    assert_eq!(
+        d.actions,
+        vec![Action::ClearFailover, Action::AcquireLock],
+        "{d:?}"
+    );
+    // Right after a pre_promote refusal it stays out of the race like everyone else.
+    let memory = Memory {
+        pre_promote_failed_at: Some(Instant::now()),
+        ..Default::default()
+    };
+    let d = decide(&inputs(
+        &paused_config("a"),
+        Some(&paused(None)),
+        &pg,
+        &memory,
+        None,
+        None,
+    ));
+    assert!(d.actions.is_empty(), "{d:?}");
+}
+
+#[test]
+fn a_paused_postgres_still_starting_is_reported_running() {
+    // Patroni's `handle_starting_instance` in pause: `running` while the postmaster runs.
+    let pg = LocalPg {
+        observed: None,
+        ..running(true, 1, 1000, None)
+    };
+    let d = paused_decide("bb", &paused(Some("a")), &pg);
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert_eq!(d.report, Some(PgState::Running), "{d:?}");
+    // Outside maintenance mode the observation (`starting`) stands.
+    let d = decide(&inputs(
+        &config("bb"),
+        Some(&cluster(Some("a"))),
+        &pg,
+        &Memory::default(),
+        None,
+        None,
+    ));
+    assert_eq!(d.report, None, "{d:?}");
+}

@@ -161,6 +161,7 @@ fn build(s: &Situation) -> (EngineConfig, ClusterView, LocalPg, Option<Vec<PeerR
         fast_takeover: true,
         takeover_margin: Duration::from_millis(500),
         slots: Default::default(),
+        standby_cluster: None,
     };
     let members = NAMES
         .iter()
@@ -463,10 +464,20 @@ fn check_decision(
                     "racing for a held lock: {decision:?}"
                 );
                 prop_assert!(lock == LockState::NotHeld, "racing with {lock:?}: {decision:?}");
-                prop_assert!(!s.nofailover, "nofailover member racing: {decision:?}");
-                // The one exception: the candidate an operator named in a switchover.
+                // Paused, a running primary takes the free key (Patroni's `is_healthiest_node`),
+                // also one tagged nofailover.
+                let paused_primary =
+                    paused && pg.postmaster_alive && pg.observed.as_ref().is_some_and(|o| !o.in_recovery);
+                prop_assert!(
+                    !s.nofailover || paused_primary,
+                    "nofailover member racing: {decision:?}"
+                );
+                // The other exception: the candidate an operator named in a switchover.
                 let named = s.failover.and_then(|f| f.1) == Some(s.me);
-                prop_assert!(!paused || named, "racing while paused: {decision:?}");
+                prop_assert!(
+                    !paused || named || paused_primary,
+                    "racing while paused: {decision:?}"
+                );
                 prop_assert!(
                     !(f.failsafe_mode && f.failsafe_leader.is_some()),
                     "racing against a failsafe leader: {decision:?}"

@@ -56,6 +56,20 @@ impl Default for SlotsConfig {
     }
 }
 
+/// The permanent slots that apply to this kind of cluster (Patroni's `cluster_type`): one
+/// marked `primary` only outside a standby cluster, one marked `standby` only in one; in a
+/// standby cluster only physical ones (Patroni's `permanent_physical_slots`: nobody there is a
+/// primary that could create a logical slot, so there is nothing to copy either).
+pub fn permanent_for_cluster(permanent: &Map<String, Value>, standby_cluster: bool) -> Map<String, Value> {
+    let excluded = if standby_cluster { "primary" } else { "standby" };
+    permanent
+        .iter()
+        .filter(|(_, v)| v.get("cluster_type").and_then(Value::as_str) != Some(excluded))
+        .filter(|(_, v)| !standby_cluster || matches!(permanent_kind(v), Some(SlotKind::Physical)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 impl SlotsConfig {
     /// From the dynamic configuration's raw `slots` and `ignore_slots` values. The configuration
     /// crate has already reported bad entries (naming the key); here they are skipped, as
@@ -149,6 +163,18 @@ pub struct SlotPlan {
     pub create_logical: Vec<LogicalSlot>,
     /// Inactive physical slots moved forward to a position another node published.
     pub advance: Vec<(String, u64)>,
+    /// The copies of permanent logical slots this replica keeps: the runtime moves them
+    /// forward and checks whether they are safe to use after a failover.
+    pub copies: Vec<LogicalCopy>,
+}
+
+/// A replica's copy of a permanent logical slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogicalCopy {
+    pub slot: LogicalSlot,
+    /// Where to move it, in its database: the position the leader published, when the copy is
+    /// behind it and not in use (PostgreSQL stops at what the replica replayed).
+    pub advance_to: Option<u64>,
 }
 
 impl SlotPlan {
@@ -157,6 +183,7 @@ impl SlotPlan {
             && self.create_physical.is_empty()
             && self.create_logical.is_empty()
             && self.advance.is_empty()
+            && self.copies.is_empty()
     }
 }
 
@@ -185,6 +212,7 @@ impl std::fmt::Debug for PublishedSlots {
 }
 
 /// The facts the slot rules need about this node.
+#[derive(Clone, Copy)]
 pub struct SlotNode<'a> {
     pub me: &'a str,
     pub nofailover: bool,
@@ -192,6 +220,9 @@ pub struct SlotNode<'a> {
     pub replicatefrom: Option<&'a str>,
     /// Running as a primary (else a replica).
     pub primary: bool,
+    /// A standby cluster's lock holder (§4.11): a replica that the cluster's other members
+    /// stream from as they would from a primary.
+    pub standby_leader: bool,
     pub server_version: u32,
     /// This node's WAL position (the leader publishes it under its own slot name).
     pub wal_position: u64,
@@ -239,7 +270,7 @@ fn wanted(cfg: &SlotsConfig, cluster: &ClusterView, node: &SlotNode<'_>) -> BTre
     // Whether `m` streams from this node: from the primary unless it cascades from another
     // existing member; from a replica only when it cascades from it.
     let streams_from_me = |m: &Member| {
-        if node.primary {
+        if node.primary || node.standby_leader {
             replicatefrom(m).is_none_or(|up| up == me || cluster.member(up).is_none())
         } else {
             replicatefrom(m) == Some(me) && Some(m.name.as_str()) != leader
@@ -326,17 +357,16 @@ fn permanent(
                     Wanted {
                         kind: kind.clone(),
                         lsn: (lsn > 0).then_some(lsn),
-                        expected_active: Some(cascading.is_none() && node.primary),
+                        expected_active: Some(cascading.is_none() && (node.primary || node.standby_leader)),
                     },
                 );
             }
             SlotKind::Logical { .. } => {
-                // Only on the primary: pgvigil does not copy logical slots to replicas nor move
-                // them forward there (Patroni does), and a logical slot left behind on a
-                // replica would hold its WAL forever and, promoted, resume from a position
-                // whose catalog rows may be gone. A name taken by a member's slot stays the
-                // member's.
-                if node.primary && can_advance && feedback_path && !out.contains_key(name) {
+                // Created on the primary; on a replica copied from the primary once it has a
+                // position in `status.slots` and moved forward to it each cycle, so that it
+                // survives a failover (Patroni's `_ensure_logical_slots_replica`). A name taken
+                // by a member's slot stays the member's.
+                if can_advance && feedback_path && !out.contains_key(name) {
                     let lsn = status_lsn(cluster, name);
                     out.insert(
                         name.clone(),
@@ -450,10 +480,110 @@ pub fn plan(cfg: &SlotsConfig, cluster: &ClusterView, node: &SlotNode<'_>) -> Sl
                     plugin: plugin.clone(),
                 });
             }
+            // A replica's copy (`copy_logical` brings a missing one): moved forward while
+            // nothing decodes from it. PostgreSQL stops at what the replica has replayed.
+            (SlotKind::Logical { database, plugin }, Some(s)) if !node.primary && s.kind == w.kind => {
+                let behind = |to: &u64| !s.active && s.confirmed_flush_lsn.is_some_and(|at| *to > at);
+                plan.copies.push(LogicalCopy {
+                    slot: LogicalSlot {
+                        name: name.clone(),
+                        database: database.clone(),
+                        plugin: plugin.clone(),
+                    },
+                    advance_to: w.lsn.filter(behind),
+                });
+            }
             _ => {}
         }
     }
     plan
+}
+
+/// The permanent logical slots a replica must copy from the primary (Patroni's
+/// `_ensure_logical_slots_replica` and `copy_logical_slots`): wanted here, missing (or about to
+/// be dropped as unusable), and with a position the leader published, which proves the slot
+/// exists there. Copying restarts PostgreSQL, so nothing is copied in maintenance mode.
+pub fn to_copy(
+    cfg: &SlotsConfig,
+    cluster: &ClusterView,
+    node: &SlotNode<'_>,
+    plan: &SlotPlan,
+) -> Vec<LogicalSlot> {
+    if node.primary || node.paused {
+        return Vec::new();
+    }
+    wanted(cfg, cluster, node)
+        .into_iter()
+        .filter_map(|(name, w)| match w.kind {
+            SlotKind::Logical { database, plugin } if w.lsn.is_some() => {
+                let missing = !node.slots.iter().any(|s| s.name == name) || plan.drop.contains(&name);
+                missing.then_some(LogicalSlot {
+                    name,
+                    database,
+                    plugin,
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether this node must run with `hot_standby_feedback = on` (Patroni's
+/// `should_enforce_hot_standby_feedback`): as a replica it keeps copies of permanent logical
+/// slots, whose catalog rows the primary must not vacuum away, or a member cascading from it
+/// does (its feedback reaches the primary only through this node).
+pub fn needs_hot_standby_feedback(cfg: &SlotsConfig, cluster: &ClusterView, node: &SlotNode<'_>) -> bool {
+    let mut seen = Vec::new();
+    feedback_needed(cfg, cluster, node, &mut seen)
+}
+
+fn feedback_needed<'a>(
+    cfg: &SlotsConfig,
+    cluster: &'a ClusterView,
+    node: &SlotNode<'a>,
+    seen: &mut Vec<&'a str>,
+) -> bool {
+    let as_replica = SlotNode {
+        primary: false,
+        standby_leader: false,
+        slots: &[],
+        ..*node
+    };
+    if wanted(cfg, cluster, &as_replica)
+        .values()
+        .any(|w| matches!(w.kind, SlotKind::Logical { .. }))
+    {
+        return true;
+    }
+    if !cfg.use_slots || node.nostream || cascade_loops(cluster, node) {
+        return false;
+    }
+    seen.push(node.me);
+    let cascading: Vec<&Member> = cluster
+        .members
+        .iter()
+        .filter(|m| replicatefrom(m) == Some(node.me) && Some(m.name.as_str()) != cluster.leader_name())
+        .filter(|m| !seen.contains(&m.name.as_str()))
+        .collect();
+    cascading.into_iter().any(|m| {
+        let member = SlotNode {
+            me: &m.name,
+            nofailover: m.data.failover_priority() <= 0,
+            nostream: m.data.tag_bool("nostream"),
+            replicatefrom: replicatefrom(m),
+            ..as_replica
+        };
+        feedback_needed(cfg, cluster, &member, seen)
+    })
+}
+
+/// Whether a replica's copy of a logical slot is safe to decode from once promoted (Patroni's
+/// `_ready_logical_slots`): the catalog rows it needs were protected on the primary all along,
+/// first by the primary's own slot (`primary_logical`, its `catalog_xmin` when this replica's
+/// physical slot there first showed one), then by this replica's feedback through its physical
+/// slot (`primary_physical`), which must not be ahead of what the copy needs (`standby_logical`).
+pub fn copy_is_safe(primary_logical: u64, primary_physical: u64, standby_logical: u64) -> bool {
+    primary_logical <= primary_physical && primary_physical <= standby_logical
 }
 
 /// What the leader publishes in `status` (Patroni's `Postgresql.slots`,

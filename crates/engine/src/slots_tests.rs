@@ -11,7 +11,7 @@ use crate::slots::{LocalSlot, LogicalSlot, PublishedSlots, SlotKind, SlotPlan, S
 use crate::tests::{cluster, config, decide_with, running, test_now};
 use crate::*;
 
-fn physical(name: &str, restart_lsn: u64) -> LocalSlot {
+pub(crate) fn physical(name: &str, restart_lsn: u64) -> LocalSlot {
     LocalSlot {
         name: name.into(),
         kind: SlotKind::Physical,
@@ -24,7 +24,7 @@ fn physical(name: &str, restart_lsn: u64) -> LocalSlot {
     }
 }
 
-fn logical(name: &str, database: &str, plugin: &str) -> LocalSlot {
+pub(crate) fn logical(name: &str, database: &str, plugin: &str) -> LocalSlot {
     LocalSlot {
         kind: SlotKind::Logical {
             database: database.into(),
@@ -36,14 +36,14 @@ fn logical(name: &str, database: &str, plugin: &str) -> LocalSlot {
 }
 
 /// The dynamic configuration's `slots` and `ignore_slots`, as the agent reads them.
-fn slots_config(permanent: Value, ignore: Value) -> SlotsConfig {
+pub(crate) fn slots_config(permanent: Value, ignore: Value) -> SlotsConfig {
     let permanent: Map<String, Value> = serde_json::from_value(permanent).unwrap();
     let ignore: Vec<Value> = serde_json::from_value(ignore).unwrap();
     SlotsConfig::from_dynamic(true, 1800, &permanent, &ignore)
 }
 
 /// Node `name` with a permanent logical slot `cdc` and a permanent physical slot `arch`.
-fn cdc_and_arch(name: &str) -> EngineConfig {
+pub(crate) fn cdc_and_arch(name: &str) -> EngineConfig {
     cfg(
         name,
         slots_config(
@@ -53,7 +53,7 @@ fn cdc_and_arch(name: &str) -> EngineConfig {
     )
 }
 
-fn cfg(name: &str, slots: SlotsConfig) -> EngineConfig {
+pub(crate) fn cfg(name: &str, slots: SlotsConfig) -> EngineConfig {
     EngineConfig {
         slots,
         ..config(name)
@@ -61,14 +61,15 @@ fn cfg(name: &str, slots: SlotsConfig) -> EngineConfig {
 }
 
 /// `name`'s decision on `view`, running (as primary unless `replica`) with these local slots.
-fn decide_slots(
+pub(crate) fn decide_slots(
     cfg: &EngineConfig,
     view: &ClusterView,
     replica: bool,
     slots: Vec<LocalSlot>,
     memory: &Memory,
 ) -> Decision {
-    let upstream = replica.then_some(("127.0.0.1", 5433));
+    // A nostream replica has no WAL receiver: it recovers from the archive.
+    let upstream = (replica && !cfg.nostream()).then_some(("127.0.0.1", 5433));
     let mut pg = running(replica, 1, 1000, upstream);
     pg.observed.as_mut().unwrap().slots = slots;
     decide_with(cfg, Some(view), &pg, memory)
@@ -89,11 +90,18 @@ fn leader(
 }
 
 /// A replica's plan (`bb` following `a`); empty when it decided nothing about slots.
-fn replica(cfg: &EngineConfig, view: &ClusterView, slots: Vec<LocalSlot>, memory: &Memory) -> SlotPlan {
+pub(crate) fn replica(
+    cfg: &EngineConfig,
+    view: &ClusterView,
+    slots: Vec<LocalSlot>,
+    memory: &Memory,
+) -> SlotPlan {
     let d = decide_slots(cfg, view, true, slots, memory);
     match d.actions.as_slice() {
-        [Action::ManageSlots(plan)] => plan.clone(),
-        [] => SlotPlan::default(),
+        [Action::ManageSlots(plan)] | [Action::ManageSlots(plan), Action::CopyLogicalSlots(_)] => {
+            plan.clone()
+        }
+        [] | [Action::CopyLogicalSlots(_)] => SlotPlan::default(),
         other => panic!("unexpected actions {other:?} ({})", d.message),
     }
 }
@@ -347,20 +355,20 @@ fn a_new_leader_starts_the_retention_clock_of_the_published_retained_slots() {
 }
 
 #[test]
-fn replicas_keep_member_and_permanent_physical_slots_advanced_to_the_published_positions_and_no_logical_ones()
-{
+fn replicas_keep_member_and_permanent_slots_advanced_to_the_published_positions() {
     let mut view = cluster(Some("a"));
     view.status.slots = [("a", 5000), ("ccc", 4000), ("arch", 3000), ("cdc", 2000)]
         .map(|(n, l)| (n.to_string(), json!(l)))
         .into_iter()
         .collect();
     let c = cdc_and_arch("bb");
-    // Nothing yet: physical ones are created; logical ones only come from the primary.
+    // Nothing yet: physical ones are created; logical ones only come from the primary (copied,
+    // `logical_slots_tests.rs`), never created on a replica.
     let plan = replica(&c, &view, vec![], &Memory::default());
     assert_eq!(plan.create_physical, ["a", "arch", "ccc"]);
     assert!(plan.create_logical.is_empty() && plan.drop.is_empty(), "{plan:?}");
-    // They exist: inactive ones move forward to what the leader published. A logical slot
-    // cannot be kept up to date on a replica (no copy, no advance): it goes.
+    // They exist: inactive ones move forward to what the leader published, the copy of the
+    // logical slot too.
     let local = vec![
         physical("a", 4500),
         physical("ccc", 4000),
@@ -373,7 +381,9 @@ fn replicas_keep_member_and_permanent_physical_slots_advanced_to_the_published_p
         plan.advance,
         [("a".to_string(), 5000), ("arch".to_string(), 3000)]
     );
-    assert_eq!(plan.drop, ["cdc", "stray"]);
+    assert_eq!(plan.copies.len(), 1, "{plan:?}");
+    assert_eq!(plan.copies[0].advance_to, Some(2000));
+    assert_eq!(plan.drop, ["stray"]);
     assert!(plan.create_physical.is_empty());
 }
 

@@ -35,6 +35,7 @@ pub(crate) fn config(name: &str) -> EngineConfig {
             use_slots: false,
             ..Default::default()
         },
+        standby_cluster: None,
     }
 }
 
@@ -345,7 +346,7 @@ fn with_methods(methods: &[(&str, bool)]) -> EngineConfig {
     cfg
 }
 
-fn empty() -> LocalPg {
+pub(crate) fn empty() -> LocalPg {
     LocalPg {
         data: DataDir::Empty,
         postmaster_alive: false,

@@ -72,12 +72,25 @@ impl Postgres {
             self.tool_dsn(host, port, &s.replication),
             conninfo_escape(&format!("{} replication check", s.name)),
         );
+        self.psql(dsn, command, timeout).await
+    }
+
+    /// `command` run by `psql` on `dsn` with the pgpass file: unaligned, tab-separated rows.
+    pub(crate) async fn psql(
+        &self,
+        dsn: String,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<String, PgError> {
         let args: Vec<OsString> = ["-X", "-A", "-t", "-q", "-F", "\t", "-v", "ON_ERROR_STOP=1"]
             .iter()
             .map(OsString::from)
             .chain(["-c".into(), command.into(), "-d".into(), dsn.into()])
             .collect();
-        let env = [("PGPASSFILE", s.pgpass.as_os_str()), ("LC_ALL", OsStr::new("C"))];
+        let env = [
+            ("PGPASSFILE", self.settings.pgpass.as_os_str()),
+            ("LC_ALL", OsStr::new("C")),
+        ];
         let out = run_tool(&self.bin("psql"), &args, &env, timeout).await?;
         Ok(out.stdout)
     }

@@ -10,6 +10,9 @@ use pgvigil_api::slots::valid_slot_name;
 use crate::{PgError, Postgres};
 
 const SLOTS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Advancing a logical slot decodes the WAL in between; Patroni gives it all the time it needs
+/// on a thread of its own, ours runs on the supervisor's task, off the loop.
+const ADVANCE_TIMEOUT: Duration = Duration::from_secs(60);
 /// SQLSTATE `object_in_use`: the slot became active between our check and the drop.
 const OBJECT_IN_USE: &str = "55006";
 
@@ -44,22 +47,48 @@ impl Postgres {
         .await
     }
 
-    /// Creates a logical slot in `database` with `plugin`, unless one of that name exists. A
-    /// logical slot belongs to a database, so this uses a connection of its own to it; the
-    /// creation waits for transactions running at that moment, hence the longer timeout.
-    pub async fn create_logical_slot(&self, name: &str, database: &str, plugin: &str) -> Result<(), PgError> {
-        check_name(name)?;
-        let op = format!("creating logical replication slot {name} in database {database}");
+    /// Runs `work` on a connection of its own to `database` (a logical slot belongs to one),
+    /// with `statement_timeout` set to `timeout` and the whole bounded a little beyond it.
+    async fn in_database<T, F, Fut>(
+        &self,
+        database: &str,
+        op: &str,
+        timeout: Duration,
+        work: F,
+    ) -> Result<T, PgError>
+    where
+        F: FnOnce(tokio_postgres::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PgError>>,
+    {
         let mut cfg = self.connect_config();
         cfg.dbname(database)
-            .options(format!("-c statement_timeout={}", SLOTS_TIMEOUT.as_millis()));
-        let work = async {
+            .options(format!("-c statement_timeout={}", timeout.as_millis()));
+        let run = async {
             let (client, connection) = cfg
                 .connect(self.settings.local_tls.connector())
                 .await
                 .map_err(|e| PgError::sql(format!("{op}: connecting"), e))?;
             let conn = tokio::spawn(connection);
-            let created = client
+            let done = work(client).await;
+            let _ = conn.await;
+            done
+        };
+        tokio::time::timeout(timeout + Duration::from_secs(2), run)
+            .await
+            .map_err(|_| PgError::Timeout {
+                op: op.to_string(),
+                timeout,
+            })?
+    }
+
+    /// Creates a logical slot in `database` with `plugin`, unless one of that name exists. The
+    /// creation waits for transactions running at that moment, hence the longer timeout.
+    pub async fn create_logical_slot(&self, name: &str, database: &str, plugin: &str) -> Result<(), PgError> {
+        check_name(name)?;
+        let op = format!("creating logical replication slot {name} in database {database}");
+        let what = op.clone();
+        self.in_database(database, &what, SLOTS_TIMEOUT, |client| async move {
+            client
                 .execute(
                     "SELECT pg_catalog.pg_create_logical_replication_slot($1, $2)
                       WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots
@@ -67,17 +96,39 @@ impl Postgres {
                     &[&name, &plugin],
                 )
                 .await
-                .map_err(|e| PgError::sql(op.clone(), e));
-            drop(client);
-            let _ = conn.await;
-            created.map(drop)
-        };
-        tokio::time::timeout(SLOTS_TIMEOUT + Duration::from_secs(2), work)
-            .await
-            .map_err(|_| PgError::Timeout {
-                op: op.clone(),
-                timeout: SLOTS_TIMEOUT,
-            })?
+                .map_err(|e| PgError::sql(op, e))
+                .map(drop)
+        })
+        .await
+    }
+
+    /// Moves an inactive logical slot forward to `lsn`, in its database, but never past what a
+    /// replica has replayed (or a primary flushed) nor backwards: then nothing happens
+    /// (Patroni's `min(lsn, replay_lsn)`). Decoding the WAL in between may take a while.
+    pub async fn advance_logical_slot(&self, name: &str, database: &str, lsn: u64) -> Result<(), PgError> {
+        check_name(name)?;
+        let op = format!("advancing logical replication slot {name}");
+        let to = format_lsn(lsn);
+        let what = op.clone();
+        self.in_database(database, &what, ADVANCE_TIMEOUT, |client| async move {
+            client
+                .execute(
+                    "SELECT pg_catalog.pg_replication_slot_advance(slot_name, target)
+                       FROM (SELECT slot_name, confirmed_flush_lsn,
+                                    LEAST($2::text::pg_lsn,
+                                          CASE WHEN pg_catalog.pg_is_in_recovery()
+                                               THEN pg_catalog.pg_last_wal_replay_lsn()
+                                               ELSE pg_catalog.pg_current_wal_flush_lsn() END) AS target
+                               FROM pg_catalog.pg_replication_slots
+                              WHERE slot_name = $1 AND slot_type = 'logical' AND NOT active) s
+                      WHERE target > confirmed_flush_lsn",
+                    &[&name, &to],
+                )
+                .await
+                .map_err(|e| PgError::sql(op, e))
+                .map(drop)
+        })
+        .await
     }
 
     /// Drops the slot if it exists and no walsender or decoding session uses it. Returns

@@ -113,6 +113,9 @@ pub struct PgStatus {
     pub pending_restart_params: Vec<String>,
     pub synchronous_standby_names: String,
     pub synchronous_commit: String,
+    /// `current_setting('restore_command')`: empty when WAL is not restored from an archive.
+    #[serde(default)]
+    pub restore_command: String,
 }
 
 impl PgStatus {
@@ -123,6 +126,22 @@ impl PgStatus {
             self.receive_lsn.unwrap_or(0).max(self.replay_lsn.unwrap_or(0))
         } else {
             self.wal_flush_lsn.unwrap_or(0)
+        }
+    }
+
+    /// The member key's and status document's `replication_state`, by Patroni's rule
+    /// (`replication_state_from_parameters`): on a replica, `streaming` while the WAL receiver
+    /// streams, else `in archive recovery` when a `restore_command` is set, else nothing. The
+    /// primary has none.
+    pub fn replication_state(&self) -> Option<&'static str> {
+        if !self.in_recovery {
+            None
+        } else if self.wal_receiver_streaming {
+            Some("streaming")
+        } else if !self.restore_command.is_empty() {
+            Some("in archive recovery")
+        } else {
+            None
         }
     }
 }
@@ -166,7 +185,8 @@ fn status_query() -> String {
   (SELECT pg_catalog.json_agg(name ORDER BY name)::text FROM pg_catalog.pg_settings
      WHERE pending_restart),
   pg_catalog.current_setting('synchronous_standby_names'),
-  pg_catalog.current_setting('synchronous_commit')
+  pg_catalog.current_setting('synchronous_commit'),
+  pg_catalog.current_setting('restore_command')
 FROM (SELECT 1) AS one LEFT JOIN pg_catalog.pg_stat_wal_receiver AS wr ON true"
     )
 }
@@ -257,6 +277,7 @@ fn status_from_row(row: &tokio_postgres::Row) -> Result<PgStatus, PgError> {
         pending_restart_params: pending,
         synchronous_standby_names: col(row, 22)?,
         synchronous_commit: col(row, 23)?,
+        restore_command: col(row, 24)?,
     })
 }
 

@@ -14,6 +14,7 @@
 pub mod access;
 pub mod failsafe;
 pub mod health;
+pub mod listen;
 pub mod metrics;
 pub mod operator;
 pub mod peer;

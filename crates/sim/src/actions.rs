@@ -223,7 +223,7 @@ impl Agent {
                 })
             }
             // Replication slots are not modelled.
-            Action::ManageSlots(_) => Progress::Done(Ok(false)),
+            Action::ManageSlots(_) | Action::CopyLogicalSlots(_) => Progress::Done(Ok(false)),
             Action::ApplyConfig | Action::QueryPeers => {
                 Progress::Done(Ok(matches!(action, Action::QueryPeers)))
             }

@@ -259,6 +259,7 @@ impl Agent {
                 use_slots: false,
                 ..Default::default()
             },
+            standby_cluster: None,
         }
     }
 

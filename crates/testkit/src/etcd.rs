@@ -148,6 +148,11 @@ impl EtcdCluster {
         format!("127.0.0.1:{}", self.members[i].client_port)
     }
 
+    /// The peer URL of member `i` (plain HTTP on loopback), as `http://127.0.0.1:<port>`.
+    pub fn peer_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].peer_port)
+    }
+
     /// Creates the `root` user with `password` and enables authentication (`etcdctl`, with the
     /// cluster's certificate when it uses TLS).
     pub fn enable_auth(&self, password: &str) -> anyhow::Result<()> {

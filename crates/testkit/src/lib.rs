@@ -125,6 +125,17 @@ pub fn test_tmp_root() -> PathBuf {
     std::env::temp_dir()
 }
 
+/// A temporary directory under [`test_tmp_root`] that everyone may write into (the agents run
+/// as `postgres`, the test as root: an archive, scripts' output), removed on drop.
+pub fn shared_tmp_dir(prefix: &str) -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(test_tmp_root())?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+    Ok(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

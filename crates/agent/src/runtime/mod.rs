@@ -190,7 +190,7 @@ impl Agent {
             check_timeline: self.dynamic.check_timeline,
             use_pg_rewind: self.cfg.use_pg_rewind(&self.dynamic),
             can_bootstrap: true,
-            replica_methods: crate::supervisor::replica_methods(&self.cfg.postgresql),
+            replica_methods: crate::supervisor::replica_methods(&self.cfg.postgresql, &self.dynamic),
             synchronous_mode: crate::supervisor::sync::engine_mode(self.dynamic.synchronous_mode),
             paused: self.dynamic.pause,
             failsafe_mode: self.dynamic.failsafe_mode,
@@ -199,9 +199,20 @@ impl Agent {
             slots: pgvigil_engine::slots::SlotsConfig::from_dynamic(
                 self.dynamic.use_slots,
                 self.dynamic.member_slots_ttl,
-                &self.dynamic.permanent_slots,
+                &pgvigil_engine::slots::permanent_for_cluster(
+                    &self.dynamic.permanent_slots,
+                    self.dynamic.standby_cluster.is_some(),
+                ),
                 &self.dynamic.ignore_slots,
             ),
+            standby_cluster: self
+                .dynamic
+                .standby_cluster
+                .as_ref()
+                .map(|sc| pgvigil_engine::StandbyCluster {
+                    remote: sc.remote(),
+                    replica_methods: sc.create_replica_methods.clone(),
+                }),
         }
     }
 
@@ -476,9 +487,12 @@ impl Agent {
         let engine_cfg = self.engine_config();
         let view_names_me = view.and_then(ClusterView::leader_name) == Some(self.cfg.name.as_str());
         // A required watchdog is armed whenever this node holds the lock; the engine keeps a
-        // node whose watchdog cannot be armed from acting as primary.
-        let watchdog_failed =
-            self.leadership.holds_lock() && !view.is_some_and(ClusterView::is_paused) && !sup.arm_watchdog();
+        // node whose watchdog cannot be armed from acting as primary. Not for a standby
+        // cluster's leader, which accepts no writes (Patroni arms it only to promote).
+        let watchdog_failed = self.leadership.holds_lock()
+            && !view.is_some_and(ClusterView::is_paused)
+            && self.dynamic.standby_cluster.is_none()
+            && !sup.arm_watchdog();
         let config_pending = sup.config_pending();
         let started = sup.status().map(|s| s.postmaster_start_time.clone());
         let request = self.operator.request(started.as_deref());
@@ -673,6 +687,7 @@ fn describe(actions: &[Action]) -> Option<String> {
             Action::Promote => "promotion in progress",
             Action::Start(_) => "postgres is starting",
             Action::Demote(_) => "postgres is stopping",
+            Action::CopyLogicalSlots(_) => "copying logical slots from the primary",
             _ => return None,
         };
         Some(what.to_string())

@@ -45,6 +45,7 @@ impl Agent {
         snap.loop_wait = self.dynamic.loop_wait;
         snap.maximum_lag_on_failover = self.dynamic.maximum_lag_on_failover;
         snap.paused = paused;
+        snap.standby_cluster = self.dynamic.standby_cluster.is_some();
         snap.tags = id.tags.clone();
         snap.failsafe_mode_enabled = self.dynamic.failsafe_mode;
         (snap.failsafe_active, snap.failsafe_members) = self.failsafe_snapshot();

@@ -1,7 +1,6 @@
 //! Performing the engine's actions. Every step is bounded: external commands by their own
 //! timeouts, DCS calls by `retry_timeout`.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pgvigil_api::{ClusterView, PgState, Role};
@@ -12,7 +11,7 @@ use pgvigil_postgres::{ClusterState, StopMode};
 
 use super::callbacks::Event;
 use super::config::Recovery;
-use super::{PgSupervisor, history, observe, pgconf};
+use super::{PgSupervisor, history, observe};
 
 #[derive(Debug)]
 pub enum Failed {
@@ -41,6 +40,7 @@ impl PgSupervisor {
     pub(super) async fn execute(&mut self, action: Action, view: Option<&ClusterView>) -> Outcome {
         match action {
             Action::Bootstrap => self.bootstrap().await,
+            Action::BootstrapStandby { methods } => self.bootstrap_standby(&methods).await,
             Action::CreateReplica { source, methods } => {
                 self.create_replica(view, source.as_deref(), &methods).await
             }
@@ -48,9 +48,12 @@ impl PgSupervisor {
             Action::Start(StartAs::Replica { upstream }) => {
                 self.start_replica(view, upstream.as_deref()).await
             }
+            Action::Start(StartAs::Remote) => self.start_in_recovery(view, None, true).await,
             Action::Promote => self.promote().await,
             Action::Demote(mode) => self.demote(mode).await,
             Action::Follow { upstream } => self.follow(view, upstream.as_deref()).await,
+            Action::FollowRemote => self.follow_remote().await,
+            Action::DemoteCluster => self.demote_cluster().await,
             Action::Rewind { source } => self.rewind(view, &source).await,
             Action::Reinitialize { source, methods } => self.reinitialize(view, &source, &methods).await,
             // The cycle gathers peers itself before deciding again.
@@ -83,8 +86,10 @@ impl PgSupervisor {
             Action::ManageSlots(plan) => {
                 self.memory.retained_slots_seen = None;
                 self.manage_slots(&plan).await;
+                self.keep_logical_copies(&plan.copies).await;
                 Ok(false)
             }
+            Action::CopyLogicalSlots(slots) => self.copy_logical_slots(view, &slots).await,
             Action::StopForSwitchover { candidates } => self.stop_for_switchover(candidates).await,
             Action::PublishPosition { optime } => self.publish_position(view, optime).await,
             Action::Restart { timeout } => self
@@ -126,150 +131,6 @@ impl PgSupervisor {
             .map_err(recoverable("writing the pgpass file"))
     }
 
-    async fn bootstrap(&mut self) -> Outcome {
-        if !self
-            .dcs_call("bootstrap race", self.dcs.initialize_race())
-            .await?
-        {
-            tracing::info!("failed to acquire initialize lock");
-            return Ok(false);
-        }
-        self.state = PgState::InitializingNewCluster;
-        self.publish_member().await;
-        match self.bootstrap_steps().await {
-            Ok(()) => {
-                tracing::info!("initialized a new cluster");
-                // No callback runs during the bootstrap itself; Patroni calls on_start after it.
-                self.callback(Event::Start, Role::Primary);
-                Ok(true)
-            }
-            Err(message) => {
-                // Leave nothing half-done: another node may try again.
-                let _ = self.dcs.cancel_initialization().await;
-                let _ = self.pg.stop(StopMode::Immediate, self.pg_ctl_timeout()).await;
-                let data_dir = self.cfg.postgresql.data_dir.clone();
-                let mut failed = data_dir.clone().into_os_string();
-                failed.push(".failed");
-                let failed = PathBuf::from(failed);
-                let _ = std::fs::remove_dir_all(&failed);
-                let moved = match std::fs::rename(&data_dir, &failed) {
-                    Ok(()) => format!("; the data directory was moved to {}", failed.display()),
-                    Err(e) => format!("; could not move the data directory aside: {e}"),
-                };
-                self.state = match self.cfg.bootstrap.custom {
-                    Some(_) => PgState::CustomBootstrapFailed,
-                    None => PgState::InitdbFailed,
-                };
-                Err(Failed::Fatal(format!("bootstrap failed: {message}{moved}")))
-            }
-        }
-    }
-
-    async fn bootstrap_steps(&mut self) -> Result<(), String> {
-        let opened = match self.cfg.bootstrap.custom.clone() {
-            Some(method) => Some(self.custom_bootstrap(&method).await?),
-            None => {
-                self.initdb_and_start().await?;
-                None
-            }
-        };
-        self.pg
-            .create_roles()
-            .await
-            .map_err(|e| format!("creating roles: {e}"))?;
-        if let Some(script) = self.cfg.bootstrap.post_bootstrap.clone() {
-            self.run_post_bootstrap(&script).await?;
-        }
-        if let Some(opened) = opened {
-            self.close_custom_bootstrap(opened).await?;
-        }
-        let cd = self
-            .pg
-            .controldata()
-            .await
-            .map_err(|e| format!("pg_controldata: {e}"))?;
-        let dcs = self.dcs.clone();
-        let retry = self.retry();
-        let bounded = |what: &'static str| {
-            move |r: Result<Result<(), pgvigil_dcs::DcsError>, _>| match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("{what}: {e}")),
-                Err(_) => Err(format!("{what}: timed out")),
-            }
-        };
-        bounded("publishing the system identifier")(
-            tokio::time::timeout(retry, dcs.set_initialize(&cd.system_identifier)).await,
-        )?;
-        let config = self.cfg.bootstrap.dcs.clone();
-        let written = tokio::time::timeout(retry, dcs.set_config(&config, None)).await;
-        bounded("writing the dynamic configuration")(written.map(|r| r.map(|_| ())))?;
-        match tokio::time::timeout(retry, self.leadership.open(TermOpening::Acquire)).await {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => Err("taking the leader key: another member holds it".into()),
-            Ok(Err(e)) => Err(format!("taking the leader key: {e}")),
-            Err(_) => Err("taking the leader key: timed out".into()),
-        }
-    }
-
-    /// `initdb` with `bootstrap.initdb`, `bootstrap.pg_hba` appended unless pgvigil manages
-    /// the file, the configuration written, PostgreSQL started.
-    async fn initdb_and_start(&mut self) -> Result<(), String> {
-        let cfg = &self.cfg;
-        self.pg
-            .initdb(&cfg.bootstrap.initdb)
-            .await
-            .map_err(|e| format!("initdb: {e}"))?;
-        if pgconf::pg_hba(cfg, &self.dynamic).is_none() && !cfg.bootstrap.pg_hba.is_empty() {
-            let path = self.pg.data_dir().join("pg_hba.conf");
-            let mut text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            append_bootstrap_hba(&mut text, &cfg.bootstrap.pg_hba);
-            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        self.write_pgpass().map_err(failed_text)?;
-        let files = self.config_files(Recovery::None);
-        self.start_new_cluster(&files, PgState::Starting).await
-    }
-
-    /// Writes `files` and starts the new cluster's PostgreSQL (in `state` meanwhile).
-    pub(super) async fn start_new_cluster(
-        &mut self,
-        files: &pgvigil_postgres::ConfigFiles,
-        state: PgState,
-    ) -> Result<(), String> {
-        self.write_config(files)
-            .map_err(|e| format!("writing the configuration: {e}"))?;
-        self.state = state;
-        self.pg
-            .start(self.pg_ctl_timeout())
-            .await
-            .map_err(|e| format!("starting PostgreSQL: {e}"))?;
-        self.state = PgState::Running;
-        self.role = Role::Primary;
-        Ok(())
-    }
-
-    /// `bootstrap.post_bootstrap`: run with a superuser connection string as its argument.
-    async fn run_post_bootstrap(&self, script: &str) -> Result<(), String> {
-        let s = self.pg.settings();
-        let dsn = self.pg.superuser_dsn();
-        let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(format!("{script} \"$1\""))
-            .arg("post_bootstrap")
-            .arg(dsn);
-        cmd.env("PGPASSFILE", &s.pgpass)
-            .env("PGOPTIONS", "-c synchronous_commit=local -c statement_timeout=0");
-        let status = tokio::time::timeout(Duration::from_secs(3600), cmd.status())
-            .await
-            .map_err(|_| "post_bootstrap script timed out".to_string())?
-            .map_err(|e| format!("post_bootstrap script: {e}"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!("post_bootstrap script failed: {status}"))
-        }
-    }
-
     /// Starts PostgreSQL as a primary: only with a permit from `Leadership`, asked again once
     /// the postmaster is up and the fence knows it (the lock may have lapsed during the start).
     async fn start_primary(&mut self) -> Outcome {
@@ -301,6 +162,17 @@ impl PgSupervisor {
         view: Option<&ClusterView>,
         upstream: Option<&str>,
     ) -> Outcome {
+        self.start_in_recovery(view, upstream, false).await
+    }
+
+    /// Starts PostgreSQL in recovery, following `upstream` or, with `remote`, a standby
+    /// cluster's remote primary (§4.11).
+    pub(super) async fn start_in_recovery(
+        &mut self,
+        view: Option<&ClusterView>,
+        upstream: Option<&str>,
+        remote: bool,
+    ) -> Outcome {
         // A former primary (demoted, or stopped for a switchover) coming back as a replica is a
         // role change for the callbacks, not a start (Patroni's `follow`).
         let role_change = self.cb_called && matches!(self.role, Role::Primary | Role::Demoted);
@@ -326,9 +198,24 @@ impl PgSupervisor {
                 _ => None,
             };
         }
-        self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
+        self.follows_remote = remote;
+        let files = if remote {
+            self.configured_upstream = self.remote_addr();
+            self.config_files(Recovery::Remote)
+        } else {
+            let files = self.config_files(Recovery::Follow(upstream));
+            // The upstream the files name: none with `nostream`, whoever the caller named (after
+            // a clone or a rewind it is the leader); else the next cycle would "re-point" it.
+            let streams = files
+                .recovery
+                .as_ref()
+                .is_some_and(|r| r.primary_conninfo.is_some());
+            self.configured_upstream = upstream
+                .filter(|_| streams)
+                .and_then(|u| Self::member_addr(view, u).ok());
+            files
+        };
         self.write_pgpass()?;
-        let files = self.config_files(Recovery::Follow(upstream));
         let started = self
             .start_with(files, (!role_change).then_some(Role::Replica))
             .await;
@@ -442,6 +329,7 @@ impl PgSupervisor {
             .map_err(recoverable("promotion failed"))?;
         self.role = Role::Primary;
         self.memory = Default::default();
+        self.promoted_with_logical_copies();
         self.callback(Event::RoleChange, Role::Primary);
         // Without a checkpoint pg_control still shows the old timeline and pg_rewind against us
         // would fail; our member key shows the new timeline only after this returns.
@@ -512,6 +400,7 @@ impl PgSupervisor {
         self.state = PgState::Stopped;
         self.role = Role::Demoted;
         self.configured_upstream = None;
+        self.follows_remote = false;
         self.standby_names = None;
         if mode == DemoteMode::Offline {
             // Keep serving reads without an upstream until etcd is back.
@@ -521,17 +410,20 @@ impl PgSupervisor {
     }
 
     async fn follow(&mut self, view: Option<&ClusterView>, upstream: Option<&str>) -> Outcome {
-        self.write_pgpass()?;
-        let files = self.config_files(Recovery::Follow(upstream));
-        self.write_config(&files)
-            .map_err(recoverable("writing the configuration"))?;
-        self.pg
-            .reload()
-            .await
-            .map_err(recoverable("reloading postgres"))?;
+        self.follows_remote = false;
+        self.rewrite_recovery(Recovery::Follow(upstream)).await?;
         self.callback(Event::Reload, Role::Replica);
         self.configured_upstream = upstream.and_then(|u| Self::member_addr(view, u).ok());
         Ok(false)
+    }
+
+    /// Writes the configuration with `recovery` and reloads PostgreSQL.
+    pub(super) async fn rewrite_recovery(&mut self, recovery: Recovery<'_>) -> Result<(), Failed> {
+        self.write_pgpass()?;
+        let files = self.config_files(recovery);
+        self.write_config(&files)
+            .map_err(recoverable("writing the configuration"))?;
+        self.pg.reload().await.map_err(recoverable("reloading postgres"))
     }
 
     async fn rewind(&mut self, view: Option<&ClusterView>, source: &str) -> Outcome {
@@ -713,23 +605,5 @@ impl PgSupervisor {
         self.watchdog.disable();
         self.publish_member().await;
         self.callbacks.flush(Duration::from_secs(5));
-    }
-}
-
-/// `bootstrap.pg_hba` appended to a `pg_hba.conf` pgvigil does not manage.
-pub(super) fn append_bootstrap_hba(text: &mut String, lines: &[String]) {
-    if lines.is_empty() {
-        return;
-    }
-    text.push_str("\n# bootstrap.pg_hba\n");
-    for line in lines {
-        text.push_str(line);
-        text.push('\n');
-    }
-}
-
-pub(super) fn failed_text(f: Failed) -> String {
-    match f {
-        Failed::Fatal(m) | Failed::Recoverable(m) => m,
     }
 }

@@ -16,9 +16,18 @@ const METHOD_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// `postgresql.create_replica_methods` as the engine sees them: names in order, each with its
 /// `no_leader` flag (the configuration guarantees every listed name but `basebackup` has a
-/// section).
-pub fn replica_methods(pg: &pgvigil_config::PostgresqlConfig) -> Vec<ReplicaMethod> {
-    pg.create_replica_methods
+/// section). In a standby cluster Patroni clones every member with the section's
+/// `create_replica_methods` instead (its `RemoteMember`), `basebackup` when it names none.
+pub fn replica_methods(
+    pg: &pgvigil_config::PostgresqlConfig,
+    dynamic: &pgvigil_config::DynamicConfig,
+) -> Vec<ReplicaMethod> {
+    let names = match &dynamic.standby_cluster {
+        Some(sc) if sc.create_replica_methods.is_empty() => &vec!["basebackup".to_string()],
+        Some(sc) => &sc.create_replica_methods,
+        None => &pg.create_replica_methods,
+    };
+    names
         .iter()
         .map(|name| ReplicaMethod {
             name: name.clone(),
@@ -48,13 +57,29 @@ impl PgSupervisor {
         self.publish_member().await;
         self.write_pgpass()?;
         let from = source.map_or_else(|| "without a leader".to_string(), |s| format!("from {s}"));
+        self.run_replica_methods(addr.as_ref(), methods, &from)
+            .await
+            .map_err(Failed::Recoverable)?;
+        let leader = view.and_then(ClusterView::leader_name).map(str::to_string);
+        self.start_replica(view, leader.as_deref()).await
+    }
+
+    /// Runs `methods` in order against `addr` until one creates the data directory (`from`
+    /// says what `addr` is, for the log). When every one failed the data directory is removed
+    /// and the error names each failure.
+    pub(super) async fn run_replica_methods(
+        &mut self,
+        addr: Option<&(String, u16)>,
+        methods: &[String],
+        from: &str,
+    ) -> Result<(), String> {
         let mut failures = Vec::new();
         let mut created = None;
         for method in methods {
-            let result = match (method.as_str(), &addr) {
+            let result = match (method.as_str(), addr) {
                 ("basebackup", Some((host, port))) => self.basebackup(host, *port).await,
-                ("basebackup", None) => Err("pg_basebackup needs a member to clone from".to_string()),
-                (_, addr) => self.custom_replica_method(method, addr.as_ref()).await,
+                ("basebackup", None) => Err("pg_basebackup needs a server to clone from".to_string()),
+                (_, addr) => self.custom_replica_method(method, addr).await,
             };
             match result {
                 Ok(()) => {
@@ -71,10 +96,10 @@ impl PgSupervisor {
             let _ = self.pg.remove_data_dir();
             self.state = PgState::Stopped;
             self.role = Role::Uninitialized;
-            return Err(Failed::Recoverable(format!(
+            return Err(format!(
                 "creating a replica {from} failed: {}",
                 failures.join("; ")
-            )));
+            ));
         };
         tracing::info!("replica has been created using {method} ({from})");
         // A restore may leave the configuration files out (they live outside the data directory
@@ -82,8 +107,7 @@ impl PgSupervisor {
         if let Err(e) = self.pg.restore_config_files() {
             tracing::warn!("restoring the configuration files from their .backup copies: {e}");
         }
-        let leader = view.and_then(ClusterView::leader_name).map(str::to_string);
-        self.start_replica(view, leader.as_deref()).await
+        Ok(())
     }
 
     async fn basebackup(&self, host: &str, port: u16) -> Result<(), String> {

@@ -12,6 +12,9 @@ pub(super) enum Recovery<'a> {
     None,
     /// A replica following this member (`None`: read-only without an upstream).
     Follow(Option<&'a str>),
+    /// A standby cluster's leader following the remote primary (`docs/patroni-compat.md` §4.11). Without an active
+    /// section (it went away meanwhile), read-only without an upstream.
+    Remote,
 }
 
 impl PgSupervisor {
@@ -27,8 +30,19 @@ impl PgSupervisor {
                 self.cluster.as_ref(),
                 upstream,
             )),
+            Recovery::Remote => Some(match &self.dynamic.standby_cluster {
+                Some(sc) => pgconf::remote_recovery(&self.pg, &self.cfg, &self.dynamic, sc),
+                None => pgconf::recovery(&self.pg, &self.cfg, &self.dynamic, self.cluster.as_ref(), None),
+            }),
         };
-        pgconf::files(&self.cfg, &self.dynamic, self.standby_names.as_deref(), recovery)
+        let names = self.standby_names.as_deref();
+        pgconf::files(
+            &self.cfg,
+            &self.dynamic,
+            names,
+            self.hot_standby_feedback,
+            recovery,
+        )
     }
 
     /// Writes `files` and records what was written.
@@ -46,7 +60,8 @@ impl PgSupervisor {
         if !self.pg.is_running() {
             return false;
         }
-        let (parameters, _) = pgconf::parameters(&self.cfg, &self.dynamic, self.standby_names.as_deref());
+        let names = self.standby_names.as_deref();
+        let (parameters, _) = pgconf::parameters(&self.cfg, &self.dynamic, names, self.hot_standby_feedback);
         self.config_dirty || self.written_parameters.as_ref() != Some(&parameters)
     }
 
@@ -70,7 +85,9 @@ impl PgSupervisor {
         }
         let upstream = self.upstream_name();
         let in_recovery = self.status.as_ref().is_some_and(|s| s.in_recovery);
-        let files = if in_recovery {
+        let files = if in_recovery && self.follows_remote {
+            self.config_files(Recovery::Remote)
+        } else if in_recovery {
             self.config_files(Recovery::Follow(upstream.as_deref()))
         } else {
             self.config_files(Recovery::None)

@@ -37,7 +37,7 @@ impl PgSupervisor {
         self.pg
             .remove_data_dir()
             .map_err(|e| format!("preparing the data directory: {e}"))?;
-        self.write_pgpass().map_err(super::actions::failed_text)?;
+        self.write_pgpass().map_err(super::bootstrap::failed_text)?;
         let data_dir = self.pg.data_dir().to_string_lossy().into_owned();
         let args = method.bootstrap_args(&self.cfg.scope, &data_dir);
         tracing::info!("running custom bootstrap script: {}", method.command.join(" "));
@@ -71,7 +71,7 @@ impl PgSupervisor {
                     hba_path.display()
                 )
             })?;
-            super::actions::append_bootstrap_hba(&mut text, &self.cfg.bootstrap.pg_hba);
+            super::bootstrap::append_bootstrap_hba(&mut text, &self.cfg.bootstrap.pg_hba);
             original_hba = Some(text);
         }
 

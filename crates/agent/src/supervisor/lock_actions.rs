@@ -72,6 +72,11 @@ impl PgSupervisor {
                 // during the race must not take it for a live one (Patroni's `demoted`).
                 if self.pg.postmaster_pid().is_none() && self.role == pgvigil_api::Role::Primary {
                     self.role = pgvigil_api::Role::Demoted;
+                    // Patroni's `post_recover`: a primary that failed to start while holding the
+                    // lock tells `on_role_change` it is demoted as it lets the key go.
+                    if self.memory.start_failed {
+                        self.callback(super::callbacks::Event::RoleChange, pgvigil_api::Role::Demoted);
+                    }
                 }
                 Ok(true)
             }

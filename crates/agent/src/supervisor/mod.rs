@@ -8,15 +8,18 @@
 //! publishes meanwhile comes from [`Reported`], which the supervisor keeps current.
 
 mod actions;
+mod bootstrap;
 pub mod callbacks;
 mod clone;
 mod config;
 mod custom_bootstrap;
 pub mod history;
 mod lock_actions;
+mod logical_slots;
 pub mod observe;
 mod operations;
 mod pgconf;
+mod standby;
 pub mod sync;
 pub mod sync_watch;
 
@@ -101,6 +104,9 @@ pub struct PgSupervisor {
     cluster: Option<ClusterView>,
     /// `host:port` our `primary_conninfo` points at, as last written.
     configured_upstream: Option<(String, u16)>,
+    /// The recovery settings point at a standby cluster's remote primary (`docs/patroni-compat.md` §4.11), not at a
+    /// member: a reload or restart keeps them so.
+    follows_remote: bool,
     /// Parameters last written to `postgresql.conf`, to reload only on change.
     written_parameters: Option<std::collections::BTreeMap<String, String>>,
     /// The configuration files may differ from what we would write (a reload or a new dynamic
@@ -119,6 +125,11 @@ pub struct PgSupervisor {
     callbacks: callbacks::CallbackExecutor,
     /// A start, stop, restart or role-change callback was handed over since the agent started.
     cb_called: bool,
+    /// `hot_standby_feedback` must be on: this node keeps (or feeds a member that keeps) copies
+    /// of permanent logical slots (§3.9, §5.8).
+    hot_standby_feedback: bool,
+    /// Copies of logical slots not yet known to be safe after a failover.
+    readiness: logical_slots::Readiness,
 }
 
 impl PgSupervisor {
@@ -139,6 +150,7 @@ impl PgSupervisor {
             control: None,
             cluster: None,
             configured_upstream: None,
+            follows_remote: false,
             written_parameters: None,
             config_dirty: false,
             standby_names: None,
@@ -148,6 +160,8 @@ impl PgSupervisor {
             scheduled_restart: ctx.scheduled_restart,
             callbacks: callbacks::CallbackExecutor::start(),
             cb_called: false,
+            hot_standby_feedback: false,
+            readiness: Default::default(),
         }
     }
 
@@ -178,10 +192,12 @@ impl PgSupervisor {
     pub fn set_dynamic(&mut self, dynamic: DynamicConfig) {
         self.dynamic = dynamic;
         self.config_dirty = true;
+        self.refresh_hot_standby_feedback();
     }
 
     pub fn set_cluster(&mut self, cluster: Option<ClusterView>) {
         self.cluster = cluster;
+        self.refresh_hot_standby_feedback();
     }
 
     /// The state the engine says to report (e.g. `stopped` for a PostgreSQL found down in
@@ -196,7 +212,13 @@ impl PgSupervisor {
     }
 
     pub fn current_role(&self) -> Role {
-        observe::role(self.status.as_ref(), self.role)
+        let role = observe::role(self.status.as_ref(), self.role);
+        // A standby cluster's lock holder in recovery is its standby leader (§4.11): published
+        // so, `patronictl list` shows `Standby Leader`, and the replicas follow it.
+        if role == Role::Replica && self.dynamic.standby_cluster.is_some() && self.leadership.holds_lock() {
+            return Role::StandbyLeader;
+        }
+        role
     }
 
     /// Observes PostgreSQL: pid file, one monitoring query, `pg_controldata` when it is down.

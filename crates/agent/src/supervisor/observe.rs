@@ -162,9 +162,7 @@ pub fn member_data(
         if st.in_recovery {
             m.receive_lsn = st.receive_lsn;
             m.replay_lsn = st.replay_lsn;
-            if st.wal_receiver_streaming {
-                m.replication_state = Some("streaming".into());
-            }
+            m.replication_state = st.replication_state().map(str::to_string);
         }
         if st.pending_restart {
             m.pending_restart = Some(true);
@@ -220,7 +218,7 @@ pub fn apply_positions(doc: &mut StatusDocument, st: &PgStatus) {
             replayed_timestamp: st.replay_timestamp.clone(),
             paused: Some(st.replay_paused),
         });
-        doc.replication_state = st.wal_receiver_streaming.then(|| "streaming".to_string());
+        doc.replication_state = st.replication_state().map(str::to_string);
         doc.replication = None;
     } else {
         doc.xlog = Some(XlogInfo {
@@ -238,19 +236,50 @@ mod tests {
 
     /// Without the marker a leader never promises the fast takeover to a cluster of pgvigil
     /// members (`Agent::lock_settings` requires every member to carry it).
-    #[test]
-    fn member_data_marks_a_pgvigil_member() {
-        let id = Identity {
+    fn identity() -> Identity {
+        Identity {
             scope: "s".into(),
             name: "a".into(),
             conn_url: "postgres://h:5432/postgres".into(),
             api_url: "http://h:8008/patroni".into(),
             tags: Map::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn member_data_marks_a_pgvigil_member() {
+        let id = identity();
         let m = member_data(&id, PgState::Stopped, Role::Replica, None, false);
         assert!(m.is_pgvigil());
         let json = serde_json::to_value(&m).unwrap();
         assert_eq!(json["pgvigil"]["version"], env!("CARGO_PKG_VERSION"));
+    }
+
+    /// Patroni's rule, whatever the tags: a replica streams while its WAL receiver does, is in
+    /// archive recovery without one when it has a `restore_command`, and says nothing else.
+    #[test]
+    fn replication_state_in_the_member_key_and_the_status_document() {
+        let id = identity();
+        let st = |in_recovery: bool, streaming: bool, restore_command: &str| PgStatus {
+            in_recovery,
+            wal_receiver_streaming: streaming,
+            restore_command: restore_command.into(),
+            ..Default::default()
+        };
+        let archive = "cp /archive/%f %p";
+        for (status, expected) in [
+            (st(true, true, ""), Some("streaming")),
+            (st(true, true, archive), Some("streaming")),
+            (st(true, false, archive), Some("in archive recovery")),
+            (st(true, false, ""), None),
+            (st(false, false, archive), None),
+        ] {
+            let role = role(Some(&status), Role::Replica);
+            let m = member_data(&id, PgState::Running, role, Some(&status), false);
+            assert_eq!(m.replication_state.as_deref(), expected, "{status:?}");
+            let doc = status_document(&id, PgState::Running, role, Some(&status), false, false, None);
+            assert_eq!(doc.replication_state.as_deref(), expected, "{status:?}");
+        }
     }
 
     /// Temporary slots and PostgreSQL 17's synced failover slots on a standby are nobody's to

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use pgvigil_api::{PgState, Role};
 use pgvigil_engine::SwitchoverStop;
-use pgvigil_postgres::StopMode;
+use pgvigil_postgres::{Postgres, StopMode};
 use serde_json::{Map, Value};
 
 use super::PgSupervisor;
@@ -18,6 +18,17 @@ impl PgSupervisor {
     /// lock (`Leadership` proves it while the loop reports progress); a primary is started
     /// again only with a permit, asked once more when it is up.
     pub(super) async fn restart_postgres(&mut self, timeout: Option<u64>) -> Result<(), String> {
+        self.restart_postgres_with(timeout, |_| Ok(())).await
+    }
+
+    /// [`Self::restart_postgres`], running `while_stopped` on the data directory between the
+    /// stop and the start. PostgreSQL is started again whatever it returns; its error is the
+    /// restart's.
+    pub(super) async fn restart_postgres_with(
+        &mut self,
+        timeout: Option<u64>,
+        while_stopped: impl FnOnce(&Postgres) -> Result<(), String>,
+    ) -> Result<(), String> {
         let was_replica = self.status.as_ref().is_some_and(|s| s.in_recovery);
         if !was_replica && !self.leadership.permits_primary() {
             return Err("a primary is restarted only by the holder of the leader lock".into());
@@ -29,7 +40,10 @@ impl PgSupervisor {
         self.stop_postgres(StopMode::Fast, timeout, None)
             .await
             .map_err(|e| format!("stop: {e}"))?;
-        let files = if was_replica {
+        let changed = while_stopped(&self.pg);
+        let files = if was_replica && self.follows_remote {
+            self.config_files(Recovery::Remote)
+        } else if was_replica {
             let upstream = self
                 .upstream_name()
                 .or_else(|| self.cluster.as_ref()?.leader_name().map(str::to_string));
@@ -64,7 +78,7 @@ impl PgSupervisor {
                 tracing::info!("restarted PostgreSQL");
                 let role = if was_replica { Role::Replica } else { Role::Primary };
                 self.callback(Event::Restart, role);
-                Ok(())
+                changed
             }
             Err(e) => {
                 self.state = PgState::RestartFailed;

@@ -1,6 +1,9 @@
-//! The lab's etcd cluster as a thing to push around: which member leads raft, moving that
-//! leadership to a chosen host, and freezing every member for a while.
+//! The lab's etcd cluster as a thing to push around: starting and stopping a host's member,
+//! which member leads raft, moving that leadership to a chosen host, and freezing every member
+//! for a while.
 
+use std::fs;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -9,8 +12,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use super::{ETCD_CLIENT_PORT, NetCluster};
-use crate::wait_until;
+use super::{ETCD_CLIENT_PORT, ETCD_METRICS_PORT, ETCD_PEER_PORT, NetCluster, tail};
+use crate::{spawn_owned, wait_until};
 
 impl NetCluster {
     fn etcdctl(&self, endpoints: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -99,5 +102,96 @@ impl NetCluster {
             kill(pid, Signal::SIGCONT)?;
         }
         Ok(())
+    }
+
+    pub(super) fn spawn_etcd(&mut self, i: usize) -> anyhow::Result<()> {
+        let initial_cluster = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(k, n)| format!("e{}=http://{}:{ETCD_PEER_PORT}", k + 1, n.ip))
+            .collect::<Vec<_>>()
+            .join(",");
+        let node = &self.nodes[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.etcd_log)?;
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}:{ETCD_CLIENT_PORT}", node.ip);
+        let peer = format!("http://{}:{ETCD_PEER_PORT}", node.ip);
+        let bin = std::env::var_os("PGVIGIL_ETCD_BIN").unwrap_or_else(|| "/usr/bin/etcd".into());
+        let mut cmd = self.lab.command(i, bin);
+        cmd.arg("--name")
+            .arg(format!("e{}", i + 1))
+            .arg("--data-dir")
+            .arg(&node.etcd_dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &initial_cluster])
+            .args(["--initial-cluster-token", &self.scope])
+            .args(["--initial-cluster-state", "new"])
+            .args([
+                "--heartbeat-interval",
+                "100",
+                "--election-timeout",
+                "1000",
+                "--pre-vote",
+            ])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://{}:{ETCD_METRICS_PORT}", node.ip));
+        if let Some(pki) = &self.pki {
+            cmd.args(pki.etcd_files().etcd_args());
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let child = spawn_owned(cmd).context("starting etcd")?;
+        self.nodes[i].etcd = Some(child);
+        Ok(())
+    }
+
+    pub(super) fn wait_etcd_healthy(&mut self, i: usize) -> anyhow::Result<()> {
+        let addr = SocketAddr::from((self.nodes[i].ip, ETCD_METRICS_PORT));
+        let result = wait_until(
+            &format!("etcd on {} to be healthy", self.nodes[i].name),
+            Duration::from_secs(30),
+            || crate::etcd::health_at(addr).ok()?.then_some(()),
+        );
+        result.with_context(|| format!("etcd log tail:\n{}", tail(&self.nodes[i].etcd_log, 30)))
+    }
+
+    /// Starts etcd on host `i` again (existing data) and waits until it is healthy (which
+    /// needs a quorum of members running).
+    pub fn start_etcd(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.nodes[i].etcd.is_none() {
+            self.spawn_etcd(i)?;
+        }
+        self.wait_etcd_healthy(i)
+    }
+
+    /// Starts etcd on host `i` without waiting for health.
+    pub fn spawn_etcd_member(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.nodes[i].etcd.is_none() {
+            self.spawn_etcd(i)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs host `i`'s etcd member and waits for it.
+    pub fn stop_etcd(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].etcd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
