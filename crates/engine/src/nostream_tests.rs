@@ -147,6 +147,7 @@ fn a_nostream_member_is_never_a_synchronous_standby() {
         current_guc: "",
         walsenders: &senders,
         guc_changed_at: 0,
+        primary_lsn: 0,
     };
     assert_eq!(candidates(&input), vec!["bb".to_string()]);
 }

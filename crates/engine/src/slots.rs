@@ -240,7 +240,7 @@ struct Wanted {
     expected_active: Option<bool>,
 }
 
-fn replicatefrom(m: &Member) -> Option<&str> {
+pub(crate) fn replicatefrom(m: &Member) -> Option<&str> {
     m.data
         .tags
         .get("replicatefrom")

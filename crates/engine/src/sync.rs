@@ -9,11 +9,20 @@
 //! to acknowledge a commit always intersects any set able to prove a candidate up to date.
 
 use pgvigil_api::values::failover_priority;
-use pgvigil_api::{ClusterView, SyncValue};
+use pgvigil_api::{ClusterView, Member, SyncValue};
 
-/// The name Patroni puts in the GUC when strict mode has no standby to wait for: no standby
-/// can ever match it, so commits block.
+/// What Patroni 4.1.5 puts in the GUC when strict mode has no standby to wait for: `*` (in
+/// quorum mode `ANY 1 (*)`), so commits block until some standby confirms them. Safe: with
+/// nobody in `/sync` no standby may be promoted (§4.9), so a commit a standby outside `/sync`
+/// confirmed is not lost by a failover; the primary names real standbys as soon as they stream.
+pub const STRICT_ANY: &str = "*";
+/// The name later Patroni releases put there instead; read as the same "nobody yet".
 pub const STRICT_PLACEHOLDER: &str = "__patroni_strict_sync_replica_placeholder__";
+
+/// `*` or the placeholder: a GUC entry that stands for no member.
+fn names_no_member(name: &str) -> bool {
+    name == STRICT_ANY || name == STRICT_PLACEHOLDER
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
@@ -48,6 +57,8 @@ pub struct SyncInput<'a> {
     /// Our flush position when the GUC last changed: a newly listed standby counts as
     /// synchronous once it confirmed this far.
     pub guc_changed_at: u64,
+    /// Our own flush position (0 when unknown).
+    pub primary_lsn: u64,
 }
 
 /// The next step towards the target state. `None` when converged.
@@ -118,15 +129,17 @@ impl Guc {
     }
 }
 
-/// Names that are not plain lower-case identifiers are double-quoted in the GUC.
+/// Names that are not plain lower-case identifiers are double-quoted in the GUC (`*` is not a
+/// name but "any standby").
 fn quote(name: &str) -> String {
-    let plain = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name
+    let plain = name == STRICT_ANY
+        || name
             .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if plain {
         name.to_string()
     } else {
@@ -149,32 +162,70 @@ fn key(me: &str, members: Vec<String>, quorum: u32) -> SyncValue {
     }
 }
 
+/// A member's `sync_priority` (0 for `nosync`, 1 by default).
+fn sync_priority(m: &Member) -> i64 {
+    let tags = &m.data.tags;
+    match tags.get("sync_priority").and_then(serde_json::Value::as_i64) {
+        Some(p) => p,
+        None if pgvigil_api::values::tag_is_true(tags.get("nosync")) => 0,
+        None => 1,
+    }
+}
+
+/// Patroni's `_should_cascade`: a member whose `replicatefrom` names another eligible member
+/// is meant to stream from that one, so it is no candidate (even while connected to us) once
+/// the first member up its chain without the tag streams from us. `depth` bounds a chain that
+/// loops.
+fn should_cascade(eligible: &[&Member], streaming: &[&str], member: &Member, depth: usize) -> bool {
+    let Some(up) = crate::slots::replicatefrom(member) else {
+        return false;
+    };
+    let Some(upstream) = eligible.iter().find(|m| m.name.eq_ignore_ascii_case(up)) else {
+        return false;
+    };
+    if crate::slots::replicatefrom(upstream).is_none() {
+        return streaming.iter().any(|s| s.eq_ignore_ascii_case(&upstream.name));
+    }
+    depth > 0 && should_cascade(eligible, streaming, upstream, depth - 1)
+}
+
 /// Streaming members that may be synchronous, best first: by `sync_priority`, then those
 /// already synchronous, then by position; `nofailover` members last. Members lagging more than
-/// `maximum_lag_on_syncnode` behind the best are left out.
+/// `maximum_lag_on_syncnode` behind the best are left out, and so are members meant to
+/// cascade from another standby (`replicatefrom`).
 pub fn candidates(input: &SyncInput<'_>) -> Vec<String> {
+    // Running members other than us that may be synchronous, and which of them stream from us.
+    let eligible: Vec<&Member> = input
+        .cluster
+        .members
+        .iter()
+        .filter(|m| {
+            m.data.state == "running" && sync_priority(m) > 0 && !m.name.eq_ignore_ascii_case(input.me)
+        })
+        .collect();
+    let member = |name: &str| {
+        eligible
+            .iter()
+            .copied()
+            .find(|m| m.name.eq_ignore_ascii_case(name))
+    };
+    let streaming: Vec<&str> = input
+        .walsenders
+        .iter()
+        .filter(|w| w.state == "streaming" && member(&w.application_name).is_some())
+        .map(|w| w.application_name.as_str())
+        .collect();
     let mut found: Vec<(i64, bool, u64, bool, String)> = input
         .walsenders
         .iter()
-        .filter(|w| w.state == "streaming" && !w.application_name.eq_ignore_ascii_case(input.me))
+        .filter(|w| w.state == "streaming")
         .filter_map(|w| {
-            let m = input
-                .cluster
-                .members
-                .iter()
-                .find(|m| m.name.eq_ignore_ascii_case(&w.application_name))?;
-            if m.data.state != "running" {
+            let m = member(&w.application_name)?;
+            if should_cascade(&eligible, &streaming, m, eligible.len()) {
                 return None;
             }
             let tags = &m.data.tags;
-            let priority = match tags.get("sync_priority").and_then(serde_json::Value::as_i64) {
-                Some(p) => p,
-                None if pgvigil_api::values::tag_is_true(tags.get("nosync")) => 0,
-                None => 1,
-            };
-            if priority <= 0 {
-                return None;
-            }
+            let priority = sync_priority(m);
             let is_sync = matches!(w.sync_state.as_str(), "sync" | "quorum");
             Some((
                 priority,
@@ -185,10 +236,15 @@ pub fn candidates(input: &SyncInput<'_>) -> Vec<String> {
             ))
         })
         .collect();
-    let best = found.iter().map(|f| f.2).max().unwrap_or(0);
+    // As Patroni: the lag is measured from the most advanced candidate, or from the primary's
+    // own position when there is only one (so a lone stuck standby is dropped too).
+    let best = match found.len() {
+        1 => input.primary_lsn,
+        _ => found.iter().map(|f| f.2).max().unwrap_or(0),
+    };
     if input.maximum_lag_on_syncnode > 0 {
         let limit = input.maximum_lag_on_syncnode as u64;
-        found.retain(|f| best - f.2 <= limit);
+        found.retain(|f| best.saturating_sub(f.2) <= limit);
     }
     found.sort_by(|a, b| {
         a.3.cmp(&b.3)
@@ -270,7 +326,7 @@ fn classic_step(
         Guc {
             quorum: false,
             num: 1,
-            names: vec![STRICT_PLACEHOLDER.to_string()],
+            names: vec![STRICT_ANY.to_string()],
         }
     } else {
         Guc {
@@ -304,7 +360,7 @@ fn quorum_step(
     let guc_names = sorted(
         guc.names
             .iter()
-            .filter(|n| *n != STRICT_PLACEHOLDER)
+            .filter(|n| !names_no_member(n))
             .cloned()
             .collect(),
     );
@@ -326,7 +382,7 @@ fn quorum_step(
                 Guc {
                     quorum: true,
                     num: 1,
-                    names: vec![STRICT_PLACEHOLDER.into()],
+                    names: vec![STRICT_ANY.into()],
                 }
                 .render()
             } else {
@@ -412,6 +468,12 @@ fn quorum_step(
             (key_names.len() - guc.num) as u32,
         )));
     }
+    // Classic mode's `N (a,b)` left over from a change of mode, with the right standbys and
+    // number: the same as `ANY N (a,b)`, which accepts every set of acknowledgers it accepted
+    // and more, all of them meeting the key's quorum (checked just above).
+    if !guc.quorum && !guc_names.is_empty() {
+        return Some(SyncStep::SetGuc(render(&guc_names, guc.num)));
+    }
     None
 }
 
@@ -429,7 +491,7 @@ pub fn before_promotion(me: &str, mode: SyncMode, strict: bool, cluster: &Cluste
         SyncMode::Off => None,
         SyncMode::On if !strict => Some(String::new()),
         SyncMode::On => Some(if voters.is_empty() {
-            STRICT_PLACEHOLDER.to_string()
+            STRICT_ANY.to_string()
         } else {
             Guc {
                 quorum: false,
@@ -450,7 +512,7 @@ pub fn before_promotion(me: &str, mode: SyncMode, strict: bool, cluster: &Cluste
                     Guc {
                         quorum: true,
                         num: 1,
-                        names: vec![STRICT_PLACEHOLDER.into()],
+                        names: vec![STRICT_ANY.into()],
                     }
                     .render()
                 } else {

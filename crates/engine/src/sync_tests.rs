@@ -47,6 +47,7 @@ fn step(
         current_guc: guc,
         walsenders: senders,
         guc_changed_at: 100,
+        primary_lsn: 0,
     })
 }
 
@@ -122,8 +123,106 @@ fn strict_mode_never_falls_back_to_async() {
     let view = with_key(cluster(Some("a")), &[], 0);
     assert_eq!(
         step(&view, SyncMode::On, true, "", &[]),
-        Some(SyncStep::SetGuc(STRICT_PLACEHOLDER.into()))
+        Some(SyncStep::SetGuc(STRICT_ANY.into()))
     );
+    // A GUC written by a later Patroni (its placeholder) is read as "nobody" too.
+    assert_eq!(
+        step(&view, SyncMode::On, true, STRICT_PLACEHOLDER, &[]),
+        Some(SyncStep::SetGuc(STRICT_ANY.into()))
+    );
+}
+
+#[test]
+fn strict_quorum_mode_without_a_standby_waits_for_any_one_as_patroni_writes_it() {
+    let view = with_key(cluster(Some("a")), &[], 0);
+    assert_eq!(
+        step(&view, SyncMode::Quorum, true, "", &[]),
+        Some(SyncStep::SetGuc("ANY 1 (*)".into()))
+    );
+    assert_eq!(step(&view, SyncMode::Quorum, true, "ANY 1 (*)", &[]), None);
+    // A standby streams: named in the GUC first, then in the key once confirmed.
+    let senders = [ws("bb", "quorum", 150)];
+    assert_eq!(
+        step(&view, SyncMode::Quorum, true, "ANY 1 (*)", &senders),
+        Some(SyncStep::SetGuc("ANY 1 (bb)".into()))
+    );
+}
+
+#[test]
+fn maximum_lag_on_syncnode_drops_a_lagging_standby_even_a_lone_one() {
+    let view = with_key(cluster(Some("a")), &["bb"], 0);
+    let with_lag = |senders: &[WalSender], primary_lsn: u64| {
+        candidates(&SyncInput {
+            me: "a",
+            mode: SyncMode::On,
+            strict: false,
+            node_count: 1,
+            maximum_lag_on_syncnode: 1000,
+            cluster: &view,
+            current_guc: "bb",
+            walsenders: senders,
+            guc_changed_at: 100,
+            primary_lsn,
+        })
+    };
+    // bb is synchronous but stuck 5000 bytes behind ccc: ccc is chosen.
+    assert_eq!(
+        with_lag(&[ws("bb", "sync", 1000), ws("ccc", "async", 6000)], 6000),
+        ["ccc"]
+    );
+    // Within the limit the synchronous one stays first.
+    assert_eq!(
+        with_lag(&[ws("bb", "sync", 5500), ws("ccc", "async", 6000)], 6000),
+        ["bb", "ccc"]
+    );
+    // Alone, it is measured against the primary, as in Patroni.
+    assert!(with_lag(&[ws("bb", "sync", 1000)], 6000).is_empty());
+    assert_eq!(
+        with_lag(&[ws("bb", "sync", 1000)], 0),
+        ["bb"],
+        "primary position unknown"
+    );
+}
+
+#[test]
+fn a_member_meant_to_cascade_from_a_streaming_standby_is_no_candidate() {
+    let mut view = with_key(cluster(Some("a")), &[], 0);
+    let set_upstream = |view: &mut ClusterView, up: &str| {
+        view.members[2]
+            .data
+            .tags
+            .insert("replicatefrom".into(), serde_json::json!(up));
+    };
+    let pick = |view: &ClusterView, senders: &[WalSender]| {
+        candidates(&SyncInput {
+            me: "a",
+            mode: SyncMode::On,
+            strict: false,
+            node_count: 2,
+            maximum_lag_on_syncnode: -1,
+            cluster: view,
+            current_guc: "",
+            walsenders: senders,
+            guc_changed_at: 100,
+            primary_lsn: 0,
+        })
+    };
+    let both = [ws("bb", "async", 150), ws("ccc", "async", 150)];
+    set_upstream(&mut view, "bb");
+    // ccc streams from us while bb does too: it is meant to follow bb, so it is left out.
+    assert_eq!(pick(&view, &both), ["bb"]);
+    // bb does not stream from us: ccc's fallback to the primary makes it a candidate.
+    assert_eq!(pick(&view, &[ws("ccc", "async", 150)]), ["ccc"]);
+    // replicatefrom naming the primary itself (Patroni's basic_replication feature): a candidate.
+    set_upstream(&mut view, "a");
+    assert_eq!(pick(&view, &both), ["bb", "ccc"]);
+    // A loop of replicatefrom tags leads to no standby streaming from us: both count.
+    set_upstream(&mut view, "bb");
+    view.members[1]
+        .data
+        .tags
+        .insert("replicatefrom".into(), serde_json::json!("ccc"));
+    assert_eq!(pick(&view, &both), ["bb", "ccc"]);
 }
 
 #[test]
@@ -166,6 +265,34 @@ fn quorum_mode_converges_to_any_n_of_all_streaming_members() {
 }
 
 #[test]
+fn quorum_mode_turns_a_classic_guc_into_any() {
+    // synchronous_node_count 2 in classic mode, then quorum mode: same standbys, same number.
+    let senders = [ws("bb", "sync", 150), ws("ccc", "sync", 150)];
+    let mut view = with_key(cluster(Some("a")), &["bb", "ccc"], 0);
+    let input = |view: &ClusterView, guc: &str| {
+        next_step(&SyncInput {
+            me: "a",
+            mode: SyncMode::Quorum,
+            strict: false,
+            node_count: 2,
+            maximum_lag_on_syncnode: -1,
+            cluster: view,
+            current_guc: guc,
+            walsenders: &senders,
+            guc_changed_at: 100,
+            primary_lsn: 0,
+        })
+    };
+    assert_eq!(
+        input(&view, "2 (bb,ccc)"),
+        Some(SyncStep::SetGuc("ANY 2 (bb,ccc)".into()))
+    );
+    assert_eq!(input(&view, "ANY 2 (bb,ccc)"), None);
+    view = with_key(view, &["bb", "ccc"], 0);
+    assert_eq!(input(&view, "ANY 2 (bb,ccc)"), None);
+}
+
+#[test]
 fn mode_off_deletes_the_key() {
     let view = with_key(cluster(Some("a")), &["bb"], 0);
     assert_eq!(
@@ -193,7 +320,11 @@ fn promotion_guc_keeps_waiting_in_strict_and_quorum_modes() {
     let view = with_key(cluster(Some("a")), &[], 0);
     assert_eq!(
         before_promotion("bb", SyncMode::On, true, &view),
-        Some(STRICT_PLACEHOLDER.into())
+        Some(STRICT_ANY.into())
+    );
+    assert_eq!(
+        before_promotion("bb", SyncMode::Quorum, true, &view),
+        Some("ANY 1 (*)".into())
     );
 }
 

@@ -508,6 +508,7 @@ impl Postgres {
             self.settings.data_dir.clone().into_os_string(),
         ];
         run_tool(&self.bin("pg_ctl"), &args, &[], timeout).await?;
+        let mut woken_at = Instant::now();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -516,15 +517,37 @@ impl Postgres {
                     timeout,
                 });
             }
-            match self.is_in_recovery(left.min(Duration::from_secs(5))).await {
-                Ok(false) => return Ok(()),
-                Ok(true) => {}
+            match self.promotion_progress(left.min(Duration::from_secs(5))).await {
+                Ok((false, _)) => return Ok(()),
+                Ok((true, wait)) => {
+                    if wait.as_deref() == Some(RETRY_SLEEP) && woken_at.elapsed() >= WAKE_EVERY {
+                        // See RETRY_SLEEP: end the sleep, the promotion follows at once.
+                        tracing::info!(
+                            "the promotion waits for wal_retrieve_retry_interval; waking the startup process"
+                        );
+                        if let Err(e) = self.reload().await {
+                            tracing::debug!(error = %e, "could not wake the startup process");
+                        }
+                        woken_at = Instant::now();
+                    }
+                }
                 Err(e) => tracing::debug!(error = %e, "waiting for promotion"),
             }
             tokio::time::sleep(Duration::from_millis(100).min(left)).await;
         }
     }
 }
+
+/// The startup process's wait between two attempts to fetch WAL. A promote request that arrives
+/// while the startup process waits for a walreceiver which then fails (just after a reload woke
+/// it, as the one that sets `synchronous_standby_names` before a promotion does, or while it
+/// reconnects to an upstream that is gone) is acted on only after this sleep:
+/// `wal_retrieve_retry_interval`, 5 s by default, of a switchover's write pause. Any latch
+/// wake-up ends the sleep, and the startup process checks the promote request right after it;
+/// a reload is one, harmless here (the files on disk are the ones meant to run).
+const RETRY_SLEEP: &str = "RecoveryRetrieveRetryInterval";
+/// How often such a wake-up may be sent while the promotion has not finished.
+const WAKE_EVERY: Duration = Duration::from_millis(200);
 
 #[cfg(test)]
 mod tests {

@@ -479,6 +479,21 @@ impl Postgres {
         .await
     }
 
+    /// `pg_is_in_recovery()` and what the startup process waits for (`None` once it is gone):
+    /// how a promotion is getting on.
+    pub async fn promotion_progress(&self, timeout: Duration) -> Result<(bool, Option<String>), PgError> {
+        const SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), (SELECT wait_event \
+             FROM pg_catalog.pg_stat_activity WHERE backend_type = 'startup' LIMIT 1)";
+        self.with_conn("promotion progress", timeout, None, |client| async move {
+            let row = client
+                .query_one(SQL, &[])
+                .await
+                .map_err(|e| PgError::sql("promotion progress", e))?;
+            Ok((row.get::<_, bool>(0), row.get::<_, Option<String>>(1)))
+        })
+        .await
+    }
+
     /// Drops the cached connection (e.g. after a restart, or before the runtime shuts down).
     pub async fn disconnect(&self) {
         *self.conn.lock().await = None;

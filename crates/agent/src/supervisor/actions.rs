@@ -307,9 +307,16 @@ impl PgSupervisor {
         if let Some(view) = self.cluster.clone() {
             let strict = self.dynamic.synchronous_mode_strict;
             let guc = pgvigil_engine::sync::before_promotion(&self.cfg.name, mode, strict, &view);
-            if guc.is_some() {
-                self.standby_names = guc;
-                self.apply_config().await;
+            if let Some(guc) = guc {
+                // A reload wakes the startup process and can delay the promotion (see
+                // `Postgres::promote`): skip it when PostgreSQL already runs with this value.
+                // The files catch up at the next configuration change.
+                let running = self.status.as_ref().map(|s| s.synchronous_standby_names.as_str());
+                let needs_reload = running != Some(guc.as_str());
+                self.standby_names = Some(guc);
+                if needs_reload {
+                    self.apply_config().await;
+                }
             }
         }
         if let (Some(view), Some(st)) = (self.cluster.clone(), self.status.as_ref()) {

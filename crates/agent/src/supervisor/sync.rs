@@ -74,6 +74,7 @@ impl PgSupervisor {
                 current_guc: &current_guc,
                 walsenders: &senders,
                 guc_changed_at: self.standby_names_changed_at_lsn,
+                primary_lsn: self.status.as_ref().and_then(|s| s.wal_flush_lsn).unwrap_or(0),
             });
             let Some(step) = step else { return };
             match step {

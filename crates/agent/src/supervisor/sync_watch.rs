@@ -73,10 +73,14 @@ impl SyncWatch {
     }
 
     /// Records one sample: `(application_name, sent, flushed)` per walsender. Returns whether a
-    /// standby became stalled with it.
+    /// standby became stalled or disconnected with it: either may be one PostgreSQL waits for,
+    /// and the loop should choose again now rather than at its next `loop_wait` (a standby that
+    /// shuts down takes its walsender with it at once).
     pub fn record(&self, now: Instant, sample: &[(String, u64, u64)], timeout: Duration) -> bool {
         let mut standbys = self.lock();
+        let before = standbys.len();
         standbys.retain(|name, _| sample.iter().any(|(n, _, _)| n == name));
+        let disconnected = standbys.len() < before;
         for (name, sent, flushed) in sample {
             let entry = standbys.entry(name.clone()).or_insert(Progress {
                 flushed: *flushed,
@@ -94,7 +98,7 @@ impl SyncWatch {
             }
             entry.behind = *sent > *flushed;
         }
-        let mut newly = false;
+        let mut newly = disconnected;
         for p in standbys.values_mut() {
             let now_stalled = stalled(p, now, timeout);
             newly |= now_stalled && !p.reported;
@@ -144,7 +148,9 @@ pub async fn sample(watch: Arc<SyncWatch>, pg: Arc<Postgres>, wake: Arc<Notify>,
             })
             .collect();
         if watch.record(Instant::now(), &sample, timeout) {
-            tracing::warn!("a synchronous standby stopped flushing WAL; choosing again");
+            tracing::warn!(
+                "a standby stopped flushing WAL or disconnected; choosing the synchronous standbys again"
+            );
             wake.notify_one();
         }
     }
@@ -176,6 +182,21 @@ mod tests {
         // It flushes again: a candidate again.
         w.record(at(b, 3.0), &[("b".into(), 300, 150)], t);
         assert!(!w.is_stalled("b", at(b, 3.0)));
+    }
+
+    #[test]
+    fn a_standby_that_disconnects_is_reported_once() {
+        let w = SyncWatch::default();
+        let t = Duration::from_secs(2);
+        w.enable(Some(t));
+        let b = Instant::now();
+        assert!(!w.record(b, &[("b".into(), 100, 100), ("c".into(), 100, 100)], t));
+        assert!(
+            w.record(at(b, 0.5), &[("c".into(), 100, 100)], t),
+            "b's walsender is gone"
+        );
+        assert!(!w.record(at(b, 1.0), &[("c".into(), 100, 100)], t));
+        assert!(!w.record(at(b, 1.5), &[("b".into(), 100, 100), ("c".into(), 100, 100)], t));
     }
 
     #[test]

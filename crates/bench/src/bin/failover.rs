@@ -13,6 +13,8 @@
 //!    the client writing through the router and, separately, straight to the nodes' own ports
 //!    (a multi-host connection that picks the writable node, like libpq's
 //!    `target_session_attrs=read-write`);
+//!    With synchronous replication (`switchover-sync`) the candidate is the synchronous
+//!    standby, the only member either agent hands over to;
 //! 3. the write gap after a PostgreSQL crash on the leader (SIGKILL of the postmaster), defaults;
 //! 4. acknowledged writes lost in all of the above (asynchronous replication, the default);
 //! 5. agent RSS and CPU seconds per idle minute (defaults, both clusters idle at the same time);
@@ -23,8 +25,9 @@
 //! Run it through `bench/failover/run.sh`. Environment: `BENCH_RUNS`, `BENCH_IDLE_SECONDS`
 //! (default 60), `BENCH_SYSTEMS` (`pgvigil,patroni`; `baseline` adds the older pgvigil binary
 //! that `PGVIGIL_BENCH_BASELINE` names, to compare two versions in one run), `BENCH_SCENARIOS`
-//! (`idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,host-fast`),
-//! `PGVIGIL_BENCH_VENV` (where `scripts/install-bench-deps.sh` put Patroni).
+//! (`idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,switchover-sync,host-fast`),
+//! `BENCH_SYNC_MODE` (`synchronous_mode` of the synchronous rows: `on`, the default, or
+//! `quorum`), `BENCH_SYNC_STRICT` (`1`: `synchronous_mode_strict: true` too), `PGVIGIL_BENCH_VENV` (where `scripts/install-bench-deps.sh` put Patroni).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,8 +37,8 @@ use anyhow::{Context, bail};
 use pgvigil_bench::results::Results;
 use pgvigil_bench::{env_count, env_list, load_averages};
 use pgvigil_testkit::cluster::sibling_binary;
-use pgvigil_testkit::http;
 use pgvigil_testkit::netcluster::{AgentKind, NetCluster, NetOptions};
+use pgvigil_testkit::{http, wait_until};
 
 const HEALTHY: Duration = Duration::from_secs(300);
 /// What `BENCH_SYSTEMS` may list, in the table's column order; `baseline` is the pgvigil
@@ -102,7 +105,11 @@ fn start_system(
         router: Some(router.to_path_buf()),
         log_level: "info".into(),
         extra_dcs: if profile.synchronous {
-            "    synchronous_mode: on\n".into()
+            let strict = std::env::var_os("BENCH_SYNC_STRICT").is_some_and(|v| v == "1");
+            format!(
+                "    synchronous_mode: {}\n    synchronous_mode_strict: {strict}\n",
+                sync_mode()
+            )
         } else {
             String::new()
         },
@@ -224,11 +231,42 @@ fn measure_list(s: &System, results: &mut Results) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `synchronous_mode` of the synchronous profile: `BENCH_SYNC_MODE` (`on`, the default, or
+/// `quorum`).
+fn sync_mode() -> String {
+    std::env::var("BENCH_SYNC_MODE").unwrap_or_else(|_| "on".into())
+}
+
+/// Waits until `/cluster` names a synchronous (or quorum) standby; returns its name.
+fn wait_sync_standby(c: &NetCluster) -> anyhow::Result<String> {
+    let found = wait_until("a synchronous standby", HEALTHY, || {
+        let doc = c.cluster_doc()?;
+        doc["members"]
+            .as_array()?
+            .iter()
+            .find(|m| {
+                matches!(m["role"].as_str(), Some("sync_standby" | "quorum_standby"))
+                    && m["state"] == "streaming"
+            })
+            .and_then(|m| m["name"].as_str())
+            .map(str::to_string)
+    });
+    found.map_err(|e| anyhow::anyhow!("{e}\n{}", c.diagnostics()))
+}
+
 /// One fault on a healthy cluster: returns (write gap in seconds, acknowledged writes lost).
 /// Leaves the cluster healthy again.
-fn run_fault(s: &mut System, fault: Fault, loop_wait: u64) -> anyhow::Result<(f64, usize)> {
+fn run_fault(s: &mut System, fault: Fault, profile: Profile) -> anyhow::Result<(f64, usize)> {
+    let loop_wait = profile.loop_wait();
     let c = &mut s.cluster;
     let leader = c.wait_healthy(HEALTHY)?;
+    // In synchronous mode only the synchronous standby may take over (both agents refuse any
+    // other candidate), and a switchover right after the previous one must find it named.
+    let sync_standby = if profile.synchronous {
+        Some(wait_sync_standby(c)?)
+    } else {
+        None
+    };
     let checker = if fault == Fault::SwitchoverDirect {
         c.start_checker_with(leader, c.checker_config_direct())?
     } else {
@@ -253,7 +291,8 @@ fn run_fault(s: &mut System, fault: Fault, loop_wait: u64) -> anyhow::Result<(f6
         Fault::HostDeath { .. } => c.kill_host(leader)?,
         Fault::PgCrash => c.kill_postgres(leader)?,
         Fault::Switchover | Fault::SwitchoverDirect => {
-            let candidate = c.nodes[(leader + 1) % c.nodes.len()].name.clone();
+            let candidate =
+                sync_standby.unwrap_or_else(|| c.nodes[(leader + 1) % c.nodes.len()].name.clone());
             let api = c.nodes[leader].api_addr();
             let body = format!(r#"{{"leader":"{old_name}","candidate":"{candidate}"}}"#);
             // The agent answers when the switchover is done (or after its own timeout); the
@@ -284,7 +323,7 @@ fn main() -> anyhow::Result<()> {
     let systems = env_list("BENCH_SYSTEMS", "pgvigil,patroni");
     let scenarios = env_list(
         "BENCH_SCENARIOS",
-        "idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,host-fast",
+        "idle,list,host,host-etcd,switchover,switchover-direct,crash,host-sync,host-etcd-sync,switchover-sync,host-fast",
     );
     let venv = PathBuf::from(
         std::env::var("PGVIGIL_BENCH_VENV").unwrap_or_else(|_| "/opt/pgvigil-bench/venv".into()),
@@ -344,7 +383,11 @@ fn main() -> anyhow::Result<()> {
                 (Fault::SwitchoverDirect, "switchover-direct"),
                 (Fault::PgCrash, "crash"),
             ],
-            "defaults-sync" => vec![(elsewhere, "host-sync"), (on_it, "host-etcd-sync")],
+            "defaults-sync" => vec![
+                (elsewhere, "host-sync"),
+                (on_it, "host-etcd-sync"),
+                (Fault::Switchover, "switchover-sync"),
+            ],
             _ => vec![(elsewhere, "host-fast")],
         };
         let faults: Vec<(Fault, &str)> = all.into_iter().filter(|(_, key)| wanted(key)).collect();
@@ -421,6 +464,9 @@ fn main() -> anyhow::Result<()> {
                 (Fault::HostDeath { .. }, _) => {
                     "Write gap, leader host dies (fast: ttl 20, loop_wait 2, retry_timeout 5)"
                 }
+                (Fault::Switchover, "defaults-sync") => {
+                    "Write gap, planned switchover (defaults, synchronous_mode on)"
+                }
                 (Fault::Switchover, _) => "Write gap, planned switchover (defaults)",
                 (Fault::SwitchoverDirect, _) => {
                     "Write gap, planned switchover, client on the nodes' own ports (defaults)"
@@ -440,8 +486,8 @@ fn main() -> anyhow::Result<()> {
                 };
                 for i in order {
                     let s = &mut up[i];
-                    let (gap, lost) = run_fault(s, *fault, profile.loop_wait())
-                        .with_context(|| format!("{} {label}", s.name))?;
+                    let (gap, lost) =
+                        run_fault(s, *fault, profile).with_context(|| format!("{} {label}", s.name))?;
                     eprintln!(
                         "[{:>5.0}s] {} {label} run {}: gap {gap:.2}s, lost {lost}",
                         started.elapsed().as_secs_f64(),
