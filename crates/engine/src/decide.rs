@@ -5,7 +5,7 @@ use pgvigil_api::{ClusterView, Member, PgState, Role};
 use crate::actions::{Action, Decision, DemoteMode, StartAs};
 use crate::divergence::{LocalEnd, check_divergence, local_end};
 use crate::inputs::{ControlInfo, DataDir, Inputs, LockState, Observed, OperatorRequest};
-use crate::race::{RaceVerdict, race_verdict};
+use crate::race::{leader_race, pre_promote_backoff, race_kind};
 use crate::slots::{self, SlotNode};
 
 /// Decides what this node does now.
@@ -149,41 +149,6 @@ fn decide_role(i: &Inputs<'_>) -> Decision {
     prelude.append(&mut decision.actions);
     decision.actions = prelude;
     decision
-}
-
-/// How this node may race for the lock, if at all.
-#[derive(Clone, Debug, PartialEq)]
-enum Race {
-    /// Nobody holds the key.
-    Free,
-    /// The holder promised the fast takeover and has been silent past its promise.
-    TakeOver(Action),
-}
-
-fn race_kind(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Option<Race> {
-    // Failsafe mode: a leader that vouched for itself to us within ttl still runs; we promised
-    // it not to race (fast or not).
-    if i.config.failsafe_mode && i.failsafe_leader.is_some() {
-        return None;
-    }
-    let Some(leader) = &cluster.leader else {
-        return Some(Race::Free);
-    };
-    let silence = i.silence?;
-    let gone = i.config.fast_takeover
-        && own.in_recovery
-        && silence.leader == leader.name
-        && silence.leader != i.config.name
-        && silence.leader_revision == leader.mod_revision
-        && silence.leader_gone(i.config.takeover_margin);
-    gone.then(|| {
-        Race::TakeOver(Action::TakeOver {
-            from: leader.name.clone(),
-            leader_revision: silence.leader_revision,
-            heartbeat_revision: silence.heartbeat_revision,
-            config_revision: cluster.config_revision(),
-        })
-    })
 }
 
 /// The leader to follow: the key's holder, or with the key gone, a leader that confirmed
@@ -499,97 +464,6 @@ fn starting_up(i: &Inputs<'_>, cluster: &ClusterView, holds_lock: bool) -> Decis
     Decision::idle("PostgreSQL is still starting up")
 }
 
-fn leader_race(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed, race: Race) -> Decision {
-    // Maintenance mode: nobody races, except the candidate an operator named in a switchover,
-    // and only for a free key (a silent leader is the operator's business).
-    if cluster.is_paused() && !(race == Race::Free && crate::failover::paused_candidate(i, cluster)) {
-        if race == Race::Free && !own.in_recovery {
-            return paused_primary_race(i, cluster);
-        }
-        return Decision::idle("cluster has no leader; paused, not racing");
-    }
-    // A leader that just let the key go (its PostgreSQL crashed, would not start, or was slow)
-    // gives the others time to take it, as Patroni's demotion sleeps 2 s before it starts
-    // PostgreSQL again: a tie on WAL would otherwise hand the key straight back to it.
-    if let Some(since) = i.memory.released_lock_at
-        && let waited = i.now.saturating_duration_since(since)
-        && waited < crate::RELEASE_BACKOFF
-        && own.in_recovery
-    {
-        return Decision::idle(format!(
-            "not racing: I released the leader key {:.1} s ago; giving the others time to take it",
-            waited.as_secs_f64()
-        ))
-        .recheck_in(crate::RELEASE_BACKOFF - waited);
-    }
-    match race_verdict(i, cluster, own) {
-        RaceVerdict::NeedPeers => {
-            Decision::new("asking peers before the leader race", vec![Action::QueryPeers])
-        }
-        RaceVerdict::Healthiest => match race {
-            Race::Free => Decision::new(
-                "acquiring session lock as the healthiest node",
-                vec![Action::AcquireLock],
-            ),
-            Race::TakeOver(action) => {
-                let (from, silent) = match (&action, i.silence) {
-                    (Action::TakeOver { from, .. }, Some(s)) => (from.clone(), s.silent_for),
-                    _ => (String::new(), Default::default()),
-                };
-                Decision::new(
-                    format!(
-                        "taking over from {from}: silent for {:.1} s, past its promise; I am the healthiest node",
-                        silent.as_secs_f64()
-                    ),
-                    vec![action],
-                )
-            }
-        },
-        // Paused, a running primary is the operator's even when it may not race (the named
-        // candidate of a switchover whose pre_promote refused): it loses the race, nothing else.
-        RaceVerdict::NotHealthiest(reason) if !own.in_recovery && cluster.is_paused() => Decision::idle(
-            format!("paused: not racing, leaving the running primary alone: {reason}"),
-        ),
-        RaceVerdict::NotHealthiest(reason) if !own.in_recovery => Decision::new(
-            format!("demoting self because i am not the healthiest node: {reason}"),
-            vec![Action::Demote(DemoteMode::ImmediateNoLock)],
-        ),
-        RaceVerdict::NotHealthiest(reason) => Decision::idle(format!(
-            "following a different leader because i am not the healthiest node: {reason}"
-        )),
-    }
-}
-
-/// Maintenance mode, a free key, PostgreSQL running here as a primary: the primary the operator
-/// runs is the leader, so it takes the key (Patroni's `is_healthiest_node` in pause; the system
-/// ID was checked in `decide_role`, and a timeline behind the cluster's does not matter while
-/// paused). It leaves the key to the candidate of a switchover an operator asked for, unless
-/// that candidate is no member any more: then the request is dropped, as Patroni's primary does.
-fn paused_primary_race(i: &Inputs<'_>, cluster: &ClusterView) -> Decision {
-    if pre_promote_backoff(i) {
-        return Decision::idle(
-            "paused: backoff: skip leader race after pre_promote script failure and releasing the lock voluntarily",
-        );
-    }
-    let request = cluster
-        .pending_failover()
-        .filter(|f| f.scheduled_at.is_none() && !i.config.nofailover());
-    match request.map(|f| f.member.as_deref()) {
-        None => Decision::new(
-            "paused: acquiring session lock for the running primary",
-            vec![Action::AcquireLock],
-        ),
-        Some(Some(candidate)) if cluster.member(candidate).is_none() => Decision::new(
-            format!(
-                "paused: removing failover key because failover candidate {candidate} is not running; \
-                 acquiring session lock for the running primary"
-            ),
-            vec![Action::ClearFailover, Action::AcquireLock],
-        ),
-        Some(_) => Decision::idle("cluster has no leader; paused, a switchover is pending; not racing"),
-    }
-}
-
 fn leading(i: &Inputs<'_>, cluster: &ClusterView, own: &Observed) -> Decision {
     let me = &i.config.name;
     if let Some(sc) = &i.config.standby_cluster {
@@ -658,14 +532,6 @@ pub(crate) fn leader_request(i: &Inputs<'_>, cluster: &ClusterView, own: &Observ
         decision.actions.insert(0, housekeeping(i, cluster, own));
     }
     Some(decision)
-}
-
-/// The `pre_promote` script refused a promotion less than `ttl` ago: this node gives the lock
-/// up and stays out of the race meanwhile (Patroni's backoff after releasing the key).
-pub(crate) fn pre_promote_backoff(i: &Inputs<'_>) -> bool {
-    i.memory
-        .pre_promote_failed_at
-        .is_some_and(|at| i.now.saturating_duration_since(at) < i.config.ttl)
 }
 
 /// The facts about this node that the slot rules (§5.8) look at.
